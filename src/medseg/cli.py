@@ -1,0 +1,165 @@
+"""The ``medseg`` command line: a thin typer app that parses, then calls each stage's function."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from medseg.errors import MedsegError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.")
+console = Console()
+
+
+def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise MedsegError(f"{what} must be key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+@app.command()
+def formats() -> None:
+    """List the dataset formats medseg reads."""
+    from rich.table import Table
+
+    from medseg.data.formats import FORMATS
+
+    t = Table(title="dataset formats")
+    t.add_column("name")
+    t.add_column("description")
+    t.add_column("options")
+    for name in FORMATS.names():
+        r = FORMATS.get(name)
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in r.Options.model_fields.items())
+        t.add_row(name, r.description, opts)
+    console.print(t)
+
+
+@app.command()
+def prepare(
+    format: str = typer.Argument(..., help="reader name (see `medseg formats`)"),
+    input: Path = typer.Argument(..., help="the dataset in its native layout"),
+    output: Path = typer.Argument(..., help="where to write the prepared dataset"),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value (repeatable)"),
+    folds: int = typer.Option(5, help="number of patient-level folds"),
+    seed: int = typer.Option(0, help="seed of the fold assignment"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: CPU count)"),
+    images_only: bool = typer.Option(False, "--images-only", help="no masks (data to predict on)"),
+    overwrite: bool = typer.Option(False, help="replace an existing prepared dataset"),
+) -> None:
+    """Read a dataset in its native layout and write a prepared dataset with patient-level splits."""
+    import time
+
+    from medseg.data.prepare import prepare as run_prepare
+    from medseg.data.prepared import PreparedDataset
+
+    t0 = time.perf_counter()
+    out = run_prepare(
+        format, input, output, options=_kv(option, "--option"), folds=folds, seed=seed,
+        overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
+    )
+    ds = PreparedDataset.open(out)
+    dt = time.perf_counter() - t0
+    n_slices = ds.fingerprint["n_slices"]
+    console.print(
+        f"[green]prepared[/] {len(ds)} cases, {len(ds.patients)} patients, {n_slices} slices "
+        f"in {dt:.1f} s ({n_slices / dt:.0f} slices/s) -> {out}"
+    )
+
+
+@app.command()
+def inspect(
+    prepared: Path = typer.Argument(..., help="a prepared dataset"),
+    overlay: Optional[Path] = typer.Option(None, help="write a sample overlay PNG here"),
+) -> None:
+    """Summarise a prepared dataset (cases, patients, classes, foreground, intensities)."""
+    from medseg.data.inspect import inspect_dataset
+
+    inspect_dataset(prepared, overlay=overlay, console=console)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models with their size, cost and speed on this machine."""
+    from medseg.models.table import print_model_table
+
+    print_model_table(console)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    fold: str = typer.Option("0", help="fold index, or 'all' for k-fold cross-validation"),
+    set: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: a.b=value (repeatable)"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<config name>)"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+) -> None:
+    """Train a model on a prepared dataset."""
+    from medseg.training.run import train as run_train
+
+    run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Argument(..., help="predictions folder, submission CSV, or a run directory"),
+    truth: Optional[Path] = typer.Argument(None, help="prepared dataset or native layout with masks"),
+    out: Optional[Path] = typer.Option(None, help="where to write metrics.csv, summary.json, report.html"),
+    format: Optional[str] = typer.Option(None, help="reader for a native TRUTH layout (guessed if absent)"),
+    images: Optional[Path] = typer.Option(None, help="UW-Madison: the train/ image folder beside train.csv"),
+    empty: str = typer.Option("skip", help="empty-vs-empty convention for Dice/HD: skip (NaN), one, zero"),
+    nsd_tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
+) -> None:
+    """Compare predictions with ground truth: metrics.csv, summary.json, report.html."""
+    from medseg.evaluation.evaluate import evaluate as run_evaluate
+
+    run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance, console=console)
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="run directory, checkpoint, .onnx file or shipped model name"),
+    input: Path = typer.Argument(..., help="images to segment, in a layout a reader understands"),
+    output: Path = typer.Argument(..., help="output folder (mirrors the input's layout)"),
+    format: Optional[str] = typer.Option(None, help="reader for INPUT (guessed if absent)"),
+    folds: str = typer.Option("best", help="'all' to ensemble every fold of a k-fold run"),
+    tta: Optional[bool] = typer.Option(None, help="flip test-time augmentation (default: the model's)"),
+    save_probabilities: bool = typer.Option(False, help="also write probability maps"),
+    overwrite: bool = typer.Option(False, help="allow writing into a folder that holds results"),
+) -> None:
+    """Segment new scans with a trained model; outputs mirror the input's layout."""
+    from medseg.inference.predict import predict as run_predict
+
+    run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
+                save_probabilities=save_probabilities, overwrite=overwrite, console=console)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="run directory, checkpoint or shipped model name"),
+    output: Path = typer.Argument(..., help="the .onnx file to write (a .json of pre/post-processing beside it)"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+) -> None:
+    """Export a model to ONNX with its pre- and post-processing description."""
+    from medseg.inference.export import export_onnx
+
+    export_onnx(model, output, opset=opset, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except MedsegError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: native readers (formats/), the prepared-dataset format, splits, sampling."""

@@ -1,0 +1,101 @@
+"""The reader contract: ``scan`` a native layout (cheap, validates pairing), then ``load`` one case.
+
+Every reader returns arrays in one convention so the later stages never care where data came from:
+``image[z, c, h, w]`` in its native dtype and ``mask[z, k, h, w]`` uint8 0/1, one channel per class
+(overlapping labels stay exact); ``spacing`` is (z, y, x) in mm.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from medseg.errors import MedsegError
+
+ClassKind = Literal["multiclass", "multilabel"]
+
+
+@dataclass
+class CaseSpec:
+    """One case found by ``scan``: an id, its patient and where its files are (reader-specific)."""
+
+    id: str
+    patient: str
+    sources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetSpec:
+    format: str
+    root: str
+    channels: list[str]
+    classes: list[str]
+    class_kind: ClassKind  # multiclass: exclusive labels (softmax); multilabel: may overlap (sigmoid)
+    spatial_dims: int  # 2: stacks of 2D slices; 3: true volumes
+    cases: list[CaseSpec]
+    has_masks: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaseData:
+    image: np.ndarray  # [z, c, h, w], native dtype
+    mask: np.ndarray | None  # [z, k, h, w] uint8 in {0, 1}
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (z, y, x) mm
+    affine: np.ndarray | None = None  # 4x4, for writing outputs in the input's geometry
+    slices: list[str] | None = None  # a name per slice (LGG slice number, UW-Madison slice id)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, where: str | Path) -> None:
+        """Shape and value checks every reader's output must pass."""
+        if self.image.ndim != 4:
+            raise MedsegError(f"image must be [z, c, h, w], got shape {self.image.shape}", where)
+        if self.mask is not None:
+            if self.mask.ndim != 4:
+                raise MedsegError(f"mask must be [z, k, h, w], got shape {self.mask.shape}", where)
+            if self.mask.shape[0] != self.image.shape[0] or self.mask.shape[2:] != self.image.shape[2:]:
+                raise MedsegError(
+                    f"mask shape {self.mask.shape} does not match image shape {self.image.shape}", where
+                )
+        if self.slices is not None and len(self.slices) != self.image.shape[0]:
+            raise MedsegError(f"{len(self.slices)} slice names for {self.image.shape[0]} slices", where)
+
+
+class Reader(ABC):
+    """Base class of a format reader. Subclasses set ``name``, ``description`` and ``Options``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **options: Any):
+        try:
+            self.options = self.Options(**options)
+        except ValidationError as e:
+            bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise MedsegError(f"bad option for format {self.name!r}: {bad}") from None
+
+    @abstractmethod
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        """List the cases under ``root``; raise MedsegError naming the file for any pairing problem."""
+
+    @abstractmethod
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        """Read one case's arrays; raise MedsegError naming the file if it cannot be read."""
+
+    def write_prediction(
+        self,
+        spec: DatasetSpec,
+        case: CaseSpec,
+        mask: np.ndarray,
+        out_dir: Path,
+        probabilities: np.ndarray | None = None,
+    ) -> list[Path]:
+        """Write ``mask[z, k, h, w]`` for ``case`` under ``out_dir`` in this layout; return the files."""
+        raise MedsegError(f"format {self.name!r} cannot write predictions yet")

@@ -1,0 +1,131 @@
+"""Kaggle LGG brain MRI (``kaggle_3m/``): one folder per patient of ``<case>_<n>.tif`` slices
+(256x256x3 uint8: pre-contrast, FLAIR, post-contrast) and ``<case>_<n>_mask.tif`` (0/255)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.formats import FORMATS
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.errors import MedsegError
+
+_SLICE = re.compile(r"^(?P<case>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    """A TIFF page as an array (uncompressed or compressed), or a MedsegError naming the file."""
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception as e:  # tifffile raises several types for corrupt/truncated files
+        raise MedsegError(f"cannot read TIFF ({type(e).__name__}: {e})", path) from None
+
+
+@FORMATS.register("lgg")
+class LGGReader(Reader):
+    name = "lgg"
+    description = "Kaggle LGG kaggle_3m/: patient folders of <case>_<n>.tif + <case>_<n>_mask.tif"
+
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        root = Path(root)
+        if not root.is_dir():
+            raise MedsegError("not a folder", root)
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if not folders and any(root.glob("*.tif")):
+            folders = [root]  # a single patient folder
+        cases: list[CaseSpec] = []
+        for folder in folders:
+            images: dict[int, Path] = {}
+            masks: dict[int, Path] = {}
+            for f in folder.iterdir():
+                m = _SLICE.match(f.name)
+                if not m:
+                    continue
+                (masks if m["mask"] else images)[int(m["n"])] = f
+            if not images and not masks:
+                continue
+            for n in sorted(set(masks) - set(images)):
+                raise MedsegError("mask without an image", masks[n])
+            if require_masks:
+                for n in sorted(set(images) - set(masks)):
+                    raise MedsegError("image without a mask (expected " + images[n].stem + "_mask.tif)", images[n])
+            order = sorted(images)  # numeric order: 1, 2, ..., 10
+            cases.append(
+                CaseSpec(
+                    id=folder.name,
+                    patient=_patient_id(folder.name),
+                    sources={
+                        "folder": str(folder),
+                        "images": [str(images[n]) for n in order],
+                        "masks": [str(masks[n]) for n in order] if require_masks else None,
+                        "numbers": order,
+                    },
+                )
+            )
+        if not cases:
+            raise MedsegError("no LGG slices (<case>_<n>.tif) found", root)
+        return DatasetSpec(
+            format=self.name,
+            root=str(root),
+            channels=["pre-contrast", "FLAIR", "post-contrast"],
+            classes=["tumor"],
+            class_kind="multiclass",
+            spatial_dims=2,
+            cases=cases,
+            has_masks=require_masks,
+        )
+
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        imgs = []
+        for p in case.sources["images"]:
+            a = read_tiff(Path(p))
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=-1)
+            if a.ndim != 3 or a.shape[-1] != 3:
+                raise MedsegError(f"expected an HxWx3 slice, got shape {a.shape}", p)
+            if imgs and a.shape != imgs[0].shape:
+                raise MedsegError(f"slice size {a.shape[:2]} differs from the case's {imgs[0].shape[:2]}", p)
+            imgs.append(a)
+        image = np.stack(imgs).transpose(0, 3, 1, 2)  # [z, 3, h, w]
+        mask = None
+        if case.sources.get("masks"):
+            ms = []
+            for p, img in zip(case.sources["masks"], imgs):
+                m = read_tiff(Path(p))
+                if m.ndim == 3:
+                    m = m[..., 0]
+                if m.shape != img.shape[:2]:
+                    raise MedsegError(f"mask size {m.shape} differs from its image's {img.shape[:2]}", p)
+                ms.append(m > 127)
+            mask = np.stack(ms)[:, None].astype(np.uint8)
+        return CaseData(
+            image=np.ascontiguousarray(image),
+            mask=mask,
+            spacing=(1.0, 1.0, 1.0),
+            slices=[str(n) for n in case.sources["numbers"]],
+        )
+
+    def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
+        import tifffile
+
+        folder = Path(out_dir) / case.id
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for z, n in enumerate(case.sources["numbers"]):
+            path = folder / f"{case.id}_{n}_mask.tif"
+            tifffile.imwrite(path, (mask[z, 0] > 0).astype(np.uint8) * 255)
+            written.append(path)
+            if probabilities is not None:
+                p = folder / f"{case.id}_{n}_prob.tif"
+                tifffile.imwrite(p, probabilities[z].astype(np.float16 if probabilities.dtype != np.uint8 else np.uint8))
+                written.append(p)
+        return written
+
+
+def _patient_id(folder: str) -> str:
+    # TCGA_CS_4941_19960909 -> TCGA_CS_4941 (a patient may have several dates)
+    parts = folder.split("_")
+    return "_".join(parts[:3]) if len(parts) >= 4 and parts[0] == "TCGA" else folder

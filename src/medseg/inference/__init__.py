@@ -1,0 +1,1 @@
+"""Inference: the model bundle, Segmenter (Python API), TTA, ensembling, post-processing, export."""

@@ -1,0 +1,72 @@
+"""The model bundle: everything needed to run a trained model, in one ``model.pt`` file.
+
+Training writes it (``save_bundle``), inference and export read it (``load_bundle``); shipped models
+are bundles too. It holds no Lightning or pickle of code, only tensors and plain data::
+
+    {"format": "medseg.bundle/1",
+     "arch": {"name", "in_channels", "out_channels", "spatial_dims", "kwargs"},
+     "state_dict": {...},                      # fp32, or fp16 for shipped weights
+     "classes": [...], "class_kind": "multiclass" | "multilabel", "channels": [...],
+     "input": {"mode": "2d" | "2.5d" | "3d", "context": k, "stride": s, "size": [h, w] | [d, h, w]},
+     "normalization": {"mode": ..., ...},       # see medseg.data.normalize
+     "postprocess": {"thresholds": [...], "presence": [...], "min_size": 0, "largest_cc": False},
+     "tta": {"flips": [[-1], [-2]]},
+     "meta": {...}}                             # fold, scores, config, dataset fingerprint ...
+
+Multiclass heads have ``len(classes) + 1`` outputs (channel 0 = background, softmax); multilabel
+heads have ``len(classes)`` outputs (sigmoid).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError
+
+BUNDLE_FORMAT = "medseg.bundle/1"
+_REQUIRED = ("arch", "state_dict", "classes", "class_kind", "channels", "input", "normalization")
+
+
+def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) -> Path:
+    """Write atomically; ``half`` stores float tensors as fp16 (shipped weights)."""
+    import torch
+
+    missing = [k for k in _REQUIRED if k not in bundle]
+    if missing:
+        raise ValueError(f"bundle lacks {missing}")
+    b = dict(bundle, format=BUNDLE_FORMAT)
+    if half:
+        b["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in b["state_dict"].items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(b, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_bundle(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("model bundle not found", path)
+    try:
+        b = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MedsegError(f"cannot read model bundle ({type(e).__name__}: {e})", path) from None
+    if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
+        raise MedsegError(f"not a medseg model bundle (format {b.get('format') if isinstance(b, dict) else None!r})", path)
+    b["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in b["state_dict"].items()}
+    return b
+
+
+def build_model(bundle: dict[str, Any]):
+    """The bundle's network with its weights, in eval mode."""
+    from medseg.models import create_model
+
+    a = bundle["arch"]
+    model = create_model(a["name"], a["in_channels"], a["out_channels"], spatial_dims=a["spatial_dims"], **a.get("kwargs", {}))
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()

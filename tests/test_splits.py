@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medseg.data.splits import make_splits, patient_folds
+from medseg.errors import MedsegError
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n_patients=st.integers(5, 40),
+    cases_per=st.integers(1, 3),
+    k=st.integers(2, 5),
+    seed=st.integers(0, 10),
+    data=st.data(),
+)
+def test_split_properties(n_patients, cases_per, k, seed, data):
+    patients = [f"p{i}" for i in range(n_patients) for _ in range(cases_per)]
+    cases = [f"{p}_c{j}" for j, p in enumerate(patients)]
+    fg = data.draw(st.lists(st.booleans(), min_size=len(cases), max_size=len(cases)))
+    s = make_splits(cases, patients, fg, k=k, seed=seed)
+    vals = [set(f["val"]) for f in s["folds"]]
+    # every case validated exactly once; train is the complement
+    assert sorted(c for v in vals for c in v) == sorted(cases)
+    for f, v in zip(s["folds"], vals):
+        assert set(f["train"]) | v == set(cases) and not (set(f["train"]) & v)
+    # no patient on both sides of any fold
+    owner = dict(zip(cases, patients))
+    for v in vals:
+        ps = {owner[c] for c in v}
+        assert all(owner[c] not in ps for c in set(cases) - v)
+    # balanced patient counts and stratified foreground
+    sizes = [len({owner[c] for c in v}) for v in vals]
+    assert max(sizes) - min(sizes) <= 1
+    # deterministic
+    assert make_splits(cases, patients, fg, k=k, seed=seed) == s
+
+
+def test_stratification_spreads_foreground():
+    patients = [f"p{i}" for i in range(10)]
+    fg = [True] * 5 + [False] * 5
+    assign = patient_folds(patients, fg, k=5, seed=3)
+    for f in range(5):
+        members = [p for p in patients if assign[p] == f]
+        assert sum(fg[patients.index(p)] for p in members) == 1
+
+
+def test_too_few_patients():
+    with pytest.raises(MedsegError, match="3 patients cannot be split into 5 folds"):
+        patient_folds(["a", "b", "c"], [True, False, True], k=5)
