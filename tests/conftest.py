@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} is missing (set MEDSEG_SHARED_DATA)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # two cores shared by xdist workers: one torch thread each avoids oversubscription
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:
+        pass
+    yield
