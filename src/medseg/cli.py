@@ -116,11 +116,15 @@ def evaluate(
     images: Optional[Path] = typer.Option(None, help="UW-Madison: the train/ image folder beside train.csv"),
     empty: str = typer.Option("skip", help="empty-vs-empty convention for Dice/HD: skip (NaN), one, zero"),
     nsd_tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
+    report: bool = typer.Option(True, help="also write report.html (plots and overlays)"),
 ) -> None:
-    """Compare predictions with ground truth: metrics.csv, summary.json, report.html."""
+    """Compare predictions with ground truth: metrics.csv, summary.json, report.html.
+
+    PRED is a predictions folder (the input's layout), a UW-Madison submission CSV, a prepared dataset, or a run directory (TRUTH omitted: its validation predictions are scored). Metrics and empty-mask conventions: docs/evaluation.md."""
     from medseg.evaluation.evaluate import evaluate as run_evaluate
 
-    run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance, console=console)
+    run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance,
+                 console=console, report=report)
 
 
 @app.command()
@@ -133,12 +137,19 @@ def predict(
     tta: Optional[bool] = typer.Option(None, help="flip test-time augmentation (default: the model's)"),
     save_probabilities: bool = typer.Option(False, help="also write probability maps"),
     overwrite: bool = typer.Option(False, help="allow writing into a folder that holds results"),
+    backend: str = typer.Option("auto", help="auto (onnxruntime for .onnx, else PyTorch), torch or onnx"),
+    min_size: Optional[int] = typer.Option(None, help="drop components under N pixels (default: the model's)"),
+    largest_cc: Optional[bool] = typer.Option(None, help="keep the largest component per class (default: the model's)"),
+    presence: Optional[float] = typer.Option(None, help="zero a class whose max probability is below this"),
+    threshold: Optional[float] = typer.Option(None, help="multilabel decision threshold for every class"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
     from medseg.inference.predict import predict as run_predict
 
+    pp = {"min_size": min_size, "largest_cc": largest_cc, "presence": presence, "thresholds": threshold}
     run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
-                save_probabilities=save_probabilities, overwrite=overwrite, console=console)
+                save_probabilities=save_probabilities, overwrite=overwrite, console=console,
+                backend=backend, postprocess=pp)
 
 
 @app.command()
@@ -157,7 +168,8 @@ def main() -> None:
     try:
         app()
     except MedsegError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # plain stderr, never wrapped: users grep and copy the path from this line
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,1 +1,199 @@
-"""placeholder"""
+"""COCO instance annotations (``_annotations.coco.json`` + an image folder, e.g. a Roboflow export).
+
+Polygons, RLE (compressed or not) and bbox-only annotations are rasterised with pycocotools; each
+image is a case of depth 1. Categories without any annotation are dropped."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.formats import FORMATS
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.errors import MedsegError
+
+_JSON_NAMES = ("_annotations.coco.json", "annotations.json", "instances.json")
+
+
+@FORMATS.register("coco")
+class COCOReader(Reader):
+    name = "coco"
+    description = "COCO JSON + images (polygons, RLE, bbox-only); ROOT = folder with _annotations.coco.json, or the JSON"
+
+    class Options(Reader.Options):
+        annotations: str | None = None  # JSON path (relative to ROOT or absolute)
+        images: str | None = None  # image folder (default: the JSON's folder)
+        merge: bool = True  # all used categories -> one class
+        merged_name: str = "foreground"
+        grayscale: bool = False
+        patient_regex: str | None = None  # first group (or whole match) of the image stem = patient
+
+    def _paths(self, root: Path) -> tuple[Path, Path]:
+        o = self.options
+        if o.annotations:
+            ann = Path(o.annotations)
+            if not ann.is_absolute():
+                ann = (root if root.is_dir() else root.parent) / ann
+        elif root.is_file():
+            ann = root
+        elif root.is_dir():
+            found = [root / n for n in _JSON_NAMES if (root / n).is_file()] or sorted(root.glob("*.json"))
+            if not found:
+                raise MedsegError(f"no COCO annotation file ({', '.join(_JSON_NAMES)}) in the folder", root)
+            ann = found[0]
+        else:
+            raise MedsegError("not a folder or a COCO JSON file", root)
+        if not ann.is_file():
+            raise MedsegError("COCO annotation file not found", ann)
+        images = Path(o.images) if o.images else ann.parent
+        if o.images and not images.is_absolute():
+            images = (root if root.is_dir() else root.parent) / images
+        if not images.is_dir():
+            raise MedsegError("image folder not found", images)
+        return ann, images
+
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        root = Path(root)
+        if not root.exists():
+            raise MedsegError("not a folder or a COCO JSON file", root)
+        ann_path, img_dir = self._paths(root)
+        try:
+            doc = json.loads(ann_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MedsegError(f"malformed COCO JSON: {e}", ann_path) from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+            raise MedsegError("malformed COCO JSON: no 'images' list", ann_path)
+        images: dict[int, dict] = {}
+        for im in doc["images"]:
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise MedsegError(f"malformed COCO JSON: image entry without id/file_name: {im!r}"[:200], ann_path)
+            images[im["id"]] = im
+        cats = {c["id"]: str(c["name"]) for c in doc.get("categories", [])}
+        anns: dict[int, list[dict]] = {i: [] for i in images}
+        used: set[int] = set()
+        for a in doc.get("annotations", []):
+            if a.get("image_id") not in images:
+                raise MedsegError(f"annotation {a.get('id')} points at image id {a.get('image_id')}, which is not in 'images'", ann_path)
+            if a.get("category_id") not in cats:
+                raise MedsegError(f"annotation {a.get('id')} has unknown category id {a.get('category_id')}", ann_path)
+            seg = a.get("segmentation")
+            if isinstance(seg, list):
+                for poly in seg:
+                    if len(poly) < 6:
+                        raise MedsegError(f"annotation {a.get('id')} has a polygon with {len(poly) // 2} points (< 3)", ann_path)
+            anns[a["image_id"]].append(a)
+            used.add(a["category_id"])
+        used_ids = sorted(used)
+        if self.options.merge:
+            classes = [self.options.merged_name]
+            class_of = {cid: 0 for cid in used_ids}
+        else:
+            classes = [cats[c] for c in used_ids]
+            class_of = {cid: j for j, cid in enumerate(used_ids)}
+        if require_masks and not classes:
+            raise MedsegError("the COCO file has no annotations", ann_path)
+        rx = re.compile(self.options.patient_regex) if self.options.patient_regex else None
+        cases = []
+        for iid, im in images.items():
+            path = img_dir / im["file_name"]
+            if not path.is_file():
+                raise MedsegError(f"image file of image id {iid} is missing", path)
+            stem = Path(im["file_name"]).stem
+            patient = stem
+            if rx:
+                m = rx.search(stem)
+                patient = (m.group(1) if m.groups() else m.group(0)) if m else stem
+            cases.append(
+                CaseSpec(
+                    id=stem,
+                    patient=patient,
+                    sources={
+                        "image": str(path),
+                        "height": im.get("height"),
+                        "width": im.get("width"),
+                        "annotations": [
+                            {"class": class_of[a["category_id"]], "segmentation": a.get("segmentation"), "bbox": a.get("bbox")}
+                            for a in anns[iid]
+                        ],
+                    },
+                )
+            )
+        if not cases:
+            raise MedsegError("the COCO file lists no images", ann_path)
+        return DatasetSpec(
+            format=self.name,
+            root=str(root),
+            channels=["gray"] if self.options.grayscale else ["R", "G", "B"],
+            classes=classes,
+            class_kind="multiclass" if self.options.merge else "multilabel",  # boxes of different categories may overlap
+            spatial_dims=2,
+            cases=cases,
+            has_masks=require_masks,
+            meta={"annotations": str(ann_path), "categories": {str(c): cats[c] for c in used_ids}},
+        )
+
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        from PIL import Image
+
+        path = Path(case.sources["image"])
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im.convert("L" if self.options.grayscale else "RGB"))
+        except Exception as e:  # PIL raises OSError/SyntaxError/... for truncated or non-image files
+            raise MedsegError(f"cannot decode image ({type(e).__name__}: {e})", path) from None
+        h, w = arr.shape[:2]
+        hh, ww = case.sources.get("height"), case.sources.get("width")
+        if (hh and hh != h) or (ww and ww != w):
+            raise MedsegError(f"image is {w}x{h} but the COCO file says {ww}x{hh}", path)
+        image = arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
+        mask = None
+        if spec.has_masks:
+            mask = np.zeros((1, len(spec.classes), h, w), np.uint8)
+            for a in case.sources["annotations"]:
+                mask[0, a["class"]] |= _rasterise(a, h, w, path)
+        return CaseData(image=np.ascontiguousarray(image), mask=mask, spacing=(1.0, 1.0, 1.0), slices=[path.stem])
+
+    def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
+        from PIL import Image
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for j, name in enumerate(spec.classes):
+            suffix = "" if len(spec.classes) == 1 else f"_{_safe(name)}"
+            p = out / f"{case.id}{suffix}_mask.png"
+            Image.fromarray((mask[0, j] > 0).astype(np.uint8) * 255).save(p)
+            written.append(p)
+        return written
+
+
+def _rasterise(a: dict, h: int, w: int, where: Path) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    seg = a.get("segmentation")
+    try:
+        if isinstance(seg, list) and seg:
+            rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in seg], h, w))
+        elif isinstance(seg, dict):
+            if list(seg.get("size", [])) != [h, w]:
+                raise MedsegError(f"RLE size {seg.get('size')} differs from the image's {[h, w]}", where)
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg.get("counts"), list) else dict(seg)
+            if isinstance(rle.get("counts"), str):
+                rle["counts"] = rle["counts"].encode()
+        elif a.get("bbox"):
+            x, y, bw, bh = map(float, a["bbox"])
+            rle = mask_utils.frPyObjects([[x, y, x + bw, y, x + bw, y + bh, x, y + bh]], h, w)[0]
+        else:
+            raise MedsegError("annotation has neither a segmentation nor a bbox", where)
+        return mask_utils.decode(rle).astype(np.uint8)
+    except MedsegError:
+        raise
+    except Exception as e:
+        raise MedsegError(f"cannot rasterise annotation ({type(e).__name__}: {e})", where) from None
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

@@ -1,1 +1,234 @@
-"""placeholder"""
+"""DICOM series (a folder searched recursively; one case per SeriesInstanceUID).
+
+Slices are ordered by their position along the slice normal, rescaled with RescaleSlope/Intercept, and
+given the RAS affine that dcm2niix / nibabel / SimpleITK would give the NIfTI of the series (LPS
+negated in x and y), so predictions are written as NIfTI in the series' geometry. Training masks are
+NIfTI label maps named ``<case id>.nii.gz`` in the folder of option ``masks``."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.data.formats import FORMATS
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx, write_volume_nifti
+from medseg.errors import MedsegError
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _safe_id(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("_")
+    return s or "series"
+
+
+def series_affine(first_pos: np.ndarray, last_pos: np.ndarray, n: int, row_cos: np.ndarray, col_cos: np.ndarray,
+                  pixel_spacing: tuple[float, float], thickness: float) -> np.ndarray:
+    """RAS affine of the NIfTI array (i = column, j = row, k = slice in sorted order)."""
+    normal = np.cross(row_cos, col_cos)
+    step = (last_pos - first_pos) / (n - 1) if n > 1 else normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * pixel_spacing[1]  # along a row = increasing column index
+    lps[:3, 1] = col_cos * pixel_spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = first_pos
+    return _LPS_TO_RAS @ lps
+
+
+@FORMATS.register("dicom")
+class DicomReader(Reader):
+    name = "dicom"
+    description = "DICOM series in a folder (recursive), one case per SeriesInstanceUID; masks as NIfTI"
+
+    class Options(Reader.Options):
+        masks: str | None = None  # folder of NIfTI label maps <case id>.nii.gz (relative to ROOT or absolute)
+        classes: list[str] | None = None  # names of label values 1..K
+
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        root = Path(root)
+        if not root.exists():
+            raise MedsegError("not a folder or a DICOM file", root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        series: dict[str, list[tuple[Path, Any]]] = {}
+        skipped: list[Path] = []
+        last_error: Exception | None = None
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+                skipped.append(f)
+                last_error = e
+                continue
+            uid = getattr(ds, "SeriesInstanceUID", None)
+            if uid is None or "PixelSpacing" not in ds and "ImagePositionPatient" not in ds and "Rows" not in ds:
+                skipped.append(f)  # DICOMDIR, structured reports, ...: not image slices
+                continue
+            series.setdefault(str(uid), []).append((f, ds))
+        if not series:
+            if len(skipped) == 1:
+                why = f" ({type(last_error).__name__}: {last_error})" if last_error else ""
+                raise MedsegError(f"not a DICOM image file{why}", skipped[0])
+            raise MedsegError("no DICOM image series found", root)
+
+        cases: list[CaseSpec] = []
+        used: set[str] = set()
+        for uid, items in sorted(series.items(), key=lambda kv: str(kv[1][0][0])):
+            sources = self._series_geometry(uid, items)
+            first = items[0][1]
+            base = _safe_id(str(getattr(first, "SeriesDescription", "") or uid))
+            cid, n = base, 2
+            while cid in used:
+                cid, n = f"{base}_{n}", n + 1
+            used.add(cid)
+            sources["series_uid"] = uid
+            cases.append(CaseSpec(id=cid, patient=str(getattr(first, "PatientID", "") or cid), sources=sources))
+
+        classes: list[str] = []
+        values: list[int] = []
+        if require_masks:
+            if not self.options.masks:
+                raise MedsegError("DICOM training data needs option masks=<folder of NIfTI label maps named <case id>.nii.gz> (or use --images-only)", root)
+            mdir = Path(self.options.masks)
+            if not mdir.is_absolute():
+                mdir = (root if root.is_dir() else root.parent) / mdir
+            if not mdir.is_dir():
+                raise MedsegError("mask folder not found", mdir)
+            found: set[int] = set()
+            for c in cases:
+                mp = next((mdir / f"{c.id}{ext}" for ext in (".nii.gz", ".nii") if (mdir / f"{c.id}{ext}").is_file()), None)
+                if mp is None:
+                    raise MedsegError(f"series {c.id!r} has no mask (expected {mdir / (c.id + '.nii.gz')})", c.sources["files"][0])
+                c.sources["mask"] = str(mp)
+                found |= set(np.unique(nifti_array(load_nifti(mp), mp)).astype(int).tolist())
+            k = max(found - {0}, default=0)
+            if k == 0:
+                raise MedsegError("no foreground label in any mask", mdir)
+            values = list(range(1, k + 1))
+            if self.options.classes:
+                if len(self.options.classes) != k:
+                    raise MedsegError(f"option classes names {len(self.options.classes)} classes but masks have labels up to {k}", mdir)
+                classes = list(self.options.classes)
+            else:
+                classes = [f"label_{v}" for v in values]
+        return DatasetSpec(
+            format=self.name,
+            root=str(root),
+            channels=["image"],
+            classes=classes,
+            class_kind="multiclass",
+            spatial_dims=3,
+            cases=cases,
+            has_masks=require_masks,
+            meta={"label_values": values},
+        )
+
+    def _series_geometry(self, uid: str, items: list[tuple[Path, Any]]) -> dict[str, Any]:
+        """Sort a series' slices along the normal; check sizes; compute spacing and the affine."""
+        label = str(getattr(items[0][1], "SeriesDescription", "") or uid)
+        for f, ds in items:
+            if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+                raise MedsegError(f"series {label!r}: multi-frame DICOM is not supported", f)
+            for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+                if tag not in ds:
+                    raise MedsegError(f"series {label!r}: slice has no {tag}", f)
+        sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+        if len(sizes) > 1:
+            raise MedsegError(f"series {label!r} has slices of different sizes {sorted(sizes)}", items[0][0].parent)
+        iop = np.array([float(v) for v in items[0][1].ImageOrientationPatient])
+        row_cos, col_cos = iop[:3], iop[3:]
+        normal = np.cross(row_cos, col_cos)
+        pos = {f: np.array([float(v) for v in ds.ImagePositionPatient]) for f, ds in items}
+        order = sorted(items, key=lambda it: float(pos[it[0]] @ normal))
+        dist = np.array([pos[f] @ normal for f, _ in order])
+        if len(dist) > 1 and np.any(np.diff(dist) < 1e-4):
+            dup = order[int(np.argmin(np.diff(dist))) + 1][0]
+            raise MedsegError(f"series {label!r} has two slices at the same position", dup)
+        ps = tuple(float(v) for v in order[0][1].PixelSpacing)
+        thick = float(getattr(order[0][1], "SliceThickness", 0) or 0) or 1.0
+        z = float(np.median(np.diff(dist))) if len(dist) > 1 else thick
+        aff = series_affine(pos[order[0][0]], pos[order[-1][0]], len(order), row_cos, col_cos, ps, thick)
+        return {
+            "image": str(order[0][0]),
+            "files": [str(f) for f, _ in order],
+            "spacing": [z, ps[0], ps[1]],
+            "affine": aff.tolist(),
+            "rows": sizes.pop()[0],
+        }
+
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        import pydicom
+
+        slices, slopes, inters = [], [], []
+        for f in case.sources["files"]:
+            try:
+                ds = pydicom.dcmread(f)
+                a = ds.pixel_array
+            except Exception as e:
+                raise MedsegError(f"cannot read DICOM pixels ({type(e).__name__}: {e})", f) from None
+            if a.ndim != 2:
+                raise MedsegError(f"expected a 2D grayscale slice, got pixel shape {a.shape}", f)
+            slices.append(a)
+            slopes.append(float(getattr(ds, "RescaleSlope", 1) or 1))
+            inters.append(float(getattr(ds, "RescaleIntercept", 0) or 0))
+        raw = np.stack(slices)
+        slope, inter = np.array(slopes)[:, None, None], np.array(inters)[:, None, None]
+        vals = raw * slope + inter
+        # int16 when rescaling stays integral and in range (CT), else float32
+        if np.all(slope == np.rint(slope)) and np.all(inter == np.rint(inter)) and vals.min() >= -32768 and vals.max() <= 32767:
+            image = vals.astype(np.int16)
+        else:
+            image = (raw.astype(np.float64) * slope + inter).astype(np.float32)
+        image = image[:, None]
+        affine = np.array(case.sources["affine"])
+        mask = None
+        if case.sources.get("mask"):
+            mp = case.sources["mask"]
+            mimg = load_nifti(mp)
+            lab = nifti_array(mimg, mp)
+            lab = _to_geometry(lab, mimg.affine, affine, mp)
+            lab_zyx = to_zyx(lab)[:, 0]
+            if lab_zyx.shape != (image.shape[0], *image.shape[2:]):
+                raise MedsegError(f"mask shape {lab.shape} differs from the series' {tuple(reversed((image.shape[0], *image.shape[2:])))}", mp)
+            mask = labels_to_mask(lab_zyx, spec.meta["label_values"], mp)
+        return CaseData(
+            image=np.ascontiguousarray(image),
+            mask=mask,
+            spacing=tuple(case.sources["spacing"]),
+            affine=affine,
+            meta={"series_uid": case.sources["series_uid"], "n_files": len(case.sources["files"])},
+        )
+
+    def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
+        import nibabel as nib
+
+        values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
+        lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
+        for j, v in enumerate(values):
+            lab[mask[:, j] > 0] = v
+        hdr = nib.Nifti1Header()
+        hdr["qform_code"] = hdr["sform_code"] = 1  # scanner coordinates
+        return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib)
+
+
+def _to_geometry(lab: np.ndarray, src_aff: np.ndarray, dst_aff: np.ndarray, where: str) -> np.ndarray:
+    """Reorient a mask array (axis permutations/flips only) so its affine matches the series'."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    if lab.ndim == 4 and lab.shape[3] == 1:
+        lab = lab[..., 0]
+    if lab.ndim != 3:
+        raise MedsegError(f"mask must be a 3D label map, got shape {lab.shape}", where)
+    if not np.allclose(src_aff, dst_aff, atol=1e-3):
+        t = ornt_transform(io_orientation(src_aff), io_orientation(dst_aff))
+        new_aff = src_aff @ nib.orientations.inv_ornt_aff(t, lab.shape)
+        lab = apply_orientation(lab, t)
+        if not np.allclose(new_aff, dst_aff, atol=1e-2):
+            raise MedsegError("mask geometry (affine) differs from the DICOM series'", where)
+    return lab

@@ -1,1 +1,358 @@
-"""placeholder"""
+"""A plain folder of 2D images and masks: ``ROOT/images/<stem>.<ext>`` + ``ROOT/masks/<stem>.<ext>``.
+
+Images and masks are paired by stem (png, jpg, jpeg, tif, tiff, bmp; a mask may have another extension
+than its image). Masks are read as
+
+- ``binary``: one class (``foreground`` or ``classes[0]``), pixel > half range = foreground (0/255, 0/1,
+  and blurred/JPEG grey masks alike);
+- ``labels``: integer labels 0 (background), 1..K -> classes ``classes`` or ``class1..classK``;
+- ``palette``: colour-coded RGB masks, e.g. ``stomach=255,0,0;large_bowel=0,255,0;small_bowel=255,255,0``;
+  every pixel goes to the nearest palette colour or to background (0,0,0), so resized masks with
+  blurred edges map cleanly.
+- ``auto`` (default): palette if one is given; else binary if every mask holds only {0,255} or {0,1},
+  labels if the largest value is at most 50, binary (thresholded) otherwise.
+
+All three are exclusive (``multiclass``). ``case_regex`` groups stems into multi-slice cases
+(slices sorted by stem, numbers numerically); by default each image is its own case of depth 1.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import field_validator
+
+from medseg.data.formats import FORMATS
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.errors import MedsegError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+BACKGROUND = (0, 0, 0)
+_AUTO_LABEL_MAX = 50
+
+
+def parse_palette(text: str) -> list[tuple[str, tuple[int, int, int]]]:
+    """``"stomach=255,0,0;large_bowel=0,255,0"`` -> ``[("stomach", (255, 0, 0)), ...]``."""
+    out: list[tuple[str, tuple[int, int, int]]] = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        name, eq, rgb = part.partition("=")
+        vals = rgb.split(",")
+        if not eq or not name.strip() or len(vals) != 3 or not all(v.strip().isdigit() for v in vals):
+            raise MedsegError(f"bad palette entry {part!r}: expected name=R,G,B (e.g. stomach=255,0,0)")
+        colour = tuple(int(v) for v in vals)
+        if max(colour) > 255:
+            raise MedsegError(f"bad palette entry {part!r}: colour values must be 0..255")
+        if colour == BACKGROUND:
+            raise MedsegError(f"bad palette entry {part!r}: (0,0,0) is the background")
+        if any(n == name.strip() for n, _ in out) or any(c == colour for _, c in out):
+            raise MedsegError(f"bad palette entry {part!r}: name or colour used twice")
+        out.append((name.strip(), colour))  # type: ignore[arg-type]
+    if not out:
+        raise MedsegError("empty palette: expected name=R,G,B;name=R,G,B")
+    return out
+
+
+def map_palette(rgb: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """Label map (0 background, j+1 for ``colours[j]``) of an ``[h, w, 3]`` image by nearest colour."""
+    ref = np.array([BACKGROUND, *colours], np.int32)  # [n, 3]
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        raise MedsegError(f"a colour mask must be [h, w, 3], got shape {rgb.shape}")
+    px = rgb[..., :3].reshape(-1, 3).astype(np.int64)
+    if rgb.dtype != np.uint8:  # 16-bit colour masks: compare in 8-bit units
+        px = px >> 8
+    # few distinct colours per mask: map each distinct colour once instead of every pixel
+    uniq, inverse = np.unique((px[:, 0] << 16) | (px[:, 1] << 8) | px[:, 2], return_inverse=True)
+    u = np.stack([uniq >> 16, (uniq >> 8) & 255, uniq & 255], axis=1)
+    d = ((u[:, None, :] - ref[None]) ** 2).sum(-1)
+    return d.argmin(1).astype(np.uint8)[inverse.ravel()].reshape(rgb.shape[:2])
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2D image as ``[h, w]`` or ``[h, w, c]`` in its native dtype, or a MedsegError naming the file."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from medseg.data.formats.lgg import read_tiff
+
+        return read_tiff(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA"):  # palette PNGs: real colours, not palette indices
+                im = im.convert("RGBA" if im.mode == "PA" else "RGB")
+            elif im.mode in ("1", "LA"):
+                im = im.convert("L")
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise MedsegError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+
+
+def _is_gray(a: np.ndarray) -> bool:
+    return a.ndim == 2 or (a.shape[-1] >= 3 and bool((a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all()))
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def _list(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix.lower() in EXTENSIONS:
+            if f.stem in out:
+                raise MedsegError(f"two files with the stem {f.stem!r} ({out[f.stem].name})", f)
+            out[f.stem] = f
+    return out
+
+
+@FORMATS.register("folder")
+class FolderReader(Reader):
+    name = "folder"
+    description = "images/ + masks/ of 2D PNG/JPG/TIF/BMP paired by file stem (binary, label or colour masks)"
+
+    class Options(Reader.Options):
+        mask_mode: Literal["auto", "binary", "labels", "palette"] = "auto"
+        classes: list[str] | None = None
+        palette: str | None = None
+        patient_regex: str | None = None
+        case_regex: str | None = None
+        channels: Literal["auto", "gray", "rgb"] = "auto"
+
+        @field_validator("classes", mode="before")
+        @classmethod
+        def _split(cls, v):  # the CLI passes "-o classes=liver,kidney" as one string
+            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
+
+    def _regex(self, key: str) -> re.Pattern | None:
+        text = getattr(self.options, key)
+        if text is None:
+            return None
+        try:
+            rx = re.compile(text)
+        except re.error as e:
+            raise MedsegError(f"bad option {key}={text!r}: {e}") from None
+        if rx.groups < 1:
+            raise MedsegError(f"bad option {key}={text!r}: needs a (group)")
+        return rx
+
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        root = Path(root)
+        if not root.is_dir():
+            raise MedsegError("not a folder", root)
+        img_dir, mask_dir = root / "images", root / "masks"
+        if not img_dir.is_dir():
+            raise MedsegError("no images/ folder (expected ROOT/images/ and ROOT/masks/)", root)
+        images = _list(img_dir)
+        if not images:
+            raise MedsegError(f"no images ({', '.join(EXTENSIONS)})", img_dir)
+        masks: dict[str, Path] = {}
+        if require_masks:
+            if not mask_dir.is_dir():
+                raise MedsegError("no masks/ folder (use --images-only for images without masks)", root)
+            masks = _list(mask_dir)
+            for stem in sorted(set(masks) - set(images), key=_natural):
+                raise MedsegError("mask without an image (no images/" + stem + ".*)", masks[stem])
+            for stem in sorted(set(images) - set(masks), key=_natural):
+                raise MedsegError("image without a mask (no masks/" + stem + ".*)", images[stem])
+
+        case_rx, patient_rx = self._regex("case_regex"), self._regex("patient_regex")
+        groups: dict[str, list[str]] = {}
+        for stem in images:
+            if case_rx is None:
+                cid = stem
+            else:
+                m = case_rx.search(stem)
+                if not m:
+                    raise MedsegError(f"file stem does not match case_regex {case_rx.pattern!r}", images[stem])
+                cid = m.group(1)
+            groups.setdefault(cid, []).append(stem)
+        cases = []
+        for cid in sorted(groups, key=_natural):
+            stems = sorted(groups[cid], key=_natural)
+            if patient_rx is None:
+                patient = cid
+            else:
+                m = patient_rx.search(stems[0])
+                if not m:
+                    raise MedsegError(f"file stem does not match patient_regex {patient_rx.pattern!r}", images[stems[0]])
+                patient = m.group(1)
+            cases.append(
+                CaseSpec(
+                    id=cid,
+                    patient=patient,
+                    sources={
+                        "image": str(images[stems[0]]),
+                        "images": [str(images[s]) for s in stems],
+                        "masks": [str(masks[s]) for s in stems] if require_masks else None,
+                        "stems": stems,
+                    },
+                )
+            )
+
+        first = read_image(images[next(iter(images))])
+        chan = self.options.channels
+        if chan == "auto":
+            chan = "gray" if _is_gray(first) else "rgb"
+        mode, classes, colours = self._mask_mode(masks if require_masks else {})
+        return DatasetSpec(
+            format=self.name,
+            root=str(root),
+            channels=["gray"] if chan == "gray" else ["R", "G", "B"],
+            classes=classes,
+            class_kind="multiclass",
+            spatial_dims=2,
+            cases=cases,
+            has_masks=require_masks,
+            meta={"channels_mode": chan, "mask_mode": mode, "palette": [list(c) for c in colours] or None},
+        )
+
+    def _mask_mode(self, masks: dict[str, Path]) -> tuple[str, list[str], list[tuple[int, int, int]]]:
+        """(resolved mode, class names, palette colours) -- reads the masks only when it must."""
+        o = self.options
+        mode = o.mask_mode
+        if mode == "auto" and o.palette:
+            mode = "palette"
+        if mode == "palette":
+            if not o.palette:
+                raise MedsegError("mask_mode=palette needs a palette option, e.g. stomach=255,0,0;liver=0,255,0")
+            pal = parse_palette(o.palette)
+            if o.classes and o.classes != [n for n, _ in pal]:
+                raise MedsegError(f"classes {o.classes} disagree with the palette's {[n for n, _ in pal]}")
+            return mode, [n for n, _ in pal], [c for _, c in pal]
+        if mode == "auto" and o.classes and len(o.classes) > 1:
+            mode = "labels"
+        if mode == "binary":
+            if o.classes and len(o.classes) != 1:
+                raise MedsegError(f"mask_mode=binary has one class, got classes {o.classes}")
+            return mode, list(o.classes or ["foreground"]), []
+        if mode == "labels" and o.classes:
+            return mode, list(o.classes), []
+        # auto without classes, or labels without classes: look at every mask's values
+        seen = np.zeros(65536, bool)
+        for stem, p in masks.items():
+            m = read_image(p)
+            if m.ndim == 3:
+                if not _is_gray(m):
+                    raise MedsegError(
+                        "colour mask: give a palette, e.g. -o palette='stomach=255,0,0;large_bowel=0,255,0'", p
+                    )
+                m = m[..., 0]
+            if not np.issubdtype(m.dtype, np.integer) or m.min() < 0 or m.max() > 65535:
+                raise MedsegError(f"mask values must be integers 0..65535, got {m.dtype}", p)
+            seen[np.unique(m)] = True
+        values = set(np.flatnonzero(seen).tolist())
+        if not masks:
+            values = {0, 1}
+        top = max(values)
+        if mode == "auto":
+            mode = "binary" if values <= {0, 255} or values <= {0, 1} or top > _AUTO_LABEL_MAX else "labels"
+        if mode == "binary":
+            return mode, list(o.classes or ["foreground"]), []
+        if o.classes:  # one class named, but the masks hold labels 0..top
+            if top > len(o.classes):
+                raise MedsegError(
+                    f"masks hold labels up to {top} but only {len(o.classes)} class given ({', '.join(o.classes)})",
+                    next(iter(masks.values())).parent,
+                )
+            return mode, list(o.classes), []
+        if top < 1:
+            raise MedsegError("every mask is empty: cannot tell the label classes (give classes=...)", next(iter(masks.values())).parent)
+        return mode, [f"class{i}" for i in range(1, top + 1)], []
+
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        chan = spec.meta.get("channels_mode", "gray")
+        imgs = []
+        for p in case.sources["images"]:
+            a = read_image(Path(p))
+            if a.ndim == 3 and a.shape[-1] == 4:
+                a = a[..., :3]
+            if a.ndim == 3 and a.shape[-1] != 3:
+                raise MedsegError(f"expected a grey or RGB image, got shape {a.shape}", p)
+            if chan == "gray":
+                if a.ndim == 3:
+                    a = a[..., 0] if _is_gray(a) else _luminance(a)
+                a = a[None]
+            else:
+                a = np.repeat(a[None], 3, axis=0) if a.ndim == 2 else a.transpose(2, 0, 1)
+            if imgs and a.shape != imgs[0].shape:
+                raise MedsegError(f"image size {a.shape[1:]} differs from the case's {imgs[0].shape[1:]}", p)
+            imgs.append(a)
+        image = np.ascontiguousarray(np.stack(imgs))  # [z, c, h, w]
+        mask = None
+        if case.sources.get("masks"):
+            k = len(spec.classes)
+            ms = []
+            for p, img in zip(case.sources["masks"], imgs):
+                ms.append(self._read_mask(Path(p), spec, k, img.shape[1:]))
+            labels = np.stack(ms)  # [z, h, w] 0..k
+            mask = (labels[:, None] == np.arange(1, k + 1, dtype=labels.dtype)[None, :, None, None]).astype(np.uint8)
+        return CaseData(image=image, mask=mask, spacing=(1.0, 1.0, 1.0), slices=list(case.sources["stems"]))
+
+    def _read_mask(self, p: Path, spec: DatasetSpec, k: int, size: tuple[int, int]) -> np.ndarray:
+        m = read_image(p)
+        if m.shape[:2] != tuple(size):
+            raise MedsegError(f"mask size {m.shape[:2]} differs from its image's {tuple(size)}", p)
+        mode = spec.meta["mask_mode"]
+        if mode == "palette":
+            if m.ndim == 2:
+                raise MedsegError("palette masks must be RGB images, got a greyscale one", p)
+            return map_palette(m, [tuple(c) for c in spec.meta["palette"]])
+        if m.ndim == 3:
+            if not _is_gray(m):
+                raise MedsegError("colour mask: give a palette option, or a greyscale mask", p)
+            m = m[..., 0]
+        if mode == "binary":
+            if m.dtype == bool:
+                return m.astype(np.uint8)
+            top = int(m.max()) if m.size else 0
+            # {0,1} masks keep 1 as foreground; 0/255 or blurred grey masks split at half range
+            if not np.issubdtype(m.dtype, np.integer):
+                thr = 0.5
+            else:
+                thr = 0 if top <= 1 else 127 if top <= 255 else 32767
+            return (m > thr).astype(np.uint8)
+        top = int(m.max()) if m.size else 0
+        if top > k:
+            raise MedsegError(f"label {top} in a mask but only {k} classes ({', '.join(spec.classes)})", p)
+        return m.astype(np.uint8)
+
+    def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
+        """``out_dir/masks/<stem>.png``: 0/255 for one class, label values, or palette colours."""
+        from PIL import Image
+
+        folder = Path(out_dir) / "masks"
+        folder.mkdir(parents=True, exist_ok=True)
+        mask = np.asarray(mask) > 0
+        k = mask.shape[1]
+        # exclusive classes: label j+1 where channel j is set (a later channel wins any overlap)
+        labels = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
+        for j in range(k):
+            labels[mask[:, j]] = j + 1
+        colours = spec.meta.get("palette")
+        written = []
+        for z, stem in enumerate(case.sources["stems"]):
+            if colours:
+                lut = np.array([BACKGROUND, *colours], np.uint8)
+                out = lut[labels[z]]
+            elif k == 1:
+                out = labels[z] * np.uint8(255)
+            else:
+                out = labels[z]
+            path = folder / f"{stem}.png"
+            Image.fromarray(out).save(path)
+            written.append(path)
+            if probabilities is not None:
+                pp = Path(out_dir) / "probabilities" / f"{stem}.npy"
+                pp.parent.mkdir(exist_ok=True)
+                np.save(pp, np.asarray(probabilities[z], np.float16))
+                written.append(pp)
+        return written
+
+
+def _luminance(a: np.ndarray) -> np.ndarray:
+    y = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+    return np.round(y).astype(a.dtype)

@@ -1,1 +1,294 @@
-"""placeholder"""
+"""NIfTI volumes: the MSD / nnU-Net layout (``imagesTr/`` + ``labelsTr/`` [+ ``dataset.json``]), or a
+single NIfTI file / a folder of NIfTI files (images only).
+
+Arrays are stored as (z, y, x) = NIfTI (k, j, i) transposed; the affine is kept so predictions are
+written back in the input's exact geometry (the source header is re-read for that)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.data.formats import FORMATS
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.errors import MedsegError
+
+_MODALITY = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def nifti_stem(p: Path | str) -> str:
+    name = Path(p).name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.startswith((".", "._"))
+
+
+def load_nifti(path: Path | str):
+    """``nib.load`` with a MedsegError naming the file on any failure."""
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as e:
+        raise MedsegError(f"cannot read NIfTI ({type(e).__name__}: {e})", path) from None
+
+
+def nifti_array(img, path: Path | str) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated gzip, short data, ...
+        raise MedsegError(f"cannot read NIfTI data ({type(e).__name__}: {e})", path) from None
+
+
+def to_zyx(a: np.ndarray) -> np.ndarray:
+    """NIfTI (i, j, k[, c]) -> (z, c, y, x)."""
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim == 3:
+        return a.transpose(2, 1, 0)[:, None]
+    if a.ndim == 4:
+        return a.transpose(2, 3, 1, 0)
+    if a.ndim == 5 and a.shape[3] == 1:  # (x, y, z, t=1, c) as some tools write vector images
+        return a[:, :, :, 0].transpose(2, 3, 1, 0)
+    raise ValueError(f"unsupported NIfTI shape {a.shape}")
+
+
+def labels_to_mask(lab: np.ndarray, values: list[int], where: Path | str) -> np.ndarray:
+    """(z, y, x) label map -> (z, k, y, x) uint8, one channel per label value."""
+    lab = np.asarray(lab)
+    if lab.dtype.kind == "f":
+        r = np.rint(lab)
+        if not np.array_equal(r, lab):
+            raise MedsegError("label map holds non-integer values", where)
+        lab = r
+    lab = lab.astype(np.int64)
+    extra = sorted(set(np.unique(lab).tolist()) - {0, *values})
+    if extra:
+        raise MedsegError(f"label values {extra[:5]} are not among the known labels {values}", where)
+    return np.stack([(lab == v) for v in values], axis=1).astype(np.uint8)
+
+
+def write_label_nifti(
+    mask: np.ndarray, values: list[int], ref_path: Path | str, out: Path, probabilities: np.ndarray | None = None
+) -> list[Path]:
+    """``mask[z, k, h, w]`` -> a uint8 label map (channel j -> ``values[j]``) with the header and affine
+    of the NIfTI image at ``ref_path`` (and float32 probabilities beside it if given)."""
+    import nibabel as nib
+
+    ref = load_nifti(ref_path)
+    lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
+    for j, v in enumerate(values):
+        lab[mask[:, j] > 0] = v
+    return write_volume_nifti(lab, ref.affine, ref.header, out, probabilities, nib)
+
+
+def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(lab.transpose(2, 1, 0), affine, hdr)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    if hdr is not None:  # keep both codes as the input had them (0 included), so nibabel picks the same affine
+        img.set_qform(affine, int(hdr["qform_code"]))
+        img.set_sform(affine, int(hdr["sform_code"]))
+    img.header.set_intent("label")
+    if hdr is not None and img.header.get_data_shape()[:3] != lab.shape[::-1]:
+        raise MedsegError("prediction shape does not match the reference image", out)
+    nib.save(img, str(out))
+    written = [out]
+    if probabilities is not None:
+        p = out.with_name(nifti_stem(out) + "_prob.nii.gz")
+        prob = nib.Nifti1Image(np.asarray(probabilities, np.float32).transpose(3, 2, 0, 1), affine)
+        nib.save(prob, str(p))
+        written.append(p)
+    return written
+
+
+@FORMATS.register("nifti")
+class NiftiReader(Reader):
+    name = "nifti"
+    description = "NIfTI: MSD/nnU-Net imagesTr/ + labelsTr/ (+ dataset.json), or NIfTI file(s) for images only"
+
+    class Options(Reader.Options):
+        images: str = "imagesTr"
+        labels: str = "labelsTr"
+        classes: list[str] | None = None  # names of label values 1..K when there is no dataset.json
+
+    def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        root = Path(root)
+        if not root.exists():
+            raise MedsegError("not a folder or a NIfTI file", root)
+        info = _dataset_json(root) if root.is_dir() else {}
+        img_dir, lab_dir = root / self.options.images, root / self.options.labels
+        if root.is_file():
+            if not _is_nifti(root):
+                raise MedsegError("not a NIfTI file (.nii or .nii.gz)", root)
+            files, lab_dir, msd = [root], None, False
+        elif img_dir.is_dir():
+            files, msd = sorted(p for p in img_dir.iterdir() if _is_nifti(p)), True
+            if not lab_dir.is_dir():
+                if require_masks:
+                    raise MedsegError(f"label folder {self.options.labels}/ is missing (use --images-only to predict)", lab_dir)
+                lab_dir = None
+        else:
+            if (root / "imagesTs").is_dir() and not require_masks:
+                img_dir = root / "imagesTs"
+            else:
+                img_dir = root
+            files, lab_dir, msd = sorted(p for p in img_dir.iterdir() if _is_nifti(p)), None, False
+            if require_masks:
+                raise MedsegError(f"no {self.options.images}/ folder: labels are only read from the MSD layout (use --images-only)", root)
+        if not files:
+            raise MedsegError("no NIfTI files (.nii, .nii.gz) found", img_dir if root.is_dir() else root)
+
+        labels = {nifti_stem(p): p for p in lab_dir.iterdir() if _is_nifti(p)} if lab_dir else {}
+        groups: dict[str, dict[int, Path]] = {}
+        for p in files:
+            stem = nifti_stem(p)
+            m = _MODALITY.match(stem)
+            if m and (m["case"] in labels or stem not in labels):
+                groups.setdefault(m["case"], {})[int(m["ch"])] = p
+            else:
+                groups.setdefault(stem, {})[0] = p
+        cases = []
+        n_ch = None
+        for cid, chans in sorted(groups.items()):
+            order = sorted(chans)
+            if order != list(range(len(order))):
+                raise MedsegError(f"case {cid!r} has modality files {order}, expected 0..{len(order) - 1}", chans[order[0]])
+            if n_ch is not None and len(order) != n_ch:
+                raise MedsegError(f"case {cid!r} has {len(order)} modality files, other cases {n_ch}", chans[order[0]])
+            n_ch = len(order)
+            lab = labels.get(cid)
+            if require_masks and lab is None:
+                raise MedsegError(f"image without a label (expected {self.options.labels}/{cid}.nii.gz)", chans[0])
+            cases.append(
+                CaseSpec(
+                    id=cid,
+                    patient=cid,
+                    sources={"image": str(chans[0]), "images": [str(chans[i]) for i in order], "label": str(lab) if lab and require_masks else None},
+                )
+            )
+        if require_masks:
+            for stem, p in sorted(labels.items()):
+                if stem not in groups:
+                    raise MedsegError(f"label without an image (expected {self.options.images}/{stem}.nii.gz)", p)
+
+        # channels: dataset.json, else the first image's 4th dimension
+        names = info.get("channel_names") or info.get("modality")
+        first = load_nifti(cases[0].sources["image"])
+        depth = first.shape[3] if len(first.shape) >= 4 and n_ch == 1 else 1
+        n_total = n_ch * depth if n_ch else depth
+        if isinstance(names, dict) and len(names) == n_total:
+            channels = [str(names[k]) for k in sorted(names, key=lambda s: int(s))]
+        elif n_total == 1:
+            channels = ["image"]
+        else:
+            channels = [f"ch{i}" for i in range(n_total)]
+
+        classes: list[str] = []
+        values: list[int] = []
+        if require_masks:
+            classes, values = self._classes(info, cases, root)
+        return DatasetSpec(
+            format=self.name,
+            root=str(root),
+            channels=channels,
+            classes=classes,
+            class_kind="multiclass",
+            spatial_dims=3,
+            cases=cases,
+            has_masks=require_masks,
+            meta={"label_values": values, "msd": msd},
+        )
+
+    def _classes(self, info: dict[str, Any], cases: list[CaseSpec], root: Path) -> tuple[list[str], list[int]]:
+        labels = info.get("labels")
+        if isinstance(labels, dict) and labels:
+            pairs = []
+            for k, v in labels.items():
+                # MSD: {"1": "Anterior"}; nnU-Net v2: {"Anterior": 1}
+                if str(k).lstrip("-").isdigit():
+                    pairs.append((int(k), str(v)))
+                elif isinstance(v, int):
+                    pairs.append((int(v), str(k)))
+            pairs = sorted(p for p in pairs if p[0] != 0)
+            if pairs:
+                return [n for _, n in pairs], [v for v, _ in pairs]
+        found: set[int] = set()
+        for c in cases:  # no dataset.json: the label values present decide the classes
+            img = load_nifti(c.sources["label"])
+            found |= set(np.unique(nifti_array(img, c.sources["label"])).astype(int).tolist())
+        k = max(found - {0}, default=0)
+        if k == 0:
+            raise MedsegError("no foreground label in any label map", root)
+        values = list(range(1, k + 1))
+        if self.options.classes:
+            if len(self.options.classes) != k:
+                raise MedsegError(f"option classes names {len(self.options.classes)} classes but labels go up to {k}", root)
+            return list(self.options.classes), values
+        return [f"label_{v}" for v in values], values
+
+    def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        arrays = []
+        first = None
+        for p in case.sources["images"]:
+            img = load_nifti(p)
+            first = first or img
+            a = nifti_array(img, p)
+            if img.shape[:3] != first.shape[:3]:
+                raise MedsegError(f"modality shape {img.shape[:3]} differs from {first.shape[:3]}", p)
+            try:
+                arrays.append(to_zyx(a))
+            except ValueError as e:
+                raise MedsegError(str(e), p) from None
+        image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+        mask = None
+        if case.sources.get("label"):
+            lp = case.sources["label"]
+            limg = load_nifti(lp)
+            lab = nifti_array(limg, lp)
+            if lab.ndim == 4 and lab.shape[3] == 1:
+                lab = lab[..., 0]
+            if lab.shape[:3] != first.shape[:3] or lab.ndim > 3:
+                raise MedsegError(f"label shape {lab.shape} differs from image shape {first.shape[:3]}", lp)
+            mask = labels_to_mask(to_zyx(lab)[:, 0], spec.meta["label_values"], lp)
+        hdr = first.header
+        zooms = [float(z) for z in hdr.get_zooms()[:3]]
+        zooms += [1.0] * (3 - len(zooms))
+        meta = {
+            "qform_code": int(hdr["qform_code"]),
+            "sform_code": int(hdr["sform_code"]),
+            "dtype": str(hdr.get_data_dtype()),
+            "nifti_shape": [int(s) for s in first.shape],
+        }
+        return CaseData(
+            image=np.ascontiguousarray(image),
+            mask=mask,
+            spacing=(zooms[2], zooms[1], zooms[0]),
+            affine=np.asarray(first.affine, float),
+            meta=meta,
+        )
+
+    def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
+        values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
+        return write_label_nifti(mask, values, case.sources["image"], Path(out_dir) / f"{case.id}.nii.gz", probabilities)
+
+
+def _dataset_json(root: Path) -> dict[str, Any]:
+    p = root / "dataset.json"
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MedsegError(f"dataset.json is not valid JSON: {e}", p) from None
+    return d if isinstance(d, dict) else {}

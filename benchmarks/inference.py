@@ -1,0 +1,195 @@
+"""Benchmark ``medseg predict``: one LGG patient from files on disk to masks on disk, eager PyTorch vs
+onnxruntime, with and without flip TTA; and peak memory on a synthetic 512x512x200 volume (2D path).
+
+    .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--patient TCGA_DU_5854_19951104]
+        [--model RUN_OR_BUNDLE] [--volume-slices 200] [--skip-volume]
+
+Without ``--model`` the default ``unet`` (``create_model("unet", 3, 2)``) with RANDOM weights is used:
+the speed of a network does not depend on its weights, but the masks mean nothing (said in the output).
+Every timed run is the whole ``medseg.inference.predict.predict`` call (model loading, reading the TIFFs,
+inference, writing the masks); the table shows the median of ``--runs``. Peak RSS: ``resource.getrusage``
+of this process (LGG) and of a child process that runs only the volume (so the LGG runs do not count).
+Prints a table and writes benchmarks/results/inference.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _random_bundle(path: Path, channels: list[str]) -> Path:
+    from medseg.inference.bundle import save_bundle
+    from medseg.models import create_model
+
+    import torch
+
+    torch.manual_seed(0)
+    m = create_model("unet", len(channels), 2).eval()
+    return save_bundle(
+        {
+            "arch": {"name": "unet", "in_channels": len(channels), "out_channels": 2, "spatial_dims": 2, "kwargs": {}},
+            "state_dict": m.state_dict(),
+            "classes": ["tumor"],
+            "class_kind": "multiclass",
+            "channels": channels,
+            "input": {"mode": "2d", "context": 0, "stride": 1, "size": [256, 256]},
+            "normalization": {"mode": "zscore_case"},
+            "postprocess": {"thresholds": [0.5], "presence": None, "min_size": 0, "largest_cc": False},
+            "tta": {"flips": [[-1], [-2]]},
+            "meta": {"note": "random weights (benchmark only)"},
+        },
+        path,
+    )
+
+
+def volume_child(args: argparse.Namespace) -> None:
+    """Run only the synthetic volume (NIfTI on disk -> NIfTI masks on disk) and print JSON."""
+    import nibabel as nib
+    import torch
+
+    from medseg.inference.predict import predict
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(args.tmp)
+    z = args.volume_slices
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:512, :512]
+    vol = np.empty((512, 512, z), np.int16)  # NIfTI (x, y, z)
+    for k in range(z):  # a bright disc on noise, built slice by slice (no float volume in memory)
+        vol[:, :, k] = (rng.integers(0, 200, (512, 512)) + 800 * ((yy - 256) ** 2 + (xx - 200 - k) ** 2 < 4000)).astype(np.int16)
+    (tmp / "vol").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 1.5, 1.0])), str(tmp / "vol" / "ct.nii"))
+    del vol
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    predict(args.model_1ch, tmp / "vol" / "ct.nii", tmp / "vol_out", tta=False, backend=args.backend, overwrite=True)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"seconds": dt, "slices": z, "peak_rss_mb": _rss_mb(), "rss_before_predict_mb": rss_before}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--src", type=Path, default=SHARED / "lgg" / "kaggle_3m")
+    ap.add_argument("--patient", default="TCGA_DU_5854_19951104")  # 36 slices
+    ap.add_argument("--model", default=None, help="run dir / bundle (default: random-weight default unet)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--volume-slices", type=int, default=200)
+    ap.add_argument("--skip-volume", action="store_true")
+    ap.add_argument("--backend", default="onnx", help=argparse.SUPPRESS)
+    ap.add_argument("--volume-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-1ch", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference.json")
+    args = ap.parse_args()
+    if args.volume_child:
+        return volume_child(args)
+    patient = args.src / args.patient
+    if not patient.is_dir():
+        sys.exit(f"error: {patient}: LGG patient not found (set MEDSEG_SHARED_DATA)")
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from medseg.inference.export import export_onnx
+    from medseg.inference.predict import predict
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    console = Console()
+    tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-inf-"))
+    note = "trained model" if args.model else "RANDOM-weight default unet (speed only; masks are meaningless)"
+    try:
+        model = args.model or str(_random_bundle(tmp / "model.pt", ["pre-contrast", "FLAIR", "post-contrast"]))
+        onnx_path = tmp / "model.onnx"
+        t0 = time.perf_counter()
+        export_onnx(model, onnx_path)
+        export_s = time.perf_counter() - t0
+        n = len([p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")])
+        rows = []
+        for backend, m in (("torch", model), ("onnx", str(onnx_path))):
+            for tta in (False, True):
+                times = []
+                for r in range(args.runs):
+                    out = tmp / f"out_{backend}_{tta}"
+                    t0 = time.perf_counter()
+                    predict(m, patient, out, tta=tta, overwrite=True)
+                    times.append(time.perf_counter() - t0)
+                med = statistics.median(times)
+                rows.append({"backend": backend, "tta": "x3 flips" if tta else "off", "slices": n,
+                             "seconds_per_patient": med, "slices_per_s": n / med,
+                             "runs": [round(t, 3) for t in times]})
+        # masks of the two backends on this patient (same pipeline)
+        import tifffile
+
+        a = np.stack([tifffile.imread(p) for p in sorted((tmp / "out_torch_False").rglob("*_mask.tif"))])
+        b = np.stack([tifffile.imread(p) for p in sorted((tmp / "out_onnx_False").rglob("*_mask.tif"))])
+        agree = float((a == b).mean())
+        rss_lgg = _rss_mb()
+
+        vol = None
+        if not args.skip_volume:
+            m1 = _random_bundle(tmp / "model_1ch.pt", ["CT"])
+            export_onnx(m1, tmp / "model_1ch.onnx")
+            proc = subprocess.run(
+                [sys.executable, __file__, "--volume-child", "--tmp", str(tmp), "--model-1ch", str(tmp / "model_1ch.onnx"),
+                 "--threads", str(args.threads), "--volume-slices", str(args.volume_slices)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode:
+                sys.exit(f"volume run failed:\n{proc.stderr[-3000:]}")
+            vol = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    t = Table(title=f"medseg predict, LGG {args.patient} ({n} slices 256x256x3), {args.threads} threads; {note}")
+    for c in ("backend", "TTA", "s / patient (median)", "slices/s", "runs (s)"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["backend"], r["tta"], f"{r['seconds_per_patient']:.2f}", f"{r['slices_per_s']:.1f}",
+                  " ".join(f"{x:.2f}" for x in r["runs"]))
+    console.print(t)
+    speedup = rows[0]["seconds_per_patient"] / rows[2]["seconds_per_patient"]
+    console.print(f"onnxruntime vs eager PyTorch (no TTA): {speedup:.2f}x faster; masks equal on {agree * 100:.3f}% of pixels; "
+                  f"ONNX export {export_s:.1f} s; peak RSS (LGG runs) {rss_lgg:.0f} MB")
+    if vol:
+        console.print(f"synthetic 512x512x{vol['slices']} NIfTI volume, 2D path, onnxruntime: {vol['seconds']:.1f} s "
+                      f"({vol['slices'] / vol['seconds']:.1f} slices/s), peak RSS {vol['peak_rss_mb']:.0f} MB")
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                    "load_avg": os.getloadavg()},
+        "model": note,
+        "patient": args.patient,
+        "lgg": rows,
+        "onnx_speedup_no_tta": speedup,
+        "backend_mask_agreement": agree,
+        "export_seconds": export_s,
+        "peak_rss_lgg_mb": rss_lgg,
+        "volume": vol,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Speed of every registered model beside MONAI's UNet (32…512, 2 residual units) measured in the same run.
+
+Prints forward and training-step images/s with and without channels_last, parameters and peak memory
+(RSS high-water mark of a child process per model), and writes benchmarks/results/models.json.
+Step times are the minimum over ``--iters`` (robust to other processes on a shared machine).
+Usage: python benchmarks/models.py [--batch 8] [--size 256] [--iters 3] [--threads 2] [--models unet,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+PEER = "monai_unet_peer"
+
+
+def _build(name: str):
+    if name == PEER:
+        from monai.networks.nets import UNet
+
+        return UNet(2, 3, 2, (32, 64, 128, 256, 512), (2, 2, 2, 2), num_res_units=2)
+    from medseg.models import create_model
+
+    return create_model(name, 3, 2)
+
+
+def _measure(name: str, batch: int, size: int, iters: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = {"name": name}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        m = _build(name)
+        res["params"] = sum(p.numel() for p in m.parameters())
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 2, (batch, 2, size, size)).float()
+        if cl:
+            m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        m.eval()
+        with torch.no_grad():
+            m(x)
+            ts = []
+            for _ in range(iters):
+                t = time.perf_counter(); m(x); ts.append(time.perf_counter() - t)
+        res[f"forward_img_s{'_cl' if cl else ''}"] = batch / min(ts)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        ts = []
+        for i in range(iters + 1):
+            t = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+            opt.step()
+            if i:
+                ts.append(time.perf_counter() - t)
+        res[f"train_img_s{'_cl' if cl else ''}"] = batch / min(ts)
+    res["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=None, help="comma-separated (default: all registered)")
+    a = ap.parse_args()
+    from medseg.models import MODELS
+
+    names = [PEER] + (a.models.split(",") if a.models else MODELS.names())
+    ctx = mp.get_context("spawn")
+    rows = []
+    for n in names:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(_measure, (n, a.batch, a.size, a.iters, a.threads)))
+        r = rows[-1]
+        print(f"{n:18s} {r['params'] / 1e6:6.2f} M  fwd {r['forward_img_s']:6.2f} / cl {r['forward_img_s_cl']:6.2f}  "
+              f"train {r['train_img_s']:6.2f} / cl {r['train_img_s_cl']:6.2f} img/s  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
+    peer = rows[0]
+    best = lambda r: max(r["train_img_s"], r["train_img_s_cl"])  # noqa: E731
+    for r in rows:
+        r["train_ratio_vs_peer"] = best(r) / best(peer)
+    if "unet" in names:
+        print(f"unet / peer train images/s (best memory format each): {next(r for r in rows if r['name'] == 'unet')['train_ratio_vs_peer']:.2f}x")
+    out = Path(__file__).resolve().parent / "results" / "models.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The experiment config: YAML in, pydantic-validated, every error naming the key and the file.
+
+    cfg = load_config("configs/lgg_unet.yaml", overrides={"train.epochs": "3"})
+
+Relative paths (``data.prepared``) resolve against the config file's folder, so a config travels with
+its data. ``dump_config`` writes the fully resolved config (absolute paths, every default spelled
+out) that a run stores and that reproduces the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import MedsegError
+
+
+class _Section(BaseModel):
+    # unknown keys are errors: a typo must never silently fall back to a default
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    prepared: str
+    mode: Literal["2d", "2.5d", "3d"] = "2d"
+    context: int = Field(0, ge=0)  # 2.5D: slices i-k..i+k
+    stride: int = Field(1, ge=1)  # 2.5D: distance between context slices
+    size: Optional[list[int]] = None  # training crop [h, w] or [d, h, w]; None = whole slice
+    resize: bool = False  # resize slices to size instead of random crop/pad
+    fg_oversample: float = Field(0.33, ge=0.0, le=1.0)  # nnU-Net's default 1/3
+    normalization: Literal["zscore_case", "dataset"] = "zscore_case"
+    batch_size: int = Field(8, ge=1)
+    val_batch_size: int = Field(16, ge=1)
+    workers: int = Field(0, ge=0)  # 0: main process (measured fastest on 2 cores, see docs/training.md)
+    classes: Optional[list[str]] = None  # when given, must equal the prepared dataset's classes
+    class_kind: Literal["auto", "multiclass", "multilabel"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.mode == "2.5d" and self.context < 1:
+            raise ValueError("mode 2.5d needs context >= 1")
+        if self.size is not None:
+            want = 3 if self.mode == "3d" else 2
+            if len(self.size) != want:
+                raise ValueError(f"size must have {want} values for mode {self.mode}")
+            if any(s < 1 for s in self.size):
+                raise ValueError("size values must be positive")
+        if self.mode == "3d" and self.size is None:
+            raise ValueError("mode 3d needs a patch size [d, h, w]")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossTerm(_Section):
+    name: Literal["dice", "ce", "bce", "dice_ce", "dice_bce", "focal", "tversky"]
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(_Section):
+    terms: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dice"), LossTerm(name="ce")])
+    # class weights of the (B)CE terms: None, "auto" (from the fingerprint's class frequencies) or a list
+    class_weights: Union[None, Literal["auto"], list[float]] = None
+    deep_supervision_weights: Optional[list[float]] = None
+
+    @field_validator("terms")
+    @classmethod
+    def _nonempty(cls, v: list[LossTerm]) -> list[LossTerm]:
+        if not v:
+            raise ValueError("at least one loss term is needed")
+        return v
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = 0.99  # sgd (nnU-Net's value)
+    nesterov: bool = True
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    power: float = 0.9  # poly
+
+
+class EarlyStopping(_Section):
+    patience: int = Field(10, ge=1)  # in validations
+    min_delta: float = 0.0
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    steps_per_epoch: int = Field(250, ge=1)
+    val_every: int = Field(1, ge=1)
+    early_stopping: Optional[EarlyStopping] = None
+    ema: Optional[float] = Field(None, gt=0, lt=1)  # decay, e.g. 0.999
+    clip: Optional[float] = Field(1.0, gt=0)
+    accumulate: int = Field(1, ge=1)
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
+    channels_last: Union[Literal["auto"], bool] = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Union[int, Literal["auto"]] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    flip: float = Field(0.5, ge=0, le=1)  # probability per spatial axis
+    flip_axes: Optional[list[int]] = None  # spatial axes (0 = first), default: all in-plane axes
+    rotate: float = Field(0.3, ge=0, le=1)  # probability
+    rotate_degrees: float = 15.0
+    scale: float = Field(0.3, ge=0, le=1)
+    scale_range: list[float] = Field(default_factory=lambda: [0.85, 1.15])
+    elastic: float = Field(0.0, ge=0, le=1)  # probability of a smooth random displacement (grid distortion)
+    elastic_magnitude: float = 0.03  # displacement std in normalised [-1, 1] coordinates
+    elastic_grid: int = 4  # control points per axis
+    gamma: float = Field(0.3, ge=0, le=1)
+    gamma_range: list[float] = Field(default_factory=lambda: [0.7, 1.5])
+    contrast: float = Field(0.15, ge=0, le=1)
+    contrast_range: list[float] = Field(default_factory=lambda: [0.75, 1.25])
+    noise: float = Field(0.15, ge=0, le=1)
+    noise_std: float = 0.1
+
+
+class PostprocessConfig(_Section):
+    thresholds: Optional[list[float]] = None  # multilabel, default 0.5 per class
+    min_size: int = 0
+    largest_cc: bool = False
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _set_key(doc: dict[str, Any], key: str, value: Any, path: Path | None) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise MedsegError(f"override key {key!r} is malformed", path)
+    node = doc
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise MedsegError(f"override {key!r}: {p!r} is not a section", path)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: dict[str, str] | None, path: Path | None = None) -> dict[str, Any]:
+    """``{"train.epochs": "3"}`` -> set doc["train"]["epochs"] = 3 (values parsed as YAML scalars/lists)."""
+    for key, raw in (overrides or {}).items():
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(raw, str) and value is None and raw.strip() not in ("null", "~", ""):
+            value = raw
+        _set_key(doc, key, value, path)
+    return doc
+
+
+def parse_config(doc: Any, path: Path | None = None, base: Path | None = None) -> ExperimentConfig:
+    if not isinstance(doc, dict):
+        raise MedsegError("config must be a YAML mapping of sections (data, model, ...)", path)
+    try:
+        cfg = ExperimentConfig.model_validate(doc)
+    except ValidationError as e:
+        errs = e.errors()
+        first = errs[0]
+        key = _loc(first["loc"])
+        if first["type"] == "extra_forbidden":
+            msg = f"unknown key {key!r}"
+        elif first["type"] == "missing":
+            msg = f"missing key {key!r}"
+        else:
+            msg = f"{key}: {first['msg']} (got {first.get('input')!r})"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
+        raise MedsegError(msg, path) from None
+    if base is not None:
+        p = Path(cfg.data.prepared).expanduser()
+        if not p.is_absolute():
+            p = (base / p).resolve()
+        cfg.data.prepared = str(p)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> ExperimentConfig:
+    """Read, override, validate and resolve a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("config file not found", path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MedsegError(f"invalid YAML: {e}", path) from None
+    if isinstance(doc, dict):
+        apply_overrides(doc, overrides, path)
+    return parse_config(doc, path, base=path.resolve().parent)
+
+
+def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)

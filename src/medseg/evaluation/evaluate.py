@@ -1,0 +1,299 @@
+"""The ``evaluate`` stage: predictions vs ground truth -> metrics.csv, metrics_slices.csv (2D data),
+summary.json and report.html.
+
+    from medseg.evaluation.evaluate import evaluate
+    summary = evaluate("preds/", "prepared/lgg", out="eval/")
+    summary = evaluate("runs/unet")                     # a run's validation predictions
+
+Cases are streamed one at a time (truth, prediction, metrics, forget); only the per-case rows and
+the few cases shown in the report are kept. Conventions: docs/evaluation.md and ``metrics.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.evaluation.metrics import (
+    METRICS,
+    case_metrics,
+    check_empty,
+    slice_overlap,
+    summarize,
+)
+
+CASE_COLUMNS = ["case_id", "patient", "class", "truth_voxels", "pred_voxels", *METRICS]
+SLICE_COLUMNS = ["case_id", "patient", "slice", "class", "truth_pixels", "pred_pixels", "dice", "iou"]
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.10g}"
+    return str(v)
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None so summary.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.yaml").is_file() and any(p.glob("fold_*"))
+
+
+def _default_out(pred: Path, run: bool) -> Path:
+    if run:
+        return pred / "evaluation"
+    return pred.with_name((pred.stem if pred.is_file() else pred.name) + "_evaluation")
+
+
+def _is_uwmgi(truth: Any, preds: Any) -> bool:
+    if preds.kind == "submission":
+        return True
+    if truth.prepared is not None:
+        return truth.prepared.info.get("source_format") == "uwmgi"
+    return getattr(getattr(truth, "spec", None), "format", None) == "uwmgi"
+
+
+def evaluate(
+    pred: str | Path,
+    truth: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    fmt: str | None = None,
+    images: str | Path | None = None,
+    empty: str = "skip",
+    nsd_tolerance: float = 1.0,
+    console: Any = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary."""
+    from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
+    from medseg.evaluation.uwmgi_score import combine, volume_terms
+
+    t0 = time.perf_counter()
+    check_empty(empty)
+    if not (nsd_tolerance >= 0 and math.isfinite(nsd_tolerance)):
+        raise MedsegError(f"--nsd-tolerance must be a finite distance >= 0 mm, got {nsd_tolerance}")
+    pred = Path(pred)
+    run = truth is None and _is_run_dir(pred)
+    if run:
+        preds, ds_path = run_predictions(pred)
+        truth_obj = open_truth(ds_path)
+    else:
+        if truth is None:
+            if pred.is_dir() and (pred / "config.yaml").is_file():
+                raise MedsegError("run directory has no fold_K/ folders with validation predictions", pred)
+            raise MedsegError("TRUTH is required unless PRED is a run directory", pred)
+        truth_obj = open_truth(Path(truth), fmt, Path(images) if images else None)
+        preds = open_predictions(pred, truth_obj)
+    ids = list(truth_obj.ids)
+    if preds.ids is not None:
+        unknown = sorted(preds.ids - set(ids))
+        if unknown:
+            raise MedsegError(f"{len(unknown)} predicted cases are not in the ground truth, e.g. {unknown[0]}", preds.path)
+        if preds.kind == "run":
+            ids = [i for i in ids if i in preds.ids]  # validation cases only
+    if not ids:
+        raise MedsegError("no cases to evaluate", preds.path)
+    classes = truth_obj.classes
+    out_dir = Path(out) if out is not None else _default_out(pred, run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    two_d = truth_obj.spatial_dims == 2
+    uw = _is_uwmgi(truth_obj, preds)
+
+    rows: list[dict[str, Any]] = []
+    case_score: dict[str, float] = {}
+    slice_vals: dict[str, dict[str, list[np.ndarray]]] = {c: {"dice": [], "iou": []} for c in classes}
+    uw_sums = [0.0, 0, 0.0, 0]
+    uw_rows: list[dict[str, Any]] = []
+    seen_slices: set[str] = set()
+    slice_file = out_dir / "metrics_slices.csv"
+    fh = open(slice_file, "w", newline="") if two_d else None
+    try:
+        sw = csv.writer(fh, lineterminator="\n") if fh else None
+        if sw:
+            sw.writerow(SLICE_COLUMNS)
+        for i, case_id in enumerate(ids):
+            t = truth_obj.load(case_id)
+            p = preds.loader(case_id, t)
+            crow = case_metrics(p, t.mask, spacing=t.spacing, tolerance=nsd_tolerance, empty=empty)
+            for k, cls in enumerate(classes):
+                rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k]})
+            dices = [r["dice"] for r in crow if math.isfinite(r["dice"])]
+            if dices:
+                case_score[case_id] = float(np.mean(dices))
+            if two_d:
+                so = slice_overlap(p, t.mask, empty=empty)
+                names = t.slices or [str(z) for z in range(p.shape[0])]
+                for k, cls in enumerate(classes):
+                    slice_vals[cls]["dice"].append(so["dice"][:, k])
+                    slice_vals[cls]["iou"].append(so["iou"][:, k])
+                for z, name in enumerate(names):
+                    for k, cls in enumerate(classes):
+                        sw.writerow([case_id, t.patient, name, cls, int(so["truth_pixels"][z, k]),
+                                     int(so["pred_pixels"][z, k]), _num(float(so["dice"][z, k])),
+                                     _num(float(so["iou"][z, k]))])
+            if uw:
+                seen_slices.update(t.slices or [])
+                for k, cls in enumerate(classes):
+                    d, hd = volume_terms(p[:, k], t.mask[:, k])
+                    uw_sums[0] += float(d.sum())
+                    uw_sums[1] += int(d.size)
+                    if hd is not None:
+                        uw_sums[2] += hd
+                        uw_sums[3] += 1
+                    uw_rows.append({"case_day": case_id, "class": cls, "dice": float(d.mean()) if d.size else None,
+                                    "hd": hd})
+            if console is not None and (i + 1) % 50 == 0:
+                console.print(f"  {i + 1}/{len(ids)} cases", highlight=False)
+    finally:
+        if fh:
+            fh.close()
+    if preds.kind == "submission":
+        extra = sorted({sid for sid, _ in preds.submission} - seen_slices)
+        if extra:
+            raise MedsegError(f"{len(extra)} ids of the submission are not in the ground truth, e.g. {extra[0]}",
+                              preds.path)
+
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(CASE_COLUMNS)
+        for r in rows:
+            w.writerow([_num(r[c]) for c in CASE_COLUMNS])
+
+    summary = build_summary(rows, classes, empty=empty, nsd_tolerance=nsd_tolerance)
+    summary.update(pred=str(pred), truth=str(truth_obj.path), kind=preds.kind, spatial_dims=truth_obj.spatial_dims,
+                   class_kind=truth_obj.class_kind)
+    if two_d:
+        summary["slices"] = {
+            cls: {m: summarize(np.concatenate(v) if v else []) for m, v in slice_vals[cls].items()}
+            for cls in classes
+        }
+    if uw:
+        score, mdice, mhd = combine(*uw_sums)
+        summary["uwmgi"] = {"score": score, "dice": mdice, "hd": mhd, "n_dice": uw_sums[1], "n_hd": uw_sums[3]}
+    summary["seconds_metrics"] = time.perf_counter() - t0
+    files = {"metrics": "metrics.csv", "summary": "summary.json"}
+    if two_d:
+        files["slices"] = "metrics_slices.csv"
+    if report:
+        from medseg.evaluation.report import pick_cases, write_report
+
+        shown = []
+        for label, cid in pick_cases(case_score):
+            t = truth_obj.load(cid)
+            shown.append((label, cid, case_score[cid], t.image(), t.mask, preds.loader(cid, t)))
+        write_report(out_dir / "report.html", summary, rows, classes, shown, curves=preds.curves)
+        files["report"] = "report.html"
+    summary["files"] = files
+    summary["seconds"] = time.perf_counter() - t0
+    (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
+    if console is not None:
+        print_summary(summary, out_dir, console)
+    return _clean(summary)
+
+
+def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float) -> dict[str, Any]:
+    """Per class: case-level and patient-level (mean over a patient's cases) statistics."""
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_class[r["class"]].append(r)
+    per_class: dict[str, Any] = {}
+    per_patient: dict[str, Any] = {}
+    patients: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    headline: dict[str, float | None] = {}
+    for cls in classes:
+        rs = by_class[cls]
+        per_class[cls] = {m: summarize([r[m] for r in rs]) for m in METRICS}
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rs:
+            groups[r["patient"]].append(r)
+        pmeans = {}
+        one = []
+        for pat, prs in groups.items():
+            pmeans[pat] = {m: _nanmean([r[m] for r in prs]) for m in METRICS}
+            # LGG headline: a case with no tumour scores 1 if the prediction is empty too, else 0
+            one.append(float(np.mean([1.0 if r["truth_voxels"] == 0 and r["pred_voxels"] == 0 else r["dice"]
+                                      for r in prs])))
+            patients[pat][cls] = pmeans[pat]
+        per_patient[cls] = {m: summarize([v[m] for v in pmeans.values()]) for m in METRICS}
+        headline[cls] = float(np.mean(one)) if one else None
+
+    def over_classes(metric: str, table: dict[str, Any]) -> float | None:
+        vals = [table[c][metric]["mean"] for c in classes if table[c][metric]["mean"] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "n_cases": len({r["case_id"] for r in rows}),
+        "n_patients": len(patients),
+        "classes": classes,
+        "conventions": {
+            "empty": empty,
+            "both_empty": {"skip": "NaN, left out of means", "one": "perfect score (1, distances 0)",
+                           "zero": "failure (0, distances = volume diagonal)"}[empty],
+            "one_side_empty": "Dice/IoU/NSD 0, HD/HD95/ASSD = the volume diagonal in mm",
+            "nsd_tolerance_mm": nsd_tolerance,
+            "distances": "mm, using each case's voxel spacing (z, y, x); MONAI definitions",
+            "patient_level": "mean over the patient's cases, then statistics over patients",
+        },
+        "dataset": {
+            "mean_dice": over_classes("dice", per_class),
+            "miou": over_classes("iou", per_class),
+            "mean_precision": over_classes("precision", per_class),
+            "mean_recall": over_classes("recall", per_class),
+            "mean_hd95": over_classes("hd95", per_class),
+            "mean_assd": over_classes("assd", per_class),
+            "mean_nsd": over_classes("nsd", per_class),
+            "patient_mean_dice": over_classes("dice", per_patient),
+        },
+        "per_class": per_class,
+        "per_patient": per_patient,
+        "patient_dice_empty_one": headline,
+        "patients": dict(patients),
+    }
+
+
+def _nanmean(vals: list[float]) -> float:
+    a = np.asarray(vals, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
+def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
+    from rich.table import Table
+
+    def f(v: float | None, nd: int = 3) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    t = Table(title=f"{summary['n_cases']} cases, {summary['n_patients']} patients (empty={summary['conventions']['empty']})")
+    for col in ("class", "Dice", "IoU", "precision", "recall", "HD95 mm", "ASSD mm", "NSD"):
+        t.add_column(col)
+    for cls in summary["classes"]:
+        pc = summary["per_class"][cls]
+        t.add_row(cls, *(f"{f(pc[m]['mean'])} ± {f(pc[m]['std'])}" for m in ("dice", "iou")),
+                  f(pc["precision"]["mean"]), f(pc["recall"]["mean"]), f(pc["hd95"]["mean"], 2),
+                  f(pc["assd"]["mean"], 2), f(pc["nsd"]["mean"]))
+    console.print(t)
+    d = summary["dataset"]
+    line = f"mean Dice {f(d['mean_dice'])}, mIoU {f(d['miou'])}, patient-level Dice {f(d['patient_mean_dice'])}"
+    if "uwmgi" in summary:
+        u = summary["uwmgi"]
+        line += f"; UW-Madison score {u['score']:.4f} (Dice {u['dice']:.4f}, HD {u['hd']:.4f})"
+    console.print(line, highlight=False)
+    console.print(f"[green]wrote[/] {', '.join(summary['files'].values())} in {summary['seconds']:.1f} s -> {out_dir}")

@@ -1,0 +1,193 @@
+"""The UW-Madison GI Tract Image Segmentation (Kaggle 2022) score, exactly as the competition graded it.
+
+    score = 0.4 * mean_dice + 0.6 * (1 - mean_hd)
+
+- ``mean_dice``: 2D Dice per (slice, class) ``2|P∩T| / (|P|+|T|)``, averaged over every (slice, class)
+  pair except those where prediction and truth are both empty (skipped).
+- ``mean_hd``: per (case-day, class), the slices of the case-day are stacked in slice order into a
+  volume ``[z, h, w]``; each foreground voxel's index is divided by the volume's shape along each axis;
+  the symmetric Hausdorff distance between the two point sets (max of the two directed distances,
+  as ``scipy.spatial.distance.directed_hausdorff``) is divided by √3 (so it lies in [0, 1]).
+  Exactly one side empty: 1. Both empty: skipped. Averaged over the remaining (case-day, class) pairs.
+- A term with nothing to average (everything empty on both sides) counts as perfect (Dice 1, HD 0).
+
+Speed: a directed Hausdorff distance from A to B is the maximum over the points of A minus B of their
+distance to B, on the bounding box of ``A ∪ B`` only (every point of B is inside it, so the values are
+exact): a KD-tree over B's surface voxels when A minus B is a thin shell (a good prediction), else a
+Euclidean distance transform of ``not B`` (sampling 1/shape). Masks are decoded one case-day at a time,
+never the whole submission. ``tests/test_uwmgi_score.py`` checks both paths against directed_hausdorff.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+CLASSES = ("large_bowel", "small_bowel", "stomach")
+_ID = re.compile(r"^(?P<day>case\d+_day\d+)_slice_(?P<n>\d+)$")
+
+MaskLike = Union[np.ndarray, str, None]  # a 2D mask, an RLE string ("" / None / NaN = empty)
+
+
+@dataclass
+class UWMGIResult:
+    score: float
+    dice: float  # mean 2D Dice over scored (slice, class) pairs
+    hd: float  # mean normalised 3D Hausdorff over scored (case-day, class) pairs
+    n_dice: int  # scored (slice, class) pairs
+    n_hd: int  # scored (case-day, class) pairs
+    per_case_day: list[dict[str, Any]] = field(default_factory=list)  # case_day, class, dice, hd, slices
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "dice": self.dice, "hd": self.hd, "n_dice": self.n_dice, "n_hd": self.n_hd}
+
+
+def split_id(slice_id: str, where: str | Path | None = None) -> tuple[str, int]:
+    """``caseN_dayM_slice_XXXX`` -> (``caseN_dayM``, XXXX)."""
+    m = _ID.match(slice_id)
+    if not m:
+        raise MedsegError(f"id {slice_id!r} is not of the form caseN_dayM_slice_XXXX", where)
+    return m["day"], int(m["n"])
+
+
+def _directed(a: np.ndarray, b: np.ndarray, sampling: np.ndarray) -> float:
+    """max over the points of ``a`` of the distance to the nearest point of ``b`` (both non-empty,
+    already cropped to a box holding all of ``b``)."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt
+    from scipy.spatial import cKDTree
+
+    outside = a & ~b  # points of a inside b are at distance 0
+    n = int(np.count_nonzero(outside))
+    if n == 0:
+        return 0.0
+    if n * 16 < a.size:
+        # few points to place (a good prediction): a KD-tree over b's surface (the nearest point of b
+        # to a point outside b is always a surface voxel) beats a distance transform of the whole box
+        surface = b & ~binary_erosion(b)
+        tree = cKDTree(np.argwhere(surface) * sampling)
+        return float(tree.query(np.argwhere(outside) * sampling, k=1)[0].max())
+    return float(distance_transform_edt(~b, sampling=sampling)[outside].max())
+
+
+def hausdorff_normalized(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Symmetric Hausdorff distance between the foreground voxels of two non-empty ``[z, h, w]``
+    volumes, on coordinates divided by the shape, divided by √3."""
+    union = pred | truth
+    box = []
+    for ax in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != ax)
+        nz = np.flatnonzero(union.any(axis=other))
+        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    p, t = pred[tuple(box)], truth[tuple(box)]
+    sampling = 1.0 / np.asarray(pred.shape, dtype=np.float64)
+    return max(_directed(p, t, sampling), _directed(t, p, sampling)) / math.sqrt(3.0)
+
+
+def volume_terms(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """One (case-day, class): the 2D Dice of every scored slice (both-empty slices left out) and the
+    normalised 3D Hausdorff distance (None when both volumes are empty, 1 when exactly one is)."""
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    inter = np.count_nonzero(p & t, axis=(1, 2))
+    total = np.count_nonzero(p, axis=(1, 2)) + np.count_nonzero(t, axis=(1, 2))
+    scored = total > 0
+    dice = 2.0 * inter[scored] / total[scored]
+    pa, ta = bool(p.any()), bool(t.any())
+    hd = None if not (pa or ta) else 1.0 if pa != ta else hausdorff_normalized(p, t)
+    return dice, hd
+
+
+def combine(dice_sum: float, n_dice: int, hd_sum: float, n_hd: int) -> tuple[float, float, float]:
+    """(score, mean Dice, mean HD) from running sums; an empty term counts as perfect."""
+    mean_dice = dice_sum / n_dice if n_dice else 1.0
+    mean_hd = hd_sum / n_hd if n_hd else 0.0
+    return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd), mean_dice, mean_hd
+
+
+def _as_mask(value: MaskLike, shape: tuple[int, int], where: str | Path | None, row: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        if value.shape != tuple(shape):
+            raise MedsegError(f"{row}: mask shape {value.shape} differs from the slice shape {tuple(shape)}", where)
+        return value != 0
+    from medseg.data.rle import decode
+
+    return decode(value, shape, order="C", where=where, row=row).astype(bool)
+
+
+def uwmgi_score(
+    pred: Mapping[tuple[str, str], MaskLike],
+    truth: Mapping[tuple[str, str], MaskLike],
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    pred_path: str | Path | None = None,
+    truth_path: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> UWMGIResult:
+    """Score ``pred`` against ``truth``; both map ``(slice id, class)`` to a mask or an RLE string.
+
+    ``shapes`` maps each slice id to its (height, width). Every (id, class) of ``truth`` needs a
+    prediction, and a prediction for an (id, class) absent from ``truth`` is an error too.
+    """
+    missing = [k for k in truth if k not in pred]
+    if missing:
+        i, c = missing[0]
+        raise MedsegError(
+            f"{len(missing)} (id, class) pairs of the ground truth have no prediction, e.g. id {i}, class {c}",
+            pred_path,
+        )
+    extra = [k for k in pred if k not in truth]
+    if extra:
+        i, c = extra[0]
+        raise MedsegError(
+            f"{len(extra)} predicted (id, class) pairs are not in the ground truth, e.g. id {i}, class {c}",
+            pred_path,
+        )
+    days: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    classes_of: dict[str, set[str]] = defaultdict(set)
+    for slice_id, cls in truth:
+        day, n = split_id(slice_id, truth_path)
+        classes_of[day].add(cls)
+    for slice_id in {k[0] for k in truth}:
+        day, n = split_id(slice_id, truth_path)
+        if slice_id not in shapes:
+            raise MedsegError(f"no image size known for id {slice_id}", truth_path)
+        days[day].append((n, slice_id))
+
+    dice_sum, n_dice, hd_sum, n_hd = 0.0, 0, 0.0, 0
+    rows: list[dict[str, Any]] = []
+    for d_i, day in enumerate(sorted(days)):
+        ids = [s for _, s in sorted(days[day])]
+        shape = tuple(int(v) for v in shapes[ids[0]])
+        for s in ids:
+            if tuple(int(v) for v in shapes[s]) != shape:
+                raise MedsegError(f"{day}: slice {s} is {tuple(shapes[s])}, the case-day's first slice {shape}",
+                                  truth_path)
+        for cls in sorted(classes_of[day]):
+            p = np.zeros((len(ids), *shape), dtype=bool)
+            t = np.zeros((len(ids), *shape), dtype=bool)
+            for z, s in enumerate(ids):
+                row = f"id {s}, class {cls}"
+                if (s, cls) in truth:
+                    t[z] = _as_mask(truth[(s, cls)], shape, truth_path, row)
+                    p[z] = _as_mask(pred[(s, cls)], shape, pred_path, row)
+            dice, hd = volume_terms(p, t)
+            dice_sum += float(dice.sum())
+            n_dice += int(dice.size)
+            if hd is not None:
+                hd_sum += hd
+                n_hd += 1
+            rows.append({"case_day": day, "class": cls, "slices": len(ids), "scored_slices": int(dice.size),
+                         "dice": float(dice.mean()) if dice.size else None, "hd": hd})
+        if progress:
+            progress(d_i + 1, len(days))
+    score, mean_dice, mean_hd = combine(dice_sum, n_dice, hd_sum, n_hd)
+    return UWMGIResult(score=score, dice=mean_dice, hd=mean_hd,
+                       n_dice=n_dice, n_hd=n_hd, per_case_day=rows)

@@ -1,0 +1,118 @@
+"""Post-processing of predicted masks: presence threshold, small-component removal, largest component.
+
+Connectivity follows the data: for 2D datasets (``spatial_dims == 2``: LGG, image folders, UW-Madison
+slices) every rule works per slice, because slices are independent images; for 3D volumes (NIfTI,
+DICOM) the rules work on the whole volume with 3D face connectivity (6-neighbourhood), so a structure
+that continues across slices counts once. 2D components use 4-connectivity (``scipy.ndimage.label``'s
+default structure).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULTS: dict[str, Any] = {"thresholds": None, "presence": None, "min_size": 0, "largest_cc": False}
+
+
+def _per_class(value: Any, k: int, default: float) -> list[float]:
+    """A per-class list from a scalar, a list or None."""
+    if value is None:
+        return [default] * k
+    if isinstance(value, (int, float)):
+        return [float(value)] * k
+    vals = [default if v is None else float(v) for v in value]
+    if len(vals) != k:
+        raise ValueError(f"expected {k} per-class values, got {len(vals)}")
+    return vals
+
+
+def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Zero the connected components of a binary 2D or 3D ``mask`` with fewer than ``min_size`` pixels."""
+    from scipy import ndimage
+
+    if min_size <= 1 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels].astype(mask.dtype)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep only the largest connected component of a binary 2D or 3D ``mask`` (ties: the first label)."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    return (labels == int(np.argmax(sizes))).astype(mask.dtype)
+
+
+def postprocess(
+    mask: np.ndarray,
+    slice_max: np.ndarray | None,
+    cfg: dict[str, Any],
+    spatial_dims: int = 2,
+) -> np.ndarray:
+    """Apply the rules of ``cfg`` in place to ``mask[z, k, h, w]`` (uint8 0/1) and return it.
+
+    ``slice_max[z, k]`` is each class's maximum probability per slice; with ``presence[j]`` set, class j
+    is zeroed where that maximum (per slice in 2D, over the volume in 3D) is below the threshold.
+    Order: presence, then ``min_size``, then ``largest_cc``.
+    """
+    k = mask.shape[1]
+    presence = cfg.get("presence")
+    min_size = int(cfg.get("min_size") or 0)
+    largest = bool(cfg.get("largest_cc"))
+    if presence is not None and slice_max is not None:
+        pres = _per_class(presence, k, 0.0)
+        for j in range(k):
+            if spatial_dims == 3:
+                if slice_max[:, j].max(initial=0.0) < pres[j]:
+                    mask[:, j] = 0
+            else:
+                mask[slice_max[:, j] < pres[j], j] = 0
+    if min_size <= 1 and not largest:
+        return mask
+    for j in range(k):
+        if spatial_dims == 3:
+            m = mask[:, j]
+            if min_size > 1:
+                m = remove_small(m, min_size)
+            if largest:
+                m = largest_component(m)
+            mask[:, j] = m
+        else:
+            for z in range(mask.shape[0]):
+                m = mask[z, j]
+                if not m.any():
+                    continue
+                if min_size > 1:
+                    m = remove_small(m, min_size)
+                if largest:
+                    m = largest_component(m)
+                mask[z, j] = m
+    return mask
+
+
+def merge_config(base: dict[str, Any] | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's post-processing with CLI/API overrides (``None`` values do not override)."""
+    out = dict(DEFAULTS)
+    out.update({k: v for k, v in (base or {}).items()})
+    out.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return out
+
+
+def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:
+    """Multilabel decision thresholds per class (default 0.5)."""
+    return _per_class(cfg.get("thresholds"), k, 0.5)
+
+
+__all__: Sequence[str] = ["postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for"]

@@ -1,0 +1,155 @@
+"""``medseg predict MODEL INPUT OUTPUT``: segment every case a reader finds in INPUT, write OUTPUT in
+the input's own layout (each reader's ``write_prediction``)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError
+
+_LGG_SLICE = r"^.+_\d+\.tiff?$"
+# Files a reader builds up over all cases (appends per case): replaced as a whole under --overwrite.
+_AGGREGATE = {"uwmgi": ["submission.csv"]}
+_NIFTI = (".nii", ".nii.gz")
+
+
+def _is_dicom(f: Path) -> bool:
+    if f.suffix.lower() == ".dcm":
+        return True
+    if f.suffix:
+        return False
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def guess_format(path: str | Path) -> str:
+    """The reader for ``path``: LGG tif slices, NIfTI, DICOM, UW-Madison ``scans/`` folders, else images."""
+    import re
+
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError("input not found", path)
+    if path.is_file():
+        if path.name.lower().endswith(_NIFTI):
+            return "nifti"
+        if _is_dicom(path):
+            return "dicom"
+        return "folder"
+    slice_re = re.compile(_LGG_SLICE, re.IGNORECASE)
+    top = [p for p in sorted(path.iterdir())][:2000]
+    if path.name == "scans" or any(
+        p.is_dir() for pat in ("scans", "*/scans", "*/*/scans", "*/*/*/scans") for p in path.glob(pat)
+    ):
+        return "uwmgi"
+    files = [p for p in top if p.is_file()]
+    if any(slice_re.match(p.name) for p in files):
+        return "lgg"
+    sub = [p for p in top if p.is_dir()]
+    for d in sub[:20]:
+        if any(slice_re.match(p.name) for p in d.iterdir() if p.is_file()):
+            return "lgg"
+    everything = files + [f for d in sub[:20] for f in d.iterdir() if f.is_file()]
+    if any(f.name.lower().endswith(_NIFTI) for f in everything):
+        return "nifti"
+    if any(_is_dicom(f) for f in everything[:50]):
+        return "dicom"
+    return "folder"
+
+
+def case_path(case: Any, spec: Any) -> str:
+    """A file (or folder) that names ``case`` in error messages."""
+    s = case.sources or {}
+    for key in ("images", "files", "image", "path", "file", "folder", "dir"):
+        v = s.get(key)
+        if isinstance(v, (list, tuple)) and v:
+            return str(v[0])
+        if isinstance(v, (str, Path)):
+            return str(v)
+    return str(spec.root)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise MedsegError("output exists and is not a folder", output)
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise MedsegError(
+            "output folder already holds files",
+            output,
+            hint="pass --overwrite to write into it (only the files medseg writes are replaced; nothing is deleted), "
+            "or choose an empty folder",
+        )
+
+
+def predict(
+    model: str | Path,
+    input: str | Path,
+    output: str | Path,
+    fmt: str | None = None,
+    folds: str = "best",
+    tta: bool | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    console: Any = None,
+    backend: str = "auto",
+    postprocess: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> list[Path]:
+    """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files."""
+    import sys
+
+    from medseg.data.formats import get_reader
+    from medseg.inference.segmenter import Segmenter
+
+    input, output = Path(input), Path(output)
+    t0 = time.perf_counter()
+    fmt = fmt or guess_format(input)
+    reader = get_reader(fmt)
+    spec = reader.scan(input, require_masks=False)
+    _check_output(output, overwrite)
+    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in _AGGREGATE.get(fmt, []):
+        if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)
+            (output / name).unlink()
+    written: list[Path] = []
+    n_slices = 0
+    show = (console is not None and sys.stderr.isatty()) if progress is None else progress
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]predict[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.description}"), console=console, transient=True)
+    else:
+        bar = None
+    task = bar.add_task("", total=len(spec.cases)) if bar else None
+    if bar:
+        bar.start()
+    try:
+        for case in spec.cases:
+            data = reader.load(spec, case)
+            pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
+                               postprocess_overrides=postprocess, where=case_path(case, spec))
+            written += reader.write_prediction(spec, case, pred.mask, output, pred.prob if save_probabilities else None)
+            n_slices += data.image.shape[0]
+            if bar:
+                bar.update(task, advance=1, description=case.id)
+    finally:
+        if bar:
+            bar.stop()
+    finish = getattr(reader, "finish_predictions", None)  # e.g. a submission CSV gathered over cases
+    if callable(finish):
+        written += list(finish(spec, output) or [])
+    dt = time.perf_counter() - t0
+    if console is not None:
+        console.print(
+            f"[green]predicted[/] {len(spec.cases)} case{'s' if len(spec.cases) != 1 else ''}, {n_slices} slices "
+            f"with {seg.name} ({seg.backend}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}, "
+            f"tta {'x' + str(1 + len(seg.flips)) if seg.flips else 'off'}) in {dt:.1f} s "
+            f"({n_slices / max(dt, 1e-9):.1f} slices/s) -> {output}"
+        )
+    return written

@@ -1,0 +1,482 @@
+"""``Segmenter``: load a trained model (bundle, run directory, ONNX file or shipped name) and segment arrays.
+
+    from medseg import Segmenter
+    seg = Segmenter.load("runs/lgg")              # best fold; folds="all" ensembles every fold
+    pred = seg.predict("kaggle_3m/TCGA_CS_4941_19960909")
+    pred.mask   # uint8 [z, k, h, w], one channel per class
+    pred.prob   # float16 [z, k, h, w] per-class probabilities (predict(..., probabilities=True))
+
+The pipeline (shared by the PyTorch and onnxruntime backends, so both give the same masks):
+normalise per case (``medseg.data.normalize``) -> stream slices in batches (2D / 2.5D, each slice padded
+to the network's divisor and cropped back, or resized to the training size and back) or Gaussian-weighted
+sliding windows (3D, MONAI's ``sliding_window_inference``) -> softmax / sigmoid -> mean over flips (TTA) and
+folds (ensemble) -> argmax / thresholds -> post-processing. Only masks (uint8) and, when asked, float16
+probabilities of the whole case are kept; float32 exists one batch at a time (2D).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.inference.postprocess import merge_config, postprocess, thresholds_for
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+# Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
+SHIPPED: dict[str, str] = {"lgg-unet": "lgg-unet.pt"}
+DEFAULT_FLIPS: list[list[int]] = [[-1], [-2]]
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Prediction:
+    """A case's segmentation: ``mask[z, k, h, w]`` uint8 0/1 and optional ``prob[z, k, h, w]`` float16."""
+
+    mask: np.ndarray
+    prob: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+    class_kind: str = "multiclass"
+
+
+# ----------------------------------------------------------------------------------------- resolving
+def _fold_bundles(run: Path, folds: str | Sequence[int]) -> list[Path]:
+    """The ``model.pt`` files of a run directory chosen by ``folds`` ("best", "all", "0,2" or [0, 2])."""
+    if (run / "model.pt").is_file():  # a fold directory itself
+        return [run / "model.pt"]
+    found = {}
+    for p in sorted(run.glob("fold_*/model.pt")):
+        try:
+            found[int(p.parent.name.split("_", 1)[1])] = p
+        except ValueError:
+            continue
+    if not found:
+        raise MedsegError("no trained model in this run directory (expected fold_K/model.pt)", run)
+    if folds == "all":
+        return [found[k] for k in sorted(found)]
+    if folds == "best":
+        return [found[_best_fold(run, found)]]
+    wanted = [int(f) for f in str(folds).split(",")] if isinstance(folds, str) else [int(f) for f in folds]
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise MedsegError(f"fold(s) {missing} not trained; available: {sorted(found)}", run)
+    return [found[k] for k in wanted]
+
+
+def _best_fold(run: Path, found: dict[int, Path]) -> int:
+    """The fold with the highest validation score in ``cv_summary.json`` (else the lowest fold index)."""
+    if len(found) == 1:
+        return next(iter(found))
+    summary = run / "cv_summary.json"
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text())
+            scores = {int(f["fold"]): float(f["score"]) for f in data.get("folds", []) if f.get("score") is not None}
+            scores = {k: v for k, v in scores.items() if k in found}
+            if scores:
+                return max(scores, key=lambda k: (scores[k], -k))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return min(found)
+
+
+def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tuple[str, list[Path]]:
+    """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file."""
+    text = str(model)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p.name if p.name not in ("", ".") else text, _fold_bundles(p, folds)
+    if p.is_file():
+        return p.stem if p.suffix == ".onnx" else (p.parent.name if p.name == "model.pt" else p.stem), [p]
+    if text in SHIPPED:
+        w = WEIGHTS_DIR / SHIPPED[text]
+        if not w.is_file():
+            raise MedsegError(f"shipped model {text!r} is not installed (its weights are missing)", w)
+        return text, [w]
+    if text.endswith((".pt", ".onnx", ".pth", ".ckpt")) or "/" in text:
+        raise MedsegError("model file or folder not found", p)
+    raise MedsegError(
+        f"unknown model {text!r}: not a run directory, model file or .onnx file, and not a shipped model "
+        f"(shipped: {', '.join(sorted(SHIPPED))})"
+    )
+
+
+def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
+    """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
+    inp = dict(bundle["input"])
+    inp.setdefault("mode", "2d")
+    inp.setdefault("context", 0)
+    inp.setdefault("stride", 1)
+    inp["divisor"] = int(inp.get("divisor") or divisor)
+    return {
+        "format": "medseg.pipeline/1",
+        "name": name,
+        "arch": {k: v for k, v in bundle["arch"].items()},
+        "classes": list(bundle["classes"]),
+        "class_kind": bundle["class_kind"],
+        "channels": list(bundle["channels"]),
+        "input": inp,
+        "normalization": bundle["normalization"],
+        "postprocess": merge_config(bundle.get("postprocess"), None),
+        "tta": dict(bundle.get("tta") or {}),
+    }
+
+
+def model_divisor(model: Any, arch: dict[str, Any]) -> int:
+    """The input-size divisor the network needs (``required_divisor`` per the models contract)."""
+    d = getattr(model, "required_divisor", None)
+    if d is None:
+        try:
+            from medseg.models import model_info
+
+            d = model_info(arch["name"], spatial_dims=arch.get("spatial_dims", 2), **arch.get("kwargs", {}))[
+                "required_divisor"]
+        except Exception:  # an older models module: fall back to a safe power of two
+            d = None
+    return int(d or 32)
+
+
+# ----------------------------------------------------------------------------------------- backends
+def _torch_net(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    # models that measured faster in channels_last on CPU say so (medseg.models contract)
+    # (2D only; a copy, so the module kept for export stays in the default layout)
+    cl = bool(getattr(type(model), "channels_last", False)) and getattr(model, "spatial_dims", 2) == 2
+    if cl:
+        import copy
+
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            t = torch.from_numpy(x)
+            if cl:
+                t = t.contiguous(memory_format=torch.channels_last)
+            y = model(t)
+            if isinstance(y, (list, tuple)):  # deep supervision: the full-resolution head
+                y = y[0]
+            return y.float().contiguous().numpy()
+
+    return run
+
+
+def _onnx_net(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or cpu_cores()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise MedsegError(f"cannot load ONNX model ({type(e).__name__}: {e})", path) from None
+    in_name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {in_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return run
+
+
+def _activate(logits: np.ndarray, class_kind: str) -> np.ndarray:
+    if class_kind == "multiclass":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+# ----------------------------------------------------------------------------------------- segmenter
+class Segmenter:
+    """A loaded model (one or several folds) with its pre- and post-processing."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        nets: list[Callable[[np.ndarray], np.ndarray]],
+        tta: bool | Sequence[Sequence[int]] | None = None,
+        backend: str = "torch",
+        batch_size: int = 8,
+        models: list[Any] | None = None,
+    ):
+        self.spec = spec
+        self.nets = nets
+        self.backend = backend
+        self.batch_size = batch_size
+        self.models = models or []  # the torch modules (for export)
+        self.name = spec["name"]
+        self.classes: list[str] = spec["classes"]
+        self.class_kind: str = spec["class_kind"]
+        self.channels: list[str] = spec["channels"]
+        self.flips = self._flips(tta)
+
+    def _flips(self, tta: bool | Sequence[Sequence[int]] | None) -> list[list[int]]:
+        cfg = self.spec.get("tta") or {}
+        if tta is None:
+            tta = bool(cfg.get("enabled", False))
+        if tta is True:
+            return [list(f) for f in (cfg.get("flips") or DEFAULT_FLIPS)]
+        if tta is False:
+            return []
+        return [list(f) for f in tta]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        folds: str | Sequence[int] = "best",
+        tta: bool | Sequence[Sequence[int]] | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 8,
+    ) -> "Segmenter":
+        """Load ``model``: a shipped name, a run directory, a ``model.pt`` bundle or an ``.onnx`` file.
+
+        ``folds``: "best" (one fold), "all" (mean of every fold's probabilities) or fold indices.
+        ``tta``: None (the model's default), True (the model's flips, else flips of both image axes),
+        False, or a list of axis lists such as ``[[-1], [-2], [-1, -2]]``.
+        ``backend``: "auto" (onnxruntime for .onnx files, else PyTorch), "torch" or "onnx".
+        """
+        if backend not in ("auto", "torch", "onnx"):
+            raise MedsegError(f"unknown backend {backend!r} (auto, torch or onnx)")
+        name, files = resolve_model(model, folds)
+        if files[0].suffix == ".onnx":
+            if backend == "torch":
+                raise MedsegError("an .onnx file runs with the onnx backend only", files[0])
+            return cls._load_onnx(files[0], tta, threads, batch_size)
+        from medseg.inference.bundle import build_model, load_bundle
+
+        bundles = [load_bundle(f) for f in files]
+        _check_compatible(bundles, files)
+        models = [build_model(b) for b in bundles]
+        spec = pipeline_spec(bundles[0], model_divisor(models[0], bundles[0]["arch"]), name)
+        if backend == "onnx":
+            import tempfile
+
+            from medseg.inference.export import export_module
+
+            tmp = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
+            nets = []
+            for i, m in enumerate(models):
+                export_module(m, spec, tmp / f"fold{i}.onnx")
+                nets.append(_onnx_net(tmp / f"fold{i}.onnx", threads))
+            return cls(spec, nets, tta, "onnx", batch_size, models)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return cls(spec, [_torch_net(m) for m in models], tta, "torch", batch_size, models)
+
+    @classmethod
+    def _load_onnx(cls, path: Path, tta: Any, threads: int | None, batch_size: int) -> "Segmenter":
+        side = path.with_suffix(".json")
+        if not side.is_file():
+            raise MedsegError(f"the ONNX model's pre/post-processing description {side.name} is missing "
+                              "(write both with `medseg export`)", side)
+        try:
+            spec = json.loads(side.read_text())
+        except ValueError as e:
+            raise MedsegError(f"cannot read the ONNX sidecar JSON ({e})", side) from None
+        if spec.get("format") != "medseg.pipeline/1":
+            raise MedsegError(f"not a medseg ONNX sidecar (format {spec.get('format')!r})", side)
+        return cls(spec, [_onnx_net(path, threads)], tta, "onnx", batch_size)
+
+    # ------------------------------------------------------------------ prediction
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
+
+    def _check_channels(self, image: np.ndarray, where: str | Path | None) -> None:
+        c = image.shape[1]
+        if c != self.in_channels:
+            names = ", ".join(self.channels)
+            raise MedsegError(
+                f"model {self.name} expects {self.in_channels} channel{'s' if self.in_channels != 1 else ''} "
+                f"({names}); the input has {c}",
+                where,
+                hint=f"give images with the model's {self.in_channels} channels in that order "
+                f"(e.g. convert or stack the sequences), or use a model trained on {c}-channel data",
+            )
+
+    def predict(
+        self,
+        x: np.ndarray | str | Path,
+        probabilities: bool = False,
+        spatial_dims: int | None = None,
+        postprocess_overrides: dict[str, Any] | None = None,
+        where: str | Path | None = None,
+        fmt: str | None = None,
+    ) -> Prediction:
+        """Segment ``x``: an array ``[z, c, h, w]`` or ``[c, h, w]``, or a path a reader can read.
+
+        A path is read with the reader ``fmt`` (guessed if absent); a path holding several cases returns
+        the first case's prediction (use ``medseg predict`` or ``predict_cases`` for all).
+        ``spatial_dims`` picks 2D (per slice) or 3D (per volume) post-processing; default: 3 for 3D
+        models, else 2.
+        """
+        if isinstance(x, (str, Path)):
+            preds = list(self.predict_cases(x, probabilities=probabilities, fmt=fmt,
+                                            postprocess_overrides=postprocess_overrides))
+            return preds[0][1]
+        image = np.asarray(x) if not isinstance(x, np.memmap) else x
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4:
+            raise MedsegError(f"expected an image [z, c, h, w] or [c, h, w], got shape {image.shape}", where)
+        self._check_channels(image, where)
+        mode = self.spec["input"]["mode"]
+        if spatial_dims is None:
+            spatial_dims = 3 if mode == "3d" else 2
+        k = len(self.classes)
+        z, _, h, w = image.shape
+        mask = np.zeros((z, k, h, w), np.uint8)
+        prob = np.zeros((z, k, h, w), np.float16) if probabilities else None
+        slice_max = np.zeros((z, k), np.float32)
+        from medseg.data.normalize import stats_for
+
+        pp = merge_config(self.spec.get("postprocess"), postprocess_overrides)
+        thr = thresholds_for(pp, k)
+        mean, std, clip = stats_for(image, self.spec["normalization"])
+        if mode == "3d":
+            self._predict_3d(image, mean, std, clip, thr, mask, prob, slice_max)
+        else:
+            # batch size: at most batch_size slices and about as many pixels as 8 slices of 256x256,
+            # so large slices (512x512 CT) keep activations small
+            bs = max(1, min(self.batch_size, (8 * 256 * 256) // (h * w)))
+            for start in range(0, z, bs):
+                idx = np.arange(start, min(z, start + bs))
+                p = self._slices_prob(image, idx, mean, std, clip)
+                self._decide(p, idx, thr, mask, prob, slice_max)
+        postprocess(mask, slice_max, pp, spatial_dims)
+        return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
+
+    def predict_cases(
+        self,
+        path: str | Path,
+        probabilities: bool = False,
+        fmt: str | None = None,
+        postprocess_overrides: dict[str, Any] | None = None,
+    ):
+        """Yield ``(case_id, Prediction)`` for every case a reader finds under ``path``."""
+        from medseg.data.formats import get_reader
+        from medseg.inference.predict import case_path, guess_format
+
+        path = Path(path)
+        reader = get_reader(fmt or guess_format(path))
+        spec = reader.scan(path, require_masks=False)
+        for case in spec.cases:
+            data = reader.load(spec, case)
+            yield case.id, self.predict(data.image, probabilities, spec.spatial_dims, postprocess_overrides,
+                                        where=case_path(case, spec))
+
+    # ------------------------------------------------------------------ internals
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Mean softmax/sigmoid over folds and flips of a normalised batch ``x[b, c, *spatial]``."""
+        kind = self.class_kind
+        acc = None
+        n = 0
+        for net in self.nets:
+            for flip in [None, *self.flips]:
+                xi = x if flip is None else np.ascontiguousarray(np.flip(x, flip))
+                p = _activate(net(xi), kind)
+                if flip is not None:
+                    p = np.flip(p, flip)
+                acc = p.copy() if acc is None else np.add(acc, p, out=acc)
+                n += 1
+        return acc / n
+
+    def _slices_prob(self, image, idx, mean, std, clip) -> np.ndarray:
+        """Per-class probabilities [b, out, h, w] of slices ``idx`` (2D or 2.5D)."""
+        from medseg.data.normalize import apply
+
+        inp = self.spec["input"]
+        z = image.shape[0]
+        if inp["mode"] == "2.5d":
+            ctx, stride = int(inp["context"]), int(inp["stride"])
+            offsets = np.arange(-ctx, ctx + 1) * stride
+            zz = np.clip(idx[:, None] + offsets[None], 0, z - 1)  # clamped edges, as in training
+            x = apply(image[zz.ravel()], mean, std, clip, channel_axis=1)
+            x = x.reshape(len(idx), -1, *x.shape[2:])  # [b, (2k+1)*c, h, w], offset-major
+        else:
+            x = apply(image[idx], mean, std, clip, channel_axis=1)
+        h, w = x.shape[-2:]
+        if inp.get("resize") and inp.get("size"):
+            size = tuple(int(s) for s in inp["size"][-2:])
+            p = self.probabilities(_resize(x, size)) if (h, w) != size else self.probabilities(x)
+            return _resize(p, (h, w)) if (h, w) != size else p
+        d = int(inp["divisor"])
+        ph, pw = -h % d, -w % d
+        if ph or pw:  # zeros = the normalised mean; cropped off afterwards
+            x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
+        p = self.probabilities(x)
+        return p[..., :h, :w]
+
+    def _predict_3d(self, image, mean, std, clip, thr, mask, prob, slice_max) -> None:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        from medseg.data.normalize import apply
+
+        inp = self.spec["input"]
+        x = apply(image, mean, std, clip, channel_axis=1).transpose(1, 0, 2, 3)[None]  # [1, c, z, h, w]
+        roi = [int(s) for s in inp["size"]]
+
+        def predictor(t):
+            return torch.from_numpy(np.ascontiguousarray(self.probabilities(t.numpy())))
+
+        with torch.inference_mode():
+            p = sliding_window_inference(
+                torch.from_numpy(np.ascontiguousarray(x)), roi, sw_batch_size=2, predictor=predictor,
+                overlap=float(inp.get("overlap", 0.5)), mode="gaussian",
+            )
+        p = p[0].numpy().transpose(1, 0, 2, 3)  # [z, out, h, w]
+        del x
+        self._decide(p, np.arange(image.shape[0]), thr, mask, prob, slice_max)
+
+    def _decide(self, p: np.ndarray, idx: np.ndarray, thr: list[float], mask, prob, slice_max) -> None:
+        """Masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``."""
+        k = len(self.classes)
+        if self.class_kind == "multiclass":
+            am = p.argmax(axis=1)
+            for j in range(k):
+                mask[idx, j] = am == j + 1
+            pc = p[:, 1:]
+        else:
+            for j in range(k):
+                mask[idx, j] = p[:, j] > thr[j]
+            pc = p
+        slice_max[idx] = pc.reshape(pc.shape[0], k, -1).max(axis=2)
+        if prob is not None:
+            prob[idx] = pc
+
+
+def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``x[b, c, h, w]`` (same as training's resize)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=size, mode="bilinear",
+                      align_corners=False)
+    return t.numpy()
+
+
+def _check_compatible(bundles: list[dict[str, Any]], files: list[Path]) -> None:
+    """Folds of an ensemble must agree on what goes in and comes out."""
+    ref = bundles[0]
+    for b, f in zip(bundles[1:], files[1:]):
+        for key in ("classes", "class_kind", "channels", "input"):
+            if b[key] != ref[key]:
+                raise MedsegError(f"fold differs from {files[0]} in {key!r}: cannot ensemble", f)

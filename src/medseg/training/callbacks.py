@@ -1,0 +1,137 @@
+"""Run-directory writers: metrics.csv, progress.png and a one-line summary per epoch.
+
+The rows live in the callback's state, which Lightning stores in every checkpoint, so after a kill
+and ``--resume`` the CSV is rewritten from the checkpoint: rows of epochs that the checkpoint does
+not contain (written after it, before the kill) disappear instead of appearing twice.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+class RunLog(pl.Callback):
+    def __init__(self, fold_dir: Path, classes: list[str], console: Any = None):
+        self.fold_dir = Path(fold_dir)
+        self.classes = list(classes)
+        self.columns = ["epoch", "step", "train_loss", "val_loss", *[f"val_dice_{c}" for c in classes], "val_dice_mean",
+                        "lr", "images_per_s", "seconds"]
+        self.rows: list[dict[str, Any]] = []
+        self.console = console
+        self._t0 = time.perf_counter()
+
+    @property
+    def state_key(self) -> str:
+        return "RunLog"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state.get("rows", []))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.rows:
+            self._write()  # after a resume: drop rows that the checkpoint does not know
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = trainer.callback_metrics
+        validated = "val_dice_mean" in m and pl_module.last_scores and trainer.current_epoch == getattr(pl_module, "_val_epoch", -1)
+        row: dict[str, Any] = {
+            "epoch": trainer.current_epoch + 1,
+            "step": trainer.global_step,
+            "train_loss": float(m["train_loss_epoch"]) if "train_loss_epoch" in m else None,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            "images_per_s": round(pl_module.images_per_s(), 3),
+            "seconds": round(time.perf_counter() - self._t0, 3),
+        }
+        if validated:
+            row.update(pl_module.last_scores)
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self._write()
+            self._plot()
+            if self.console is not None:
+                self.console.print(self.summary(row, trainer.max_epochs), highlight=False)
+
+    def summary(self, row: dict[str, Any], max_epochs: int | None) -> str:
+        s = f"epoch {row['epoch']}/{max_epochs} loss {_fmt(row['train_loss'])}"
+        if row.get("val_dice_mean") is not None:
+            per = " ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in self.classes)
+            s += f" | val loss {_fmt(row['val_loss'])} dice {row['val_dice_mean']:.4f} ({per})"
+        s += f" | lr {_fmt(row['lr'])} | {row['images_per_s']:.1f} img/s | {row['seconds']:.1f} s"
+        return s
+
+    def _write(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _fmt(r.get(k)) for k in self.columns})
+        _atomic_text(self.fold_dir / "metrics.csv", buf.getvalue())
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in self.rows]
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        ax[0].plot(ep, [r.get("train_loss") for r in self.rows], label="train")
+        vr = [r for r in self.rows if r.get("val_loss") is not None]
+        ax[0].plot([r["epoch"] for r in vr], [r["val_loss"] for r in vr], "o-", label="validation")
+        ax[0].set_title("loss")
+        ax[0].legend()
+        for c in self.classes:
+            ax[1].plot([r["epoch"] for r in vr], [r[f"val_dice_{c}"] for r in vr], "o-", label=c)
+        ax[1].plot([r["epoch"] for r in vr], [r["val_dice_mean"] for r in vr], "k--", label="mean")
+        ax[1].set_title("validation Dice per patient")
+        ax[1].set_ylim(0, 1)
+        ax[1].legend()
+        ax[2].plot(ep, [r.get("lr") for r in self.rows])
+        ax[2].set_title("learning rate")
+        for a in ax:
+            a.set_xlabel("epoch")
+        fig.tight_layout()
+        tmp = self.fold_dir / f"progress.png.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        os.replace(tmp, self.fold_dir / "progress.png")
+
+
+class ValidationSchedule(pl.Callback):
+    """Validate every ``every`` epochs and always after the last epoch (so a run always ends with a
+    scored bundle), by setting the trainer's validation interval before each epoch."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        e = trainer.current_epoch + 1
+        due = e % self.every == 0 or (trainer.max_epochs is not None and e >= trainer.max_epochs)
+        trainer.check_val_every_n_epoch = 1 if due else 10**9
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,358 @@
+"""``medseg train``: validate everything, then train one fold or all folds with Lightning.
+
+Run directory (see docs/dev/CONTRACTS.md)::
+
+    RUN/config.yaml  RUN/splits.json  RUN/cv_summary.json (--fold all)
+    RUN/fold_K/{model.pt, checkpoints/{last,best}.ckpt, metrics.csv, progress.png, tb/, val_predictions/}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
+from medseg.errors import MedsegError
+
+# keys that may change between a run and its --resume (extending training, another machine)
+RESUMABLE_KEYS = {"train.epochs", "data.workers", "train.devices", "train.num_nodes", "train.accelerator", "train.strategy"}
+
+
+def _rank() -> int:
+    for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if k in os.environ:
+            try:
+                return int(os.environ[k])
+            except ValueError:
+                pass
+    return 0
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, dict[str, Any]]:
+    """Open the prepared dataset and check it against the config; returns (dataset, task info)."""
+    from medseg.data.prepared import PreparedDataset
+    from medseg.data.sampling import in_channels, norm_config
+    from medseg.models import MODELS, create_model
+
+    root = Path(cfg.data.prepared)
+    if not root.exists():
+        raise MedsegError(f"data.prepared: prepared dataset not found: {root}", config_path)
+    ds = PreparedDataset.open(root)
+    if cfg.data.classes is not None and list(cfg.data.classes) != ds.classes:
+        raise MedsegError(f"data.classes {cfg.data.classes} do not match the prepared dataset's classes {ds.classes} ({root})", config_path)
+    if cfg.data.class_kind != "auto" and cfg.data.class_kind != ds.class_kind:
+        raise MedsegError(f"data.class_kind {cfg.data.class_kind!r} does not match the prepared dataset's {ds.class_kind!r} ({root})", config_path)
+    if not ds.info.get("has_masks", True) or any(c.mask is None for c in ds.cases):
+        raise MedsegError("the prepared dataset has no masks (prepared with --images-only); cannot train on it", root)
+    if cfg.data.mode == "3d" and all(c.shape[0] == 1 for c in ds.cases):
+        raise MedsegError("data.mode 3d needs volumes; this prepared dataset holds single 2D images", config_path)
+    if cfg.data.size is None and cfg.data.mode != "3d" and len({tuple(c.shape[2:]) for c in ds.cases}) > 1:
+        raise MedsegError("cases differ in size: set data.size (training crop) so that slices can be batched", config_path)
+    try:
+        MODELS.get(cfg.model.name)
+    except MedsegError as e:
+        raise MedsegError(f"model.name: {e.problem}", config_path, hint=e.hint) from None
+    multilabel = ds.class_kind == "multilabel"
+    task = {
+        "classes": ds.classes,
+        "class_kind": ds.class_kind,
+        "channels": ds.channels,
+        "in_channels": in_channels(len(ds.channels), cfg.data),
+        "out_channels": len(ds.classes) if multilabel else len(ds.classes) + 1,
+        "spatial_dims": 3 if cfg.data.mode == "3d" else 2,
+        "norm": norm_config(ds, cfg.data.normalization),
+        "fingerprint": ds.fingerprint,
+        "patients": {c.id: c.patient for c in ds.cases},
+    }
+    try:
+        m = create_model(cfg.model.name, task["in_channels"], task["out_channels"], spatial_dims=task["spatial_dims"], **cfg.model.kwargs)
+    except MedsegError as e:
+        raise MedsegError(f"model: {e.problem}", config_path) from None
+    except TypeError as e:
+        raise MedsegError(f"model.kwargs: {e}", config_path) from None
+    div = int(getattr(m, "required_divisor", 1))
+    if cfg.data.size is not None and any(s % div for s in cfg.data.size[-2:] if cfg.data.mode != "3d") :
+        raise MedsegError(f"data.size {cfg.data.size} must be divisible by {div} for model {cfg.model.name!r}", config_path)
+    if cfg.data.mode == "3d" and any(s % div for s in cfg.data.size):
+        raise MedsegError(f"data.size {cfg.data.size} must be divisible by {div} for model {cfg.model.name!r}", config_path)
+    from medseg.losses import build_loss
+
+    try:
+        build_loss(cfg.loss, ds.class_kind, ds.classes, ds.fingerprint)
+    except MedsegError as e:
+        raise MedsegError(f"loss: {e.problem}", config_path) from None
+    return ds, task
+
+
+def _folds(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
+    try:
+        n = len(ds.splits()["folds"])
+    except MedsegError:
+        raise MedsegError("the prepared dataset has no splits.json (fewer than 2 patients?)", ds.root) from None
+    if str(fold) == "all":
+        return list(range(n))
+    try:
+        k = int(fold)
+    except ValueError:
+        raise MedsegError(f"--fold must be an index or 'all', got {fold!r}", config_path) from None
+    if not 0 <= k < n:
+        raise MedsegError(f"fold {k} is out of range: the prepared dataset has folds 0..{n - 1}", ds.root)
+    return [k]
+
+
+def _check_resume(cfg: ExperimentConfig, run: Path) -> None:
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        raise MedsegError("--resume: no run here (config.yaml is missing)", run)
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = _flatten(config_dict(cfg))
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
+    if diff:
+        k = diff[0]
+        raise MedsegError(
+            f"--resume: the config differs from this run's config.yaml at {k!r} ({saved.get(k)!r} in the run, "
+            f"{now.get(k)!r} now); only {', '.join(sorted(RESUMABLE_KEYS))} may change",
+            saved_path,
+        )
+
+
+def precision_for(cfg: ExperimentConfig, accelerator: str) -> str:
+    """fp32 on CPU (bf16 autocast is 10-40x slower on CPUs without bf16 units); bf16 where the GPU has
+    it, else fp16."""
+    p = cfg.train.precision
+    if p != "auto":
+        return "32-true" if p == "32" else p
+    if accelerator == "gpu":
+        import torch
+
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def make_loaders(cfg: ExperimentConfig, root: str, train_ids: list[str], val_ids: list[str], task: dict[str, Any], world: int):
+    from torch.utils.data import DataLoader
+
+    from medseg.data.sampling import EpochSampler, TrainSamples, ValCases
+
+    bs = cfg.data.batch_size
+    samples = TrainSamples(root, train_ids, cfg.data, cfg.train.seed, task["norm"])
+    sampler = EpochSampler(cfg.train.steps_per_epoch * bs)
+    w = cfg.data.workers
+    train = DataLoader(samples, batch_size=bs, sampler=sampler, num_workers=w, drop_last=True,
+                       persistent_workers=False, pin_memory=False, prefetch_factor=4 if w else None)
+    val = DataLoader(ValCases(root, val_ids, cfg.data, task["norm"]), batch_size=None, num_workers=0)
+    return train, val
+
+
+def bundle_for(module: Any, cfg: ExperimentConfig, task: dict[str, Any], fold: int, epoch: int, scores: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    nd = task["spatial_dims"]
+    k = len(task["classes"])
+    sd = {n: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().clone()
+          for n, t in module.model.state_dict().items()}
+    th = cfg.postprocess.thresholds or ([0.5] * k if task["class_kind"] == "multilabel" else None)
+    return {
+        "arch": {"name": cfg.model.name, "in_channels": task["in_channels"], "out_channels": task["out_channels"],
+                 "spatial_dims": nd, "kwargs": dict(cfg.model.kwargs)},
+        "state_dict": sd,
+        "classes": task["classes"],
+        "class_kind": task["class_kind"],
+        "channels": task["channels"],
+        "input": {"mode": cfg.data.mode, "context": cfg.data.context, "stride": cfg.data.stride,
+                  "size": cfg.data.size, "resize": cfg.data.resize, "divisor": module.divisor},
+        "normalization": task["norm"],
+        "postprocess": {"thresholds": th, "presence": None, "min_size": cfg.postprocess.min_size,
+                        "largest_cc": cfg.postprocess.largest_cc},
+        "tta": {"flips": [[-1], [-2]] if nd == 2 else [[-1], [-2], [-3]]},
+        "meta": {"fold": fold, "epoch": epoch, "scores": scores, "config": config_dict(cfg),
+                 "fingerprint": task["fingerprint"], "dataset": cfg.data.prepared},
+    }
+
+
+def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold_dir: Path):
+    import numpy as np
+
+    from medseg.inference.bundle import save_bundle
+
+    def write(module: Any) -> None:
+        scores = dict(module.last_scores)
+        save_bundle(bundle_for(module, cfg, task, fold, module.current_epoch + 1, scores), fold_dir / "model.pt")
+        # predictions go to a fresh folder that replaces the old one whole
+        tmp = fold_dir / f"val_predictions.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for cid, v in module.val_store.items():
+            from medseg.data.prepared import case_filename
+
+            name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
+            np.savez_compressed(tmp / f"{name}.npz", prob=v["prob"], mask=v["mask"])
+        final = fold_dir / "val_predictions"
+        old = fold_dir / f"val_predictions.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return write
+
+
+def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fold_dir: Path, resume: bool,
+             console: Any = None, extra_callbacks: list[Any] | None = None):
+    """Train one fold; returns (trainer, module)."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from medseg.training.callbacks import RunLog, ValidationSchedule
+    from medseg.training.module import SegModule
+
+    import logging
+    import warnings
+
+    # Lightning's banner lines (GPU available, tips) drown the per-epoch summary
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    train_ids, val_ids = ds.fold(fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = fold_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    accel = cfg.train.accelerator
+    if accel == "auto":
+        accel = "gpu" if torch.cuda.is_available() else "cpu"
+    module = SegModule(cfg, task)
+    module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
+    callbacks: list[Any] = [ValidationSchedule(cfg.train.val_every), RunLog(fold_dir, task["classes"], console)]
+    # best at validation end; last at every train epoch end, after it, so that last.ckpt holds the
+    # updated best-tracking state (Lightning writes both through an fsspec transaction: atomic)
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice_mean", mode="max",
+                                     save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                                     every_n_epochs=1, enable_version_counter=False, save_on_train_epoch_end=True))
+    if cfg.train.early_stopping is not None:
+        callbacks.append(EarlyStopping(monitor="val_dice_mean", mode="max", patience=cfg.train.early_stopping.patience,
+                                       min_delta=cfg.train.early_stopping.min_delta, check_on_train_epoch_end=False))
+    if cfg.train.ema is not None:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema))
+    interactive = console is not None and getattr(console, "is_terminal", False)
+    if interactive:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    callbacks += extra_callbacks or []
+    world_devices = cfg.train.devices
+    trainer = pl.Trainer(
+        default_root_dir=str(fold_dir),
+        accelerator=accel,
+        devices=world_devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=precision_for(cfg, accel),
+        max_epochs=cfg.train.epochs,
+        limit_train_batches=cfg.train.steps_per_epoch,
+        check_val_every_n_epoch=1,  # ValidationSchedule decides per epoch
+        num_sanity_val_steps=0,
+        gradient_clip_val=cfg.train.clip,
+        accumulate_grad_batches=cfg.train.accumulate,
+        deterministic=cfg.train.deterministic if accel == "cpu" else ("warn" if cfg.train.deterministic else False),
+        use_distributed_sampler=False,
+        logger=TensorBoardLogger(save_dir=str(fold_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=callbacks,
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, cfg.train.steps_per_epoch // 10)),
+    )
+    train_dl, val_dl = make_loaders(cfg, cfg.data.prepared, train_ids, val_ids, task, trainer.world_size)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, str] | None = None, out: str | Path | None = None,
+          resume: bool = False, console: Any = None) -> dict[str, Any]:
+    """Train fold ``fold`` (or ``"all"``) of ``config_path``; returns a summary {fold: scores}."""
+    config_path = Path(config_path)
+    cfg = load_config(config_path, overrides)
+    ds, task = check_task(cfg, config_path)
+    folds = _folds(ds, fold, config_path)
+    run = Path(out) if out is not None else Path("runs") / config_path.stem
+    if resume:
+        _check_resume(cfg, run)
+    else:
+        busy = [f for f in folds if (run / f"fold_{f}" / "checkpoints" / "last.ckpt").exists()]
+        if busy:
+            raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
+                              "or choose another --out", run)
+    if _rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        _atomic_text(run / "config.yaml", dump_config(cfg))
+        _atomic_text(run / "splits.json", json.dumps(ds.splits(), indent=1))
+    results: dict[str, Any] = {}
+    for k in folds:
+        fold_dir = run / f"fold_{k}"
+        trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
+        best = _best_scores(fold_dir)
+        results[str(k)] = best
+    if str(fold) == "all" and _rank() == 0:
+        summary = _cv_summary(results, task["classes"])
+        _atomic_text(run / "cv_summary.json", json.dumps(summary, indent=1))
+        if console is not None:
+            console.print(f"cross-validation: mean per-patient Dice {summary['mean']['val_dice_mean']:.4f} "
+                          f"± {summary['std']['val_dice_mean']:.4f} over {len(folds)} folds")
+    return results
+
+
+def _best_scores(fold_dir: Path) -> dict[str, Any]:
+    """The best epoch's row of metrics.csv (by val_dice_mean)."""
+    import csv
+
+    p = fold_dir / "metrics.csv"
+    if not p.is_file():
+        return {}
+    rows = [r for r in csv.DictReader(p.open()) if r.get("val_dice_mean")]
+    if not rows:
+        return {}
+    best = max(rows, key=lambda r: float(r["val_dice_mean"]))
+    return {k: (float(v) if v not in ("", None) else None) for k, v in best.items()}
+
+
+def _cv_summary(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    import numpy as np
+
+    keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean"]
+    vals = {k: [r[k] for r in results.values() if r.get(k) is not None] for k in keys}
+    return {
+        "folds": results,
+        "mean": {k: float(np.mean(v)) if v else math.nan for k, v in vals.items()},
+        "std": {k: float(np.std(v)) if v else math.nan for k, v in vals.items()},
+    }

@@ -1,0 +1,175 @@
+"""COCO reader on 6 real (downsized) images: polygon, compressed/uncompressed RLE, bbox-only, negative."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES
+from medseg.data.formats import get_reader
+from medseg.errors import MedsegError
+
+COCO = FIXTURES / "coco"
+ANN = COCO / "_annotations.coco.json"
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "coco"
+    shutil.copytree(COCO, dst)
+    return dst
+
+
+def _doc() -> dict:
+    return json.loads(ANN.read_text())
+
+
+def _by_kind() -> dict[str, tuple[dict, dict]]:
+    """kind of annotation -> (image entry, annotation)."""
+    doc = _doc()
+    images = {im["id"]: im for im in doc["images"]}
+    out = {}
+    for a in doc["annotations"]:
+        seg = a.get("segmentation")
+        kind = "bbox" if seg is None else "polygon" if isinstance(seg, list) else "rle_" + type(seg["counts"]).__name__
+        out[kind] = (images[a["image_id"]], a)
+    return out
+
+
+def _decode_uncompressed(counts: list[int], h: int, w: int) -> np.ndarray:
+    flat = np.concatenate([np.full(n, i % 2, np.uint8) for i, n in enumerate(counts)])
+    return flat.reshape(w, h).T  # column-major
+
+
+def test_scan_merge_and_classes():
+    spec = get_reader("coco").scan(COCO)
+    assert spec.classes == ["foreground"] and spec.class_kind == "multiclass"
+    assert spec.channels == ["R", "G", "B"] and spec.spatial_dims == 2
+    assert len(spec.cases) == 6
+    assert all(c.patient == c.id == Path(c.sources["image"]).stem for c in spec.cases)
+    sep = get_reader("coco", merge=False).scan(COCO)
+    # category id 0 "Tumor" has no annotation: dropped; ids 1, 2 are named "0", "1"
+    assert sep.classes == ["0", "1"] and sep.class_kind == "multilabel"
+    assert get_reader("coco", merged_name="tumor").scan(ANN).classes == ["tumor"]  # ROOT may be the JSON
+
+
+def test_image_pixels_and_negative():
+    r = get_reader("coco")
+    spec = r.scan(COCO)
+    anns_per_image = {}
+    for a in _doc()["annotations"]:
+        anns_per_image[a["image_id"]] = anns_per_image.get(a["image_id"], 0) + 1
+    negatives = [im for im in _doc()["images"] if im["id"] not in anns_per_image]
+    assert len(negatives) == 1
+    for c in spec.cases:
+        d = r.load(spec, c)
+        assert d.image.shape == (1, 3, 128, 128) and d.image.dtype == np.uint8
+        assert d.mask.shape == (1, 1, 128, 128) and d.mask.dtype == np.uint8
+        ref = np.asarray(Image.open(c.sources["image"]).convert("RGB"))
+        np.testing.assert_array_equal(d.image[0].transpose(1, 2, 0), ref)
+        if c.id == Path(negatives[0]["file_name"]).stem:
+            assert d.mask.sum() == 0
+        else:
+            assert d.mask.sum() > 0
+    g = get_reader("coco", grayscale=True)
+    gs = g.scan(COCO)
+    d = g.load(gs, gs.cases[0])
+    assert gs.channels == ["gray"] and d.image.shape == (1, 1, 128, 128)
+    np.testing.assert_array_equal(d.image[0, 0], np.asarray(Image.open(gs.cases[0].sources["image"]).convert("L")))
+
+
+def _mask_of(kind: str, merge: bool = True) -> tuple[np.ndarray, dict]:
+    im, a = _by_kind()[kind]
+    r = get_reader("coco", merge=merge)
+    spec = r.scan(COCO)
+    case = next(c for c in spec.cases if c.id == Path(im["file_name"]).stem)
+    return r.load(spec, case).mask[0], a
+
+
+def test_bbox_only_is_a_rectangle():
+    m, a = _mask_of("bbox")
+    x, y, w, h = a["bbox"]
+    ys, xs = np.nonzero(m[0])
+    # the filled box covers the bbox's pixels (up to the half-pixel rounding of its edges)
+    assert abs(xs.min() - x) <= 1 and abs(xs.max() + 1 - (x + w)) <= 1
+    assert abs(ys.min() - y) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
+    assert m[0].sum() == (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)  # solid rectangle
+
+
+def test_polygon_is_filled_inside_its_vertices():
+    m, a = _mask_of("polygon")
+    poly = np.array(a["segmentation"][0]).reshape(-1, 2)
+    ys, xs = np.nonzero(m[0])
+    # this dataset's polygons are boxes: the raster spans the vertices' extent
+    assert abs(xs.min() - poly[:, 0].min()) <= 1 and abs(xs.max() + 1 - poly[:, 0].max()) <= 1
+    assert abs(ys.min() - poly[:, 1].min()) <= 1 and abs(ys.max() + 1 - poly[:, 1].max()) <= 1
+
+
+def test_uncompressed_rle_decodes_exactly():
+    m, a = _mask_of("rle_list", merge=False)
+    ref = _decode_uncompressed(a["segmentation"]["counts"], 128, 128)
+    j = a["category_id"] - 1  # used categories 1, 2 -> classes 0, 1
+    np.testing.assert_array_equal(m[j], ref)
+    assert m[1 - j].sum() == 0
+
+
+def test_compressed_rle_matches_its_area():
+    from pycocotools import mask as mask_utils
+
+    m, a = _mask_of("rle_str")
+    seg = a["segmentation"]
+    assert m[0].sum() == int(mask_utils.area({"size": seg["size"], "counts": seg["counts"].encode()}))
+    assert m[0].sum() > 100
+
+
+def test_annotation_pointing_at_missing_image(copy: Path):
+    doc = _doc()
+    doc["annotations"][0]["image_id"] = 999
+    (copy / "_annotations.coco.json").write_text(json.dumps(doc))
+    with pytest.raises(MedsegError, match=r"annotation \d+ points at image id 999, which is not in 'images'") as e:
+        get_reader("coco").scan(copy)
+    assert e.value.path.endswith("_annotations.coco.json")
+
+
+def test_missing_image_file(copy: Path):
+    name = _doc()["images"][2]["file_name"]
+    (copy / name).unlink()
+    with pytest.raises(MedsegError, match="image file of image id .* is missing") as e:
+        get_reader("coco").scan(copy)
+    assert e.value.path == str(copy / name)
+
+
+def test_truncated_jpg(copy: Path):
+    name = _doc()["images"][1]["file_name"]
+    p = copy / name
+    p.write_bytes(p.read_bytes()[:200])
+    r = get_reader("coco")
+    spec = r.scan(copy)
+    case = next(c for c in spec.cases if c.sources["image"] == str(p))
+    with pytest.raises(MedsegError, match="cannot decode image") as e:
+        r.load(spec, case)
+    assert e.value.path == str(p)
+
+
+def test_malformed_json(copy: Path):
+    (copy / "_annotations.coco.json").write_text('{"images": [')
+    with pytest.raises(MedsegError, match="malformed COCO JSON"):
+        get_reader("coco").scan(copy)
+
+
+def test_polygon_with_two_points(copy: Path):
+    doc = _doc()
+    a = next(a for a in doc["annotations"] if isinstance(a.get("segmentation"), list))
+    a["segmentation"] = [[1, 1, 20, 20]]
+    (copy / "_annotations.coco.json").write_text(json.dumps(doc))
+    with pytest.raises(MedsegError, match=r"polygon with 2 points \(< 3\)"):
+        get_reader("coco").scan(copy)
+
+
+def test_missing_folder(tmp_path: Path):
+    with pytest.raises(MedsegError, match="not a folder or a COCO JSON file"):
+        get_reader("coco").scan(tmp_path / "nope")

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.config import apply_overrides, dump_config, load_config, parse_config
+from medseg.errors import MedsegError
+
+
+def _write(tmp: Path, doc: dict, name: str = "exp.yaml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+BASE = {"data": {"prepared": "prep", "size": [64, 64]}, "model": {"name": "unet"}}
+
+
+def test_relative_prepared_path_resolves_against_the_config_folder(tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    cfg = load_config(_write(sub, BASE))
+    assert cfg.data.prepared == str((sub / "prep").resolve())
+    assert cfg.train.steps_per_epoch == 250 and cfg.data.mode == "2d"
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_the_file(tmp_path):
+    p = _write(tmp_path, {**BASE, "train": {"epohcs": 3}})
+    with pytest.raises(MedsegError) as e:
+        load_config(p)
+    assert e.value.path == str(p)
+    assert e.value.problem == "unknown key 'train.epohcs'"
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = _write(tmp_path, {**BASE, "train": {"epochs": "many"}})
+    with pytest.raises(MedsegError) as e:
+        load_config(p)
+    assert e.value.problem.startswith("train.epochs: ")
+    assert "'many'" in e.value.problem
+
+
+def test_missing_section_and_bad_mode_constraints(tmp_path):
+    with pytest.raises(MedsegError, match="missing key 'model'"):
+        load_config(_write(tmp_path, {"data": BASE["data"]}))
+    with pytest.raises(MedsegError, match="2.5d needs context"):
+        load_config(_write(tmp_path, {**BASE, "data": {"prepared": "p", "mode": "2.5d"}}))
+    with pytest.raises(MedsegError, match="3d needs a patch size"):
+        load_config(_write(tmp_path, {**BASE, "data": {"prepared": "p", "mode": "3d"}}))
+    with pytest.raises(MedsegError, match="size must have 3 values"):
+        load_config(_write(tmp_path, {**BASE, "data": {"prepared": "p", "mode": "3d", "size": [8, 8]}}))
+
+
+def test_overrides_parse_yaml_values_and_create_nested_keys(tmp_path):
+    p = _write(tmp_path, BASE)
+    cfg = load_config(p, {"train.epochs": "7", "data.size": "[32, 48]", "model.kwargs.base": "8",
+                          "data.prepared": "/abs/data", "optim.name": "sgd", "train.ema": "0.99"})
+    assert cfg.train.epochs == 7
+    assert cfg.data.size == [32, 48]
+    assert cfg.model.kwargs == {"base": 8}
+    assert cfg.data.prepared == "/abs/data"
+    assert cfg.optim.name == "sgd" and cfg.train.ema == 0.99
+    with pytest.raises(MedsegError, match="unknown key 'train.nope'"):
+        load_config(p, {"train.nope": "1"})
+    with pytest.raises(MedsegError, match="'data' is not a section"):
+        apply_overrides({"data": 3}, {"data.x": "1"})
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(_write(tmp_path, {**BASE, "loss": {"terms": [{"name": "dice_ce", "weight": 2.0}], "class_weights": "auto"}}))
+    text = dump_config(cfg)
+    again = parse_config(yaml.safe_load(text))
+    assert again == cfg
+    assert again.loss.terms[0].weight == 2.0 and again.loss.class_weights == "auto"
+
+
+def test_unknown_loss_name_is_rejected(tmp_path):
+    with pytest.raises(MedsegError, match=r"loss.terms.0.name"):
+        load_config(_write(tmp_path, {**BASE, "loss": {"terms": [{"name": "lovasz"}]}}))
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "configs/ ships no YAML"
+    from medseg.models import MODELS
+
+    lgg = set()
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.model.name in MODELS, f
+        if f.name.startswith("lgg_"):
+            lgg.add(cfg.model.name)
+    assert lgg == set(MODELS.names())  # one LGG config per registered model

@@ -1,0 +1,152 @@
+"""ONNX export: sidecar contents, onnxruntime/PyTorch agreement through the same pipeline, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from test_inference import _models, make_bundle, write_lgg  # noqa: F401  (_models: autouse model shim)
+
+from medseg.errors import MedsegError
+
+
+def test_export_writes_onnx_and_sidecar(tmp_path):
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt", postprocess={"thresholds": [0.5], "presence": [0.3], "min_size": 7,
+                                                         "largest_cc": True})
+    out = export_onnx(bp, tmp_path / "m.onnx")
+    assert out.is_file()
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["format"] == "medseg.pipeline/1"
+    assert side["classes"] == ["tumor"] and side["class_kind"] == "multiclass"
+    assert side["channels"] == ["pre-contrast", "FLAIR", "post-contrast"]
+    assert side["normalization"] == {"mode": "zscore_case"}
+    assert side["input"]["mode"] == "2d" and side["input"]["divisor"] == 2
+    assert side["postprocess"] == {"thresholds": [0.5], "presence": [0.3], "min_size": 7, "largest_cc": True}
+    assert side["tta"] == {"flips": [[-1], [-2]]}
+    assert side["onnx"]["opset"] == 17 and side["onnx"]["input"] == "input"
+    import onnx
+
+    m = onnx.load(str(out))
+    assert m.opset_import[0].version == 17
+    dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and isinstance(dims[2], str) and isinstance(dims[3], str)  # dynamic axes
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnx_and_torch_agree_through_the_pipeline(tmp_path, tta):
+    from medseg import Segmenter
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16))
+    export_onnx(bp, tmp_path / "m.onnx")
+    image = np.random.default_rng(0).integers(0, 255, (6, 3, 44, 52), dtype=np.uint8)  # not /4: pad + crop
+    t = Segmenter.load(bp, tta=tta).predict(image, probabilities=True)
+    o = Segmenter.load(tmp_path / "m.onnx", tta=tta)
+    assert o.backend == "onnx"
+    p = o.predict(image, probabilities=True)
+    assert (p.mask == t.mask).mean() >= 0.999
+    np.testing.assert_allclose(p.prob.astype(np.float32), t.prob.astype(np.float32), atol=1e-3)  # fp16 storage
+    # the float32 probabilities of one batch agree to 1e-4
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 40)).astype(np.float32)
+    seg_t = Segmenter.load(bp, tta=tta)
+    np.testing.assert_allclose(o.probabilities(x), seg_t.probabilities(x), atol=1e-4)
+
+
+@pytest.mark.slow  # torch.export takes seconds
+def test_dynamo_exporter_also_works(tmp_path):
+    from medseg import Segmenter
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt")
+    export_onnx(bp, tmp_path / "d.onnx", dynamo=True)
+    assert json.loads((tmp_path / "d.json").read_text())["onnx"]["exporter"] == "dynamo"
+    x = np.random.default_rng(2).standard_normal((3, 3, 36, 28)).astype(np.float32)
+    np.testing.assert_allclose(Segmenter.load(tmp_path / "d.onnx", tta=False).probabilities(x),
+                               Segmenter.load(bp, tta=False).probabilities(x), atol=1e-4)
+
+
+def test_predict_runs_onnx_file_and_writes_same_masks(tmp_path):
+    from medseg.inference.export import export_onnx
+    from medseg.inference.predict import predict
+
+    bp = make_bundle(tmp_path / "model.pt")
+    export_onnx(bp, tmp_path / "m.onnx")
+    data = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 4})
+    predict(bp, data, tmp_path / "pt", tta=False)
+    predict(tmp_path / "m.onnx", data, tmp_path / "ox", tta=False)
+    a = np.stack([tifffile.imread(p) for p in sorted((tmp_path / "pt").rglob("*_mask.tif"))])
+    b = np.stack([tifffile.imread(p) for p in sorted((tmp_path / "ox").rglob("*_mask.tif"))])
+    assert a.shape == b.shape == (4, 40, 44)
+    assert (a == b).mean() >= 0.999
+
+
+def test_onnx_backend_from_bundle(tmp_path):
+    from medseg import Segmenter
+
+    bp = make_bundle(tmp_path / "model.pt")
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    seg = Segmenter.load(bp, tta=False, backend="onnx")
+    assert seg.backend == "onnx"
+    np.testing.assert_allclose(seg.probabilities(x), Segmenter.load(bp, tta=False).probabilities(x), atol=1e-4)
+
+
+def test_export_bad_inputs(tmp_path):
+    from medseg import Segmenter
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt")
+    with pytest.raises(MedsegError, match="the output must be a .onnx file"):
+        export_onnx(bp, tmp_path / "m.pt")
+    (tmp_path / "lonely.onnx").write_bytes(b"")
+    with pytest.raises(MedsegError, match="pre/post-processing description lonely.json is missing"):
+        Segmenter.load(tmp_path / "lonely.onnx")
+    (tmp_path / "lonely.json").write_text(json.dumps({"format": "medseg.pipeline/1", "name": "x", "classes": ["a"],
+                                                      "class_kind": "multiclass", "channels": ["c"], "input": {}}))
+    with pytest.raises(MedsegError, match="cannot load ONNX model") as e:
+        Segmenter.load(tmp_path / "lonely.onnx")
+    assert e.value.path == str(tmp_path / "lonely.onnx")
+
+
+def test_cli_export_and_predict(tmp_path):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    bp = make_bundle(tmp_path / "model.pt")
+    data = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 2})
+    r = CliRunner().invoke(app, ["export", str(bp), str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "exported" in r.output and (tmp_path / "m.json").is_file()
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "m.onnx"), str(data), str(tmp_path / "out"), "--no-tta"])
+    assert r.exit_code == 0, r.output
+    assert "predicted 1 case, 2 slices" in r.output and "slices/s" in r.output
+    assert (tmp_path / "out" / "TCGA_AA_0001_20000101" / "TCGA_AA_0001_20000101_1_mask.tif").is_file()
+
+
+def test_cli_postprocess_flags_and_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    bp = make_bundle(tmp_path / "model.pt")
+    data = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 2})
+    r = CliRunner().invoke(app, ["predict", str(bp), str(data), str(tmp_path / "out"), "--no-tta",
+                                 "--presence", "1.01"])
+    assert r.exit_code == 0, r.output
+    for f in (tmp_path / "out").rglob("*_mask.tif"):
+        assert not tifffile.imread(f).any()  # no probability reaches 1.01: every slice zeroed
+    from medseg.cli import main
+    import sys
+
+    old = sys.argv
+    sys.argv = ["medseg", "predict", "lgg-unt", str(data), str(tmp_path / "o2")]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    assert e.value.code == 2

@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medseg.errors import MedsegError
+from medseg.training.synthetic import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("d") / "syn", n_patients=6, slices=4, size=32)
+
+
+@pytest.fixture(scope="module")
+def syn_ml(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("d") / "synml", n_patients=4, slices=4, size=32, class_kind="multilabel")
+
+
+def _cfg(tmp: Path, prepared: Path, **over) -> Path:
+    doc = {
+        "data": {"prepared": str(prepared), "size": [32, 32], "batch_size": 4},
+        "model": {"name": "unet", "kwargs": {"base": 8, "depth": 3}},
+        "optim": {"lr": 0.003},
+        "train": {"epochs": 2, "steps_per_epoch": 3, "seed": 1},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        doc.setdefault(sec, {})[key] = v
+    p = tmp / "exp.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _rows(run: Path, fold: int = 0) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / f"fold_{fold}" / "metrics.csv").open()))
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from medseg.config import ExperimentConfig
+    from medseg.training.module import lr_lambda
+
+    cfg = ExperimentConfig.model_validate({"data": {"prepared": "x"}, "model": {"name": "unet"},
+                                           "train": {"epochs": 3, "steps_per_epoch": 4},
+                                           "schedule": {"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.0}})
+    f = lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert f(4) == pytest.approx(1.0)
+    assert f(8) == pytest.approx(0.5)  # half-way through the 8 decay steps
+    assert f(12) == pytest.approx(0.0)
+
+
+def test_one_epoch_lowers_the_loss_and_writes_the_run_dir(tmp_path, syn):
+    from medseg.training.run import train
+
+    cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=12, augment__enabled=False,
+               schedule__name="constant")
+    run = tmp_path / "run"
+    res = train(cfg, fold="0", out=run)
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "val_dice_disc", "val_dice_square",
+                             "val_dice_mean", "lr", "images_per_s", "seconds"]
+    assert rows[0]["step"] == "12" and float(rows[0]["images_per_s"]) > 0
+    for f in ("config.yaml", "splits.json", "fold_0/model.pt", "fold_0/checkpoints/last.ckpt",
+              "fold_0/checkpoints/best.ckpt", "fold_0/progress.png"):
+        assert (run / f).is_file(), f
+    assert any((run / "fold_0" / "tb").iterdir())
+    # the loss went down: the first steps' loss (tensorboard-free: from the checkpointed model) vs after
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run / "fold_0" / "tb"))
+    ev.Reload()
+    steps = [e.value for e in ev.Scalars("train_loss_step")]
+    assert len(steps) >= 4 and np.mean(steps[-3:]) < np.mean(steps[:3])
+    # the resolved config reproduces the run: same validation Dice from a rerun of config.yaml
+    res2 = train(run / "config.yaml", fold="0", out=tmp_path / "run2")
+    assert res2["0"]["val_dice_mean"] == pytest.approx(res["0"]["val_dice_mean"], abs=1e-6)
+    assert res2["0"]["train_loss"] == pytest.approx(res["0"]["train_loss"], rel=1e-5)
+
+
+def test_bundle_and_val_predictions_match_the_head(tmp_path, syn, syn_ml):
+    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.training.run import train
+
+    for prep, kind, out_ch in ((syn, "multiclass", 3), (syn_ml, "multilabel", 2)):
+        run = tmp_path / kind
+        train(_cfg(tmp_path, prep, train__epochs=1, train__steps_per_epoch=2), out=run)
+        b = load_bundle(run / "fold_0" / "model.pt")
+        assert b["class_kind"] == kind and b["arch"]["out_channels"] == out_ch and b["arch"]["in_channels"] == 1
+        assert b["input"]["mode"] == "2d" and b["normalization"] == {"mode": "zscore_case"}
+        assert b["meta"]["fold"] == 0 and "val_dice_mean" in b["meta"]["scores"]
+        if kind == "multilabel":
+            assert b["postprocess"]["thresholds"] == [0.5, 0.5]
+        model = build_model(b)
+        preds = sorted((run / "fold_0" / "val_predictions").glob("*.npz"))
+        from medseg.data.prepared import PreparedDataset
+
+        ds = PreparedDataset.open(prep)
+        val = ds.fold(0)[1]
+        assert [p.stem for p in preds] == sorted(val)
+        z = np.load(preds[0])
+        assert z["prob"].dtype == np.float16 and z["prob"].shape == (4, out_ch, 32, 32)
+        assert z["mask"].dtype == np.uint8 and z["mask"].shape == (4, 2, 32, 32)
+        # the bundle's model reproduces the stored probabilities (inference loads exactly this)
+        from medseg.data import normalize
+
+        img = np.asarray(ds.image(preds[0].stem))
+        m, s, c = normalize.stats_for(img, b["normalization"])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(normalize.apply(img, m, s, c, 1)))
+        prob = torch.sigmoid(logits) if kind == "multilabel" else torch.softmax(logits, 1)
+        assert np.allclose(prob.numpy(), z["prob"].astype(np.float32), atol=2e-3)
+
+
+def test_resume_extends_to_the_same_weights(tmp_path, syn):
+    from medseg.training.run import train
+
+    cfg = _cfg(tmp_path, syn, schedule__name="constant")
+    train(cfg, out=tmp_path / "straight", overrides={"train.epochs": "2"})
+    train(cfg, out=tmp_path / "split", overrides={"train.epochs": "1"})
+    assert len(_rows(tmp_path / "split")) == 1
+    train(cfg, out=tmp_path / "split", overrides={"train.epochs": "2"}, resume=True)
+    a = _weights(tmp_path / "straight" / "fold_0" / "checkpoints" / "last.ckpt")
+    b = _weights(tmp_path / "split" / "fold_0" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    ra, rb = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
+    assert [r["epoch"] for r in rb] == ["1", "2"]
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+
+
+def test_bad_inputs_fail_before_training(tmp_path, syn):
+    from medseg.training.run import train
+
+    cfg = _cfg(tmp_path, syn)
+    with pytest.raises(MedsegError, match="model.name: unknown model 'nonet'") as e:
+        train(cfg, overrides={"model.name": "nonet"}, out=tmp_path / "r")
+    assert e.value.path == str(cfg)
+    with pytest.raises(MedsegError, match="prepared dataset not found"):
+        train(cfg, overrides={"data.prepared": str(tmp_path / "nothing")}, out=tmp_path / "r")
+    with pytest.raises(MedsegError, match=r"data.classes \['tumour'\] do not match the prepared dataset's classes \['disc', 'square'\]"):
+        train(cfg, overrides={"data.classes": "[tumour]"}, out=tmp_path / "r")
+    with pytest.raises(MedsegError, match="data.class_kind 'multilabel' does not match"):
+        train(cfg, overrides={"data.class_kind": "multilabel"}, out=tmp_path / "r")
+    with pytest.raises(MedsegError, match=r"fold 5 is out of range: the prepared dataset has folds 0..1"):
+        train(cfg, fold="5", out=tmp_path / "r")
+    with pytest.raises(MedsegError, match="'dice_bce' is for multilabel"):
+        train(cfg, overrides={"loss.terms": "[{name: dice_bce}]"}, out=tmp_path / "r")
+    with pytest.raises(MedsegError, match=r"data.size \[30, 30\] must be divisible by 4"):
+        train(cfg, overrides={"data.size": "[30, 30]"}, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    run = tmp_path / "ok"
+    train(cfg, out=run, overrides={"train.epochs": "1", "train.steps_per_epoch": "1"})
+    with pytest.raises(MedsegError, match="already has checkpoints; pass --resume"):
+        train(cfg, out=run)
+    with pytest.raises(MedsegError, match=r"differs from this run's config.yaml at 'optim.lr' \(0.003 in the run, 0.01 now\)"):
+        train(cfg, out=run, overrides={"optim.lr": "0.01"}, resume=True)
+    with pytest.raises(MedsegError, match="no run here"):
+        train(cfg, out=tmp_path / "empty", resume=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path, syn):
+    """End-to-end through the CLI: SIGKILL once a last.ckpt exists, the checkpoint loads and --resume finishes."""
+    cfg = _cfg(tmp_path, syn, train__epochs=40, train__steps_per_epoch=10, schedule__name="constant")
+    run = tmp_path / "run"
+    code = "import sys, torch; torch.set_num_threads(1); from medseg.cli import main; sys.argv[0]='medseg'; main()"
+    cmd = [sys.executable, "-c", code, "train", str(cfg), "--out", str(run)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = run / "fold_0" / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 60 and not (last.exists() and len(_rows(run)) >= 2) and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None, "training finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    done = ck["epoch"] + 1  # Lightning stores the 0-based index of the epoch that just ended
+    assert 1 <= done < 40
+    assert not list((run / "fold_0" / "checkpoints").glob("*.tmp*"))
+    rows = _rows(run)  # the CSV is whole (atomic rewrite)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    out = subprocess.run([sys.executable, "-c", code, "train", str(cfg), "--out", str(run), "--resume",
+                          "--set", "train.epochs=" + str(done + 2)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [int(r["epoch"]) for r in _rows(run)] == list(range(1, done + 3))
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 == done + 2
+
+
+@pytest.mark.parametrize("mode", ["2.5d", "3d"])
+def test_25d_and_3d_runs_store_their_input_geometry(tmp_path, syn, mode):
+    from medseg.inference.bundle import load_bundle
+    from medseg.training.run import train
+
+    over = {"data__mode": mode, "train__epochs": 1, "train__steps_per_epoch": 2}
+    if mode == "2.5d":
+        over.update(data__context=1, data__stride=2)
+    else:
+        over.update(data__size=[4, 16, 16])
+    run = tmp_path / "r"
+    train(_cfg(tmp_path, syn, **over), out=run)
+    b = load_bundle(run / "fold_0" / "model.pt")
+    assert b["input"]["mode"] == mode
+    assert b["arch"]["in_channels"] == (3 if mode == "2.5d" else 1)
+    assert b["arch"]["spatial_dims"] == (3 if mode == "3d" else 2)
+    z = np.load(sorted((run / "fold_0" / "val_predictions").glob("*.npz"))[0])
+    assert z["prob"].shape == (4, 3, 32, 32) and z["mask"].shape == (4, 2, 32, 32)
+    # multiclass: the mask channels are the argmax of the stored probabilities
+    lab = z["prob"].astype(np.float32).argmax(1)
+    assert np.array_equal(z["mask"][:, 0], (lab == 1).astype(np.uint8))
+
+
+def test_validation_every_n_epochs_and_always_after_the_last(tmp_path, syn):
+    from medseg.training.run import train
+
+    run = tmp_path / "r"
+    train(_cfg(tmp_path, syn, train__epochs=3, train__steps_per_epoch=1, train__val_every=2), out=run)
+    rows = _rows(run)
+    assert [r["val_dice_mean"] != "" for r in rows] == [False, True, True]
+    assert rows[0]["val_loss"] == "" and rows[0]["train_loss"] != ""
