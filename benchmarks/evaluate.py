@@ -3,7 +3,7 @@ Dice + IoU + HD95 + ASSD + NSD per case, per-slice Dice, report) and the UW-Madi
 synthetic slices (RLE strings, as a submission holds them), and the whole evaluate path on a synthetic
 UW-Madison submission CSV (7 case-days x 144 slices by default).
 
-    .venv/bin/python benchmarks/evaluate.py [--slices 10000] [--lgg PATH_TO_kaggle_3m]
+    .venv/bin/python benchmarks/evaluate.py [--slices 10000] [--lgg PATH_TO_kaggle_3m] [--out JSON]
 
 Prints a table and writes benchmarks/results/evaluate.json. Targets: LGG < 20 s, UW-Madison < 60 s (2 cores).
 """
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=10000)
     ap.add_argument("--uw-full-case-days", type=int, default=7, help="case-days of 144 slices for the full path")
     ap.add_argument("--lgg", type=Path, default=ROOT.parent / "shared" / "data" / "lgg" / "kaggle_3m")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluate.json")
     args = ap.parse_args()
     try:
         import torch
@@ -141,7 +142,7 @@ def main() -> None:
         r = results["uwmgi_full"]
         print(f"{'UW-Madison evaluate (CSV, all metrics, report)':<44} {str(r['slices']) + ' slices':>22} "
               f"{r['seconds']:>9.2f} {'':>7}")
-    out = ROOT / "benchmarks" / "results" / "evaluate.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

@@ -1,13 +1,16 @@
 """Benchmark ``medseg predict``: one LGG patient from files on disk to masks on disk, eager PyTorch vs
-onnxruntime, with and without flip TTA; and peak memory on a synthetic 512x512x200 volume (2D path).
+onnxruntime, with and without flip TTA; and peak memory on a synthetic 512x512x200 volume, through the
+2D path (slices in batches) and the 3D path (Gaussian sliding windows streamed in z slabs).
 
     .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--patient TCGA_DU_5854_19951104]
-        [--model RUN_OR_BUNDLE] [--volume-slices 200] [--skip-volume]
+        [--model RUN_OR_BUNDLE] [--volume-slices 200] [--skip-volume] [--skip-volume-3d]
 
 Without ``--model`` the default ``unet`` (``create_model("unet", 3, 2)``) with RANDOM weights is used:
 the speed of a network does not depend on its weights, but the masks mean nothing (said in the output).
+The 3D volume run uses a small random 3D unet (features 8-16-32, patch 32x128x128, overlap 0.25): it measures
+the memory of the volume-sized buffers, which do not depend on the network.
 Every timed run is the whole ``medseg.inference.predict.predict`` call (model loading, reading the TIFFs,
-inference, writing the masks); the table shows the median of ``--runs``. Peak RSS: ``resource.getrusage``
+inference, writing the masks); the table shows the median of ``--runs``. Peak RSS: VmHWM
 of this process (LGG) and of a child process that runs only the volume (so the LGG runs do not count).
 Prints a table and writes benchmarks/results/inference.json.
 """
@@ -33,6 +36,14 @@ SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "dat
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process in MB: VmHWM of its memory map (getrusage's ru_maxrss would carry the
+    parent's peak into a child across fork + exec on Linux, hiding the child's own peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
@@ -61,6 +72,32 @@ def _random_bundle(path: Path, channels: list[str]) -> Path:
     )
 
 
+def _random_bundle_3d(path: Path) -> Path:
+    from medseg.inference.bundle import save_bundle
+    from medseg.models import create_model
+
+    import torch
+
+    torch.manual_seed(0)
+    kw = {"features": [8, 16, 32]}
+    m = create_model("unet", 1, 3, spatial_dims=3, **kw).eval()
+    return save_bundle(
+        {
+            "arch": {"name": "unet", "in_channels": 1, "out_channels": 3, "spatial_dims": 3, "kwargs": kw},
+            "state_dict": m.state_dict(),
+            "classes": ["a", "b"],
+            "class_kind": "multiclass",
+            "channels": ["CT"],
+            "input": {"mode": "3d", "context": 0, "stride": 1, "size": [32, 128, 128], "overlap": 0.25},
+            "normalization": {"mode": "zscore_case"},
+            "postprocess": {},
+            "tta": {"flips": []},
+            "meta": {"note": "random weights (benchmark only)"},
+        },
+        path,
+    )
+
+
 def volume_child(args: argparse.Namespace) -> None:
     """Run only the synthetic volume (NIfTI on disk -> NIfTI masks on disk) and print JSON."""
     import nibabel as nib
@@ -82,6 +119,7 @@ def volume_child(args: argparse.Namespace) -> None:
     rss_before = _rss_mb()
     t0 = time.perf_counter()
     predict(args.model_1ch, tmp / "vol" / "ct.nii", tmp / "vol_out", tta=False, backend=args.backend, overwrite=True)
+    shutil.rmtree(tmp / "vol_out", ignore_errors=True)
     dt = time.perf_counter() - t0
     print(json.dumps({"seconds": dt, "slices": z, "peak_rss_mb": _rss_mb(), "rss_before_predict_mb": rss_before}))
 
@@ -95,6 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--volume-slices", type=int, default=200)
     ap.add_argument("--skip-volume", action="store_true")
+    ap.add_argument("--skip-volume-3d", action="store_true", help="skip the 3D sliding-window volume run")
     ap.add_argument("--backend", default="onnx", help=argparse.SUPPRESS)
     ap.add_argument("--volume-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
@@ -147,18 +186,23 @@ def main() -> None:
         agree = float((a == b).mean())
         rss_lgg = _rss_mb()
 
-        vol = None
-        if not args.skip_volume:
-            m1 = _random_bundle(tmp / "model_1ch.pt", ["CT"])
-            export_onnx(m1, tmp / "model_1ch.onnx")
+        def child(model_path: Path, backend: str) -> dict:
             proc = subprocess.run(
-                [sys.executable, __file__, "--volume-child", "--tmp", str(tmp), "--model-1ch", str(tmp / "model_1ch.onnx"),
-                 "--threads", str(args.threads), "--volume-slices", str(args.volume_slices)],
+                [sys.executable, __file__, "--volume-child", "--tmp", str(tmp), "--model-1ch", str(model_path),
+                 "--threads", str(args.threads), "--volume-slices", str(args.volume_slices), "--backend", backend],
                 capture_output=True, text=True,
             )
             if proc.returncode:
                 sys.exit(f"volume run failed:\n{proc.stderr[-3000:]}")
-            vol = json.loads(proc.stdout.strip().splitlines()[-1])
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        vol = vol3d = None
+        if not args.skip_volume:
+            m1 = _random_bundle(tmp / "model_1ch.pt", ["CT"])
+            export_onnx(m1, tmp / "model_1ch.onnx")
+            vol = child(tmp / "model_1ch.onnx", "onnx")
+            if not args.skip_volume_3d:
+                vol3d = child(_random_bundle_3d(tmp / "model_3d.pt"), "torch")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -175,6 +219,9 @@ def main() -> None:
     if vol:
         console.print(f"synthetic 512x512x{vol['slices']} NIfTI volume, 2D path, onnxruntime: {vol['seconds']:.1f} s "
                       f"({vol['slices'] / vol['seconds']:.1f} slices/s), peak RSS {vol['peak_rss_mb']:.0f} MB")
+    if vol3d:
+        console.print(f"the same volume, 3D sliding windows (small random 3D unet, PyTorch): {vol3d['seconds']:.1f} s, "
+                      f"peak RSS {vol3d['peak_rss_mb']:.0f} MB")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "load_avg": os.getloadavg()},
@@ -186,6 +233,7 @@ def main() -> None:
         "export_seconds": export_s,
         "peak_rss_lgg_mb": rss_lgg,
         "volume": vol,
+        "volume_3d": vol3d,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

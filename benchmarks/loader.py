@@ -123,7 +123,7 @@ def main() -> None:
 
         tmp = tempfile.TemporaryDirectory()
         a.prepared = str(make_synthetic(Path(tmp.name) / "syn", n_patients=20, slices=24, size=a.size, channels=3))
-        source = "synthetic (20 cases x 24 slices, 3 x 256 x 256 float32)"
+        source = f"synthetic (20 cases x 24 slices, 3 x {a.size} x {a.size} float32)"
     else:
         source = a.prepared
     from medseg.data.prepared import PreparedDataset

@@ -4,10 +4,14 @@ Prints forward and training-step images/s with and without channels_last, parame
 (RSS high-water mark of a child process per model), and writes benchmarks/results/models.json.
 Step times are the minimum over ``--iters`` (robust to other processes on a shared machine).
 Usage: python benchmarks/models.py [--batch 8] [--size 256] [--iters 3] [--threads 2] [--models unet,...]
+                                  [--variant unet features="(8,16,32,64,128,256)" norm=instance ...]
+``--variant NAME KEY=VALUE...`` (repeatable) adds a configuration of a registered model, to compare
+candidate defaults in the same run as the peer.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import multiprocessing as mp
 import resource
@@ -17,25 +21,40 @@ from pathlib import Path
 PEER = "monai_unet_peer"
 
 
-def _build(name: str):
+def _build(name: str, kwargs: dict):
     if name == PEER:
         from monai.networks.nets import UNet
 
         return UNet(2, 3, 2, (32, 64, 128, 256, 512), (2, 2, 2, 2), num_res_units=2)
     from medseg.models import create_model
 
-    return create_model(name, 3, 2)
+    return create_model(name, 3, 2, **kwargs)
 
 
-def _measure(name: str, batch: int, size: int, iters: int, threads: int) -> dict:
+def _variant(words: list[str]) -> tuple[str, str, dict]:
+    """``["unet", "features=(8,16)", "norm=instance"]`` -> (label, name, kwargs); values are Python literals or strings."""
+    name, kwargs = words[0], {}
+    for w in words[1:]:
+        key, sep, value = w.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {name}: expected KEY=VALUE, got {w!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    label = name + ("[" + ",".join(f"{k}={v}" for k, v in kwargs.items()).replace(" ", "") + "]" if kwargs else "")
+    return label, name, kwargs
+
+
+def _measure(label: str, name: str, kwargs: dict, batch: int, size: int, iters: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {"name": name}
+    res = {"name": label, "model": name, "kwargs": kwargs}
     for cl in (False, True):
         torch.manual_seed(0)
-        m = _build(name)
+        m = _build(name, kwargs)
         res["params"] = sum(p.numel() for p in m.parameters())
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 2, (batch, 2, size, size)).float()
@@ -70,27 +89,32 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=None, help="comma-separated (default: all registered)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "models.json")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                    help="also measure this configuration of a registered model (repeatable)")
     a = ap.parse_args()
     from medseg.models import MODELS
 
-    names = [PEER] + (a.models.split(",") if a.models else MODELS.names())
+    runs = [(PEER, PEER, {})] + [(n, n, {}) for n in (a.models.split(",") if a.models else MODELS.names())]
+    runs += [_variant(v) for v in a.variant]
     ctx = mp.get_context("spawn")
     rows = []
-    for n in names:
+    for label, name, kwargs in runs:
         with ctx.Pool(1) as pool:
-            rows.append(pool.apply(_measure, (n, a.batch, a.size, a.iters, a.threads)))
+            rows.append(pool.apply(_measure, (label, name, kwargs, a.batch, a.size, a.iters, a.threads)))
         r = rows[-1]
-        print(f"{n:18s} {r['params'] / 1e6:6.2f} M  fwd {r['forward_img_s']:6.2f} / cl {r['forward_img_s_cl']:6.2f}  "
+        print(f"{label:18s} {r['params'] / 1e6:6.2f} M  fwd {r['forward_img_s']:6.2f} / cl {r['forward_img_s_cl']:6.2f}  "
               f"train {r['train_img_s']:6.2f} / cl {r['train_img_s_cl']:6.2f} img/s  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
     peer = rows[0]
     best = lambda r: max(r["train_img_s"], r["train_img_s_cl"])  # noqa: E731
+    print("train images/s / peer's (best memory format each; the default unet's target is >= 1.2x):")
     for r in rows:
         r["train_ratio_vs_peer"] = best(r) / best(peer)
-    if "unet" in names:
-        print(f"unet / peer train images/s (best memory format each): {next(r for r in rows if r['name'] == 'unet')['train_ratio_vs_peer']:.2f}x")
-    out = Path(__file__).resolve().parent / "results" / "models.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
+        print(f"  {r['name']:18s} {r['train_ratio_vs_peer']:5.2f}x")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+                                 "rows": rows}, indent=2))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
     .venv/bin/python benchmarks/prepare.py [--runs 3] [--workers N] [--reads 1000]
 
-Prints a table and writes benchmarks/results/prepare.json. Peak RSS comes from
+Prints a table and writes benchmarks/results/prepare.json: slices/s (median of --runs), peak RSS, the
+size of the largest case's image + mask arrays (prepare should hold about one case per worker), and
+the median time to read a random 2D slice (image + mask) from the prepared dataset. Peak RSS comes from
 ``resource.getrusage`` (parent: RUSAGE_SELF; workers: RUSAGE_CHILDREN, the largest finished child).
+Check it runs with tiny arguments: ``--src tests/fixtures/lgg_tiny/kaggle_3m --runs 1 --reads 20
+--out /tmp/prepare.json``.
 """
 from __future__ import annotations
 
@@ -75,6 +79,11 @@ def main() -> None:
             lat.append(time.perf_counter() - t0)
         assert img.shape == (3, 256, 256) and msk.shape == (1, 256, 256)
         disk = sum(f.stat().st_size for f in (tmp / "lgg0").rglob("*") if f.is_file())
+        # what "one case's arrays" weighs: compare with the peak RSS of a worker (or of the parent at --workers 1)
+        largest = max(
+            int(np.prod(c.shape)) * np.dtype(c.dtype).itemsize + int(np.prod(c.shape)) // c.shape[1] * len(ds.classes)
+            for c in ds.cases
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -95,6 +104,7 @@ def main() -> None:
         "peak_rss_parent_mb": round(rss_parent, 1),
         "peak_rss_worker_mb": round(rss_worker, 1),
         "prepared_size_mb": round(disk / 1e6, 1),
+        "largest_case_arrays_mb": round(largest / 2**20, 1),
         "slice_read_reads": args.reads,
         "slice_read_median_ms": round(1e3 * statistics.median(lat), 4),
         "slice_read_p95_ms": round(1e3 * float(np.percentile(lat, 95)), 4),

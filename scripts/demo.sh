@@ -1,9 +1,42 @@
 #!/usr/bin/env bash
-# The demo: the same commands a user types, on the LGG sample bundled in tests/fixtures.
+# The demo: the commands a user types, end to end, on the 6 real LGG patients bundled in tests/fixtures.
+# prepare (patient-level folds) -> train briefly on 4 patients -> predict the 2 held-out patients in
+# their own layout -> evaluate against their masks (metrics + report.html) -> export ONNX -> predict again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEDSEG=.venv/bin/medseg
 OUT=demo_out
+SAMPLE=tests/fixtures/lgg/kaggle_3m
+rm -rf "$OUT"
 mkdir -p "$OUT"
-$MEDSEG prepare lgg tests/fixtures/lgg/kaggle_3m "$OUT/prepared" --overwrite --folds 2
+step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+
+step "1/6 prepare the bundled LGG sample (6 patients, 3 patient-level folds)" \
+  $MEDSEG prepare lgg "$SAMPLE" "$OUT/prepared" --folds 3
 $MEDSEG inspect "$OUT/prepared" --overlay "$OUT/overlay.png"
+
+step "2/6 train the default U-Net briefly on folds 1-2 (about 2 minutes on 2 cores)" \
+  $MEDSEG train configs/lgg_unet.yaml --fold 0 --out "$OUT/run" \
+    --set data.prepared="$PWD/$OUT/prepared" --set data.size=[128,128] --set data.resize=true \
+    --set data.batch_size=16 --set optim.lr=0.002 --set train.epochs=8 --set train.steps_per_epoch=25 \
+    --set train.val_every=2
+
+# the held-out patients of fold 0, in their native kaggle_3m layout
+mkdir -p "$OUT/heldout"
+for p in $(.venv/bin/python -c "import json,sys; s=json.load(open('$OUT/prepared/splits.json')); print(' '.join(p for p,f in s['patient_fold'].items() if f==0))"); do
+  ln -s "$PWD/$SAMPLE/$(ls "$SAMPLE" | grep "^${p}_")" "$OUT/heldout/"
+done
+
+step "3/6 predict the held-out patients (masks in the input's own layout)" \
+  $MEDSEG predict "$OUT/run" "$OUT/heldout" "$OUT/pred"
+
+step "4/6 evaluate against their masks (metrics.csv, summary.json, report.html)" \
+  $MEDSEG evaluate "$OUT/pred" "$OUT/heldout" --out "$OUT/eval"
+
+step "5/6 export to ONNX" \
+  $MEDSEG export "$OUT/run" "$OUT/model.onnx"
+
+step "6/6 predict again with onnxruntime" \
+  $MEDSEG predict "$OUT/model.onnx" "$OUT/heldout" "$OUT/pred_onnx"
+
+printf '\nreport: %s\n' "$PWD/$OUT/eval/report.html"

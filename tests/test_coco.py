@@ -173,3 +173,51 @@ def test_polygon_with_two_points(copy: Path):
 def test_missing_folder(tmp_path: Path):
     with pytest.raises(MedsegError, match="not a folder or a COCO JSON file"):
         get_reader("coco").scan(tmp_path / "nope")
+
+
+def _export_root(tmp_path: Path) -> Path:
+    """The fixture split like a Roboflow export: train/ with 4 images, valid/ with 2, one JSON each."""
+    doc = _doc()
+    root = tmp_path / "export"
+    for split, ims in (("train", doc["images"][:4]), ("valid", doc["images"][4:])):
+        (root / split).mkdir(parents=True)
+        ids = {im["id"] for im in ims}
+        for im in ims:
+            shutil.copyfile(COCO / im["file_name"], root / split / im["file_name"])
+        part = {**doc, "images": ims, "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}
+        (root / split / "_annotations.coco.json").write_text(json.dumps(part))
+    return root
+
+
+def test_export_root_with_split_folders(tmp_path: Path):
+    root = _export_root(tmp_path)
+    r = get_reader("coco", merge=False)
+    spec = r.scan(root)
+    one = r.scan(COCO)
+    # same cases, classes and masks as the single-JSON fixture; the split is remembered per case
+    assert sorted(c.id for c in spec.cases) == sorted(c.id for c in one.cases)
+    assert spec.classes == one.classes
+    assert [c.sources["split"] for c in spec.cases] == ["train"] * 4 + ["valid"] * 2
+    ref = {c.id: c for c in one.cases}
+    for c in spec.cases:
+        np.testing.assert_array_equal(r.load(spec, c).mask, r.load(one, ref[c.id]).mask)
+
+
+def test_export_root_errors(tmp_path: Path):
+    root = _export_root(tmp_path)
+    doc = json.loads((root / "valid" / "_annotations.coco.json").read_text())
+    doc["categories"][1]["name"] = "renamed"
+    (root / "valid" / "_annotations.coco.json").write_text(json.dumps(doc))
+    with pytest.raises(MedsegError, match="categories differ from those of .*train/_annotations.coco.json") as e:
+        get_reader("coco").scan(root)
+    assert e.value.path == str(root / "valid" / "_annotations.coco.json")
+    doc["categories"][1]["name"] = _doc()["categories"][1]["name"]
+    first = json.loads((root / "train" / "_annotations.coco.json").read_text())["images"][0]["file_name"]
+    doc["images"][0]["file_name"] = first  # the same image in both splits
+    shutil.copyfile(COCO / first, root / "valid" / first)
+    (root / "valid" / "_annotations.coco.json").write_text(json.dumps(doc))
+    with pytest.raises(MedsegError, match=f"two images named '{Path(first).stem}'") as e:
+        get_reader("coco").scan(root)
+    assert e.value.path == str(root / "valid" / first)
+    with pytest.raises(MedsegError, match="no COCO annotation file .* in the folder or its split folders"):
+        get_reader("coco").scan(tmp_path)

@@ -26,6 +26,14 @@ def test_relative_prepared_path_resolves_against_the_config_folder(tmp_path):
     assert cfg.train.steps_per_epoch == 250 and cfg.data.mode == "2d"
 
 
+def test_prepared_override_resolves_against_the_current_folder(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(sub, BASE), {"data.prepared": "data/prep"})
+    assert cfg.data.prepared == str(tmp_path / "data" / "prep")
+
+
 def test_unknown_key_is_an_error_naming_the_key_and_the_file(tmp_path):
     p = _write(tmp_path, {**BASE, "train": {"epohcs": 3}})
     with pytest.raises(MedsegError) as e:
@@ -85,12 +93,24 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/ ships no YAML"
-    from medseg.models import MODELS
+    from medseg.models import MODELS, model_info
 
+    names = {f.name for f in files}
+    # later stages and docs refer to these by name
+    assert {"uwmgi_25d_unet.yaml", "brain_coco_unet.yaml", "hippocampus_3d_unet.yaml", "lgg_unet.yaml"} <= names
     lgg = set()
     for f in files:
         cfg = load_config(f)
         assert cfg.model.name in MODELS, f
+        nd = 3 if cfg.data.mode == "3d" else 2
+        info = model_info(cfg.model.name, spatial_dims=nd, **cfg.model.kwargs)
+        assert nd in info["dims"], f
+        assert cfg.data.size is not None and all(s % info["required_divisor"] == 0 for s in cfg.data.size), f
+        assert cfg.data.prepared.startswith(str(root.parent / "prepared")), f
         if f.name.startswith("lgg_"):
             lgg.add(cfg.model.name)
     assert lgg == set(MODELS.names())  # one LGG config per registered model
+    uw = load_config(root / "uwmgi_25d_unet.yaml")
+    assert (uw.data.mode, uw.data.context, uw.loss.terms[0].name) == ("2.5d", 2, "dice_bce")
+    hip = load_config(root / "hippocampus_3d_unet.yaml")
+    assert hip.data.mode == "3d" and len(hip.data.size) == 3

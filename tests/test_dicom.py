@@ -155,3 +155,62 @@ def test_mask_size_differs(copy: Path):
 def test_missing_folder(tmp_path: Path):
     with pytest.raises(MedsegError, match="not a folder or a DICOM file"):
         get_reader("dicom").scan(tmp_path / "nope")
+
+
+def test_images_only_series():
+    r = get_reader("dicom")
+    spec = r.scan(DICOM / "series", require_masks=False)
+    assert not spec.has_masks and spec.classes == [] and [c.id for c in spec.cases] == ["hippo_t1"]
+    d = r.load(spec, spec.cases[0])
+    assert d.mask is None
+    np.testing.assert_array_equal(d.image[:, 0], np.asarray(nib.load(DICOM / "source.nii.gz").dataobj).transpose(2, 1, 0))
+
+
+def _slice_masks(folder: Path, names: list[str], binary: bool = False) -> np.ndarray:
+    """Write the fixture's label map as one PNG per slice (sorted position order); return it as (z, y, x)."""
+    from PIL import Image
+
+    lab = np.asarray(nib.load(DICOM / "masks" / "hippo_t1.nii.gz").dataobj).transpose(2, 1, 0)  # (z, row, col)
+    folder.mkdir(parents=True)
+    for z, name in enumerate(names):
+        Image.fromarray(((lab[z] == 1) * 255 if binary else lab[z]).astype(np.uint8)).save(folder / name)
+    return lab
+
+
+@pytest.mark.parametrize("naming", ["dicom_stems", "numbered"])
+def test_masks_as_image_folders(tmp_path: Path, naming: str):
+    # sorted by position the files run IM0035 .. IM0001 (written in reverse): slice z is IM{35 - z}
+    names = [f"IM{35 - z:04d}.png" for z in range(35)] if naming == "dicom_stems" else [f"{z}.png" for z in range(35)]
+    lab = _slice_masks(tmp_path / "m" / "hippo_t1", names)
+    r = get_reader("dicom", masks=str(tmp_path / "m"), classes="ant,post")
+    spec = r.scan(DICOM / "series")
+    assert spec.classes == ["ant", "post"] and spec.meta["label_values"] == [1, 2]
+    d = r.load(spec, spec.cases[0])
+    assert d.mask.shape == (35, 2, 52, 34)
+    for j, v in enumerate((1, 2)):
+        np.testing.assert_array_equal(d.mask[:, j], lab == v)
+
+
+def test_binary_mask_images(tmp_path: Path):
+    lab = _slice_masks(tmp_path / "m" / "hippo_t1", [f"s{z:02d}.png" for z in range(35)], binary=True)
+    r = get_reader("dicom", masks=str(tmp_path / "m"))
+    spec = r.scan(DICOM / "series")
+    assert spec.classes == ["label_1"]  # 0/255 -> one class
+    np.testing.assert_array_equal(r.load(spec, spec.cases[0]).mask[:, 0], lab == 1)
+
+
+def test_mask_image_folder_errors(tmp_path: Path):
+    from PIL import Image
+
+    folder = tmp_path / "m" / "hippo_t1"
+    _slice_masks(folder, [f"{z}.png" for z in range(35)])
+    (folder / "34.png").unlink()
+    with pytest.raises(MedsegError, match="mask folder has 34 images but the series has 35 slices") as e:
+        get_reader("dicom", masks=str(tmp_path / "m")).scan(DICOM / "series")
+    assert e.value.path == str(folder)
+    Image.fromarray(np.zeros((52, 30), np.uint8)).save(folder / "34.png")
+    r = get_reader("dicom", masks=str(tmp_path / "m"))
+    spec = r.scan(DICOM / "series")
+    with pytest.raises(MedsegError, match=r"mask size \(52, 30\) differs from the DICOM slice's \(52, 34\)") as e:
+        r.load(spec, spec.cases[0])
+    assert e.value.path == str(folder / "34.png")

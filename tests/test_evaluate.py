@@ -70,6 +70,10 @@ def test_lgg_folder_vs_prepared_schema_and_values(tmp_path: Path, lgg_prepared: 
     slices = read_csv(tmp_path / "ev" / "metrics_slices.csv")
     assert list(slices[0]) == SLICE_COLUMNS
     assert len(slices) == 8 and slices[0]["slice"] == "3"  # numeric slice order 3, 4, 9, 10
+    s0 = slices[0]  # case 0, first slice: the truth plus 20 false-positive pixels
+    tp0, pp0 = int(s0["truth_pixels"]), int(s0["pred_pixels"])
+    assert pp0 == tp0 + 20 and float(s0["dice"]) == pytest.approx(2 * tp0 / (2 * tp0 + 20))
+    assert float(s0["precision"]) == pytest.approx(tp0 / pp0) and float(s0["recall"]) == (1.0 if tp0 else 0.0)
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary == json.loads(json.dumps(s))
     for key in ("n_cases", "n_patients", "classes", "conventions", "dataset", "per_class", "per_patient",
@@ -78,6 +82,9 @@ def test_lgg_folder_vs_prepared_schema_and_values(tmp_path: Path, lgg_prepared: 
     assert summary["per_class"]["tumor"]["dice"]["mean"] == pytest.approx((float(r0["dice"]) + 0) / 2)
     assert summary["dataset"]["miou"] == pytest.approx((float(r0["iou"]) + 0) / 2)
     assert summary["conventions"]["empty"] == "skip"
+    per_slice = [float(r["precision"]) for r in slices if r["precision"] != ""]
+    assert summary["slices"]["tumor"]["precision"]["mean"] == pytest.approx(np.mean(per_slice))
+    assert summary["slices"]["tumor"]["recall"]["n"] == sum(r["recall"] != "" for r in slices)
     assert "report" not in summary["files"]
     # the same truth read from the native layout gives the same rows
     evaluate(tmp_path / "pred", LGG, out=tmp_path / "ev2", report=False)

@@ -150,3 +150,42 @@ def test_cli_postprocess_flags_and_errors(tmp_path):
     finally:
         sys.argv = old
     assert e.value.code == 2
+
+
+def test_cli_tta_flips_and_export_fold(tmp_path):
+    from typer.testing import CliRunner
+
+    from medseg import Segmenter
+    from medseg.cli import app
+    from medseg.inference.predict import parse_flips
+
+    assert parse_flips("-1; -2;-1,-2") == [[-1], [-2], [-1, -2]]
+    for bad in ("1", "-1,-1", "x", "-4"):
+        with pytest.raises(MedsegError, match=f"bad TTA flip '{bad}'"):
+            parse_flips(bad)
+    bp = make_bundle(tmp_path / "model.pt")
+    with pytest.raises(MedsegError, match=r"TTA flip \[-3\] is not a group of spatial axes of this 2D model"):
+        Segmenter.load(bp, tta=[[-3]])
+    data = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 2})
+    r = CliRunner().invoke(app, ["predict", str(bp), str(data), str(tmp_path / "out"), "--tta-flips", "-1,-2"])
+    assert r.exit_code == 0, r.output
+    assert "tta x2" in r.output.replace("\n", " ")  # identity + one flip group
+    img = np.stack([tifffile.imread(data / "TCGA_AA_0001_20000101" / f"TCGA_AA_0001_20000101_{i}.tif")
+                    for i in (1, 2)]).transpose(0, 3, 1, 2)
+    want = Segmenter.load(bp, tta=[[-1, -2]]).predict(img).mask[:, 0] * 255
+    got = np.stack([tifffile.imread(tmp_path / "out" / "TCGA_AA_0001_20000101" / f"TCGA_AA_0001_20000101_{i}_mask.tif")
+                    for i in (1, 2)])
+    np.testing.assert_array_equal(got, want)
+    r = CliRunner().invoke(app, ["predict", str(bp), str(data), str(tmp_path / "o2"), "--no-tta", "--tta-flips", "-1"])
+    assert isinstance(r.exception, MedsegError) and "contradict" in str(r.exception)
+    # export picks a fold of a k-fold run
+    run = tmp_path / "run"
+    for k in range(2):
+        make_bundle(run / f"fold_{k}" / "model.pt", seed=k)
+    r = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "f1.onnx"), "--folds", "1"])
+    assert r.exit_code == 0, r.output
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    np.testing.assert_allclose(
+        Segmenter.load(tmp_path / "f1.onnx", tta=False).predict(x, probabilities=True).prob.astype(np.float32),
+        Segmenter.load(run / "fold_1" / "model.pt", tta=False).predict(x, probabilities=True).prob.astype(np.float32),
+        atol=2e-3)

@@ -300,6 +300,82 @@ def test_3d_sliding_window_gaussian(tmp_path):
     assert 0 < one.mask.mean() < 1
 
 
+def test_z_slabs_see_the_windows_of_one_pass():
+    """Every kept slice of every slab is covered by exactly the windows of a whole-volume pass."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from medseg.inference.segmenter import z_slabs
+
+    def starts(size, roi, ov):
+        return [s[0].start for s in dense_patch_slices((size,), (roi,), _get_scan_interval((size,), (roi,), 1, (ov,)))]
+
+    rng = np.random.default_rng(0)
+    multi = 0
+    for _ in range(400):
+        roi, depth = int(rng.integers(2, 20)), int(rng.integers(1, 120))
+        ov, budget = float(rng.choice([0.0, 0.25, 0.5, 0.75])), int(rng.integers(1, 150))
+        slabs = z_slabs(depth, 1, roi, ov, budget)
+        assert [z for _, _, lo, hi in slabs for z in range(lo, hi)] == list(range(depth))
+        if len(slabs) == 1 or depth < roi:
+            continue
+        multi += 1
+        whole = starts(depth, roi, ov)
+        for a, b, lo, hi in slabs:
+            assert 0 <= a <= lo < hi <= b <= depth and b - a >= roi
+            mine = [a + s for s in starts(b - a, roi, ov)]
+            for z in range(lo, hi):
+                assert [s for s in mine if s <= z < s + roi] == [s for s in whole if s <= z < s + roi]
+    assert multi > 100
+    # the SLAB_BYTES note: 512 x 512 x 200, 1 input + 3 output channels (20 bytes a voxel), 32-slice windows
+    assert z_slabs(200, 512 * 512, 32, 0.5, 768 * 2**20 // 20) == [(0, 112, 0, 80), (48, 192, 80, 160), (128, 200, 160, 200)]
+
+
+def test_3d_slabs_equal_one_pass(tmp_path, monkeypatch):
+    import medseg.inference.segmenter as segmod
+    from medseg import Segmenter
+
+    bp = make_bundle(tmp_path / "3d.pt", channels=["mri"], spatial_dims=3,
+                     input={"mode": "3d", "size": [8, 16, 16]}, classes=("a", "b"))
+    image = np.random.default_rng(9).normal(100, 20, (37, 1, 16, 20)).astype(np.float32)
+    seg = Segmenter.load(bp, tta=False)
+    whole = seg.predict(image, probabilities=True)
+    used = []
+    real = segmod.z_slabs
+    monkeypatch.setattr(segmod, "z_slabs", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(segmod, "SLAB_BYTES", 4 * (1 + 3 + 1) * 16 * 20 * 10)  # 10 slices per slab
+    slabbed = seg.predict(image, probabilities=True)
+    assert len(used[0]) >= 3  # really streamed
+    np.testing.assert_allclose(slabbed.prob.astype(np.float32), whole.prob.astype(np.float32), atol=1e-3)
+    assert (slabbed.mask == whole.mask).mean() > 0.999 and 0 < whole.mask.mean() < 1
+
+
+def test_lightning_checkpoint_as_model(tmp_path):
+    """RUN/fold_K/checkpoints/*.ckpt: the checkpoint's weights with the fold's model.pt description."""
+    from medseg import Segmenter
+    from medseg.inference.bundle import load_bundle
+
+    fold = tmp_path / "run" / "fold_0"
+    make_bundle(fold / "model.pt", seed=0)
+    other = load_bundle(make_bundle(tmp_path / "other.pt", seed=5))  # same architecture, other weights
+    (fold / "checkpoints").mkdir()
+    ck = fold / "checkpoints" / "last.ckpt"
+    torch.save({"epoch": 7, "state_dict": {f"model.{k}": v for k, v in other["state_dict"].items()}}, ck)
+    image = np.random.default_rng(4).integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    seg = Segmenter.load(ck, tta=False)
+    assert seg.name == "fold_0/last"
+    got = seg.predict(image, probabilities=True).prob
+    np.testing.assert_array_equal(got, Segmenter.load(tmp_path / "other.pt", tta=False).predict(image, probabilities=True).prob)
+    assert not np.array_equal(got, Segmenter.load(fold / "model.pt", tta=False).predict(image, probabilities=True).prob)
+    torch.save({"epoch": 1, "state_dict": {"net.w": torch.zeros(1)}}, ck)
+    with pytest.raises(MedsegError, match=r"not a medseg training checkpoint \(no model\.\* weights") as e:
+        Segmenter.load(ck)
+    assert e.value.path == str(ck)
+    (fold / "model.pt").unlink()
+    with pytest.raises(MedsegError, match="a Lightning checkpoint needs its fold's model.pt"):
+        Segmenter.load(ck)
+
+
 # ----------------------------------------------------------------------------- the CLI function
 def test_predict_lgg_writes_masks_mirroring_input(tmp_path):
     from medseg.inference.predict import predict
@@ -574,6 +650,12 @@ def test_png_folder_round_trip_and_channel_mismatch(tmp_path):
     from medseg.inference.predict import predict
 
     rng = np.random.default_rng(11)
+    (tmp_path / "flat").mkdir()  # images straight in the folder: say where they must go
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(MedsegError, match="a folder of images is read from its images/ subfolder") as e:
+        predict(make_bundle(tmp_path / "g.pt", channels=["gray"]), tmp_path / "flat", tmp_path / "o")
+    assert e.value.path == str(tmp_path / "flat") and "masks are not needed" in str(e.value)
+    assert not (tmp_path / "o").exists()  # nothing written
     (tmp_path / "pngs" / "images").mkdir(parents=True)  # the folder reader's layout: ROOT/images/
     imgs = {"scan_a": rng.integers(0, 255, (30, 50), dtype=np.uint8), "scan_b": rng.integers(0, 255, (41, 27), dtype=np.uint8)}
     for stem, a in imgs.items():

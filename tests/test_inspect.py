@@ -38,7 +38,8 @@ def test_rows_and_table(lgg: Path, tmp_path: Path):
     assert rows["shape (z, c, h, w)"] == "4 x 3 x 256 x 256"
     assert rows["spacing (z, y, x) mm"] == "1 x 1 x 1"
     assert rows["folds (val cases)"] == "1, 1"
-    assert rows["intensity FLAIR"].startswith("p0.5..p99.5 ")
+    flair = np.stack([tifffile.imread(p)[..., 1] for p in sorted(TINY.rglob("*.tif")) if not p.name.endswith("_mask.tif")])
+    assert rows["intensity FLAIR"].startswith(f"range {flair.min()}..{flair.max()}, p0.5..p99.5 ")
     for k, v in rows.items():
         assert k in text and v in text
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -47,13 +48,17 @@ def test_rows_and_table(lgg: Path, tmp_path: Path):
     assert f"overlay -> {png}" in " ".join(text.split())
 
 
-def test_top_slices_have_most_foreground(lgg: Path):
+def test_top_slices_one_per_case_first(lgg: Path):
     ds = PreparedDataset.open(lgg)
+    fg = {(i, z): int(np.asarray(ds.mask(i)[z]).sum()) for i in range(len(ds)) for z in range(4)}
+    best = {i: max(fg[i, z] for z in range(4)) for i in range(len(ds))}
     picks = top_slices(ds, 3)
-    counts = sorted((int(np.asarray(ds.mask(i)[z]).sum()) for i in range(len(ds)) for z in range(4)), reverse=True)
-    assert [p[0] for p in picks] == counts[:3]
+    # first the best slice of each case (largest first), then the best remaining slice overall
+    assert [(p[1], p[0]) for p in picks[:2]] == sorted(best.items(), key=lambda t: -t[1])
+    first_two = {(p[1], p[2]) for p in picks[:2]}
+    assert picks[2][0] == max(v for k, v in fg.items() if k not in first_two)
     for n, i, z in picks:
-        assert int(np.asarray(ds.mask(i)[z]).sum()) == n
+        assert fg[i, z] == n
 
 
 def test_not_a_prepared_dataset(tmp_path: Path):

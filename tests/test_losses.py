@@ -72,3 +72,38 @@ def test_bad_combinations_are_clear_errors():
         build_loss(LossConfig(terms=[{"name": "bce"}]), "multiclass", ["a"])
     with pytest.raises(MedsegError, match="class_weights has 1 values; this multiclass task needs 2"):
         build_loss(LossConfig(terms=[{"name": "ce"}], class_weights=[1.0]), "multiclass", ["a"])
+
+
+def test_auto_class_weights_reach_the_ce_term():
+    fp = {"classes": {"a": {"voxel_fraction": 0.04}, "b": {"voxel_fraction": 0.01}}}
+    torch.manual_seed(1)
+    target = torch.zeros(2, 2, 6, 6)
+    target[:, 0, :2] = 1
+    target[:, 1, 4:] = 1
+    logits = torch.randn(2, 3, 6, 6)
+    loss = build_loss(LossConfig(terms=[{"name": "ce"}], class_weights="auto"), "multiclass", ["a", "b"], fp)
+    w = torch.tensor(class_weights_from_fingerprint(fp, ["a", "b"], "multiclass"))
+    expect = torch.nn.functional.cross_entropy(logits, labelmap(target)[:, 0].long(), weight=w)
+    assert float(loss(logits, target)) == pytest.approx(float(expect), rel=1e-6)
+    with pytest.raises(MedsegError, match="needs class frequencies"):
+        build_loss(LossConfig(terms=[{"name": "ce"}], class_weights="auto"), "multiclass", ["a", "b"], {})
+
+
+def test_weighted_combination_of_multiclass_focal_and_tversky():
+    target = torch.zeros(1, 2, 8, 8)
+    target[:, 0, :3] = 1
+    target[:, 1, 5:] = 1
+    perfect = _perfect_logits(labelmap(target)[:, 0].long(), 3)
+    cfg = LossConfig(terms=[{"name": "focal", "weight": 0.5}, {"name": "tversky", "weight": 2.0, "kwargs": {"alpha": 0.3, "beta": 0.7}}],
+                     class_weights=[0.5, 1.0, 2.0])
+    combo = build_loss(cfg, "multiclass", ["a", "b"])
+    assert combo.names == ["focal", "tversky"] and combo.weights == [0.5, 2.0]
+    assert float(combo(perfect, target)) < 1e-4
+    # a uniform prediction: Tversky index of a 1/3 probability everywhere, by hand
+    flat = torch.zeros(1, 3, 8, 8)
+    tv = build_loss(LossConfig(terms=[{"name": "tversky", "kwargs": {"alpha": 0.3, "beta": 0.7}}]), "multiclass", ["a", "b"])
+    onehot = torch.cat([1 - target.sum(1, keepdim=True), target], 1)
+    p = 1 / 3
+    tp, fp_, fn = (p * onehot).sum((0, 2, 3)), (p * (1 - onehot)).sum((0, 2, 3)), ((1 - p) * onehot).sum((0, 2, 3))
+    expect = float((1 - tp / (tp + 0.3 * fp_ + 0.7 * fn)).mean())
+    assert float(tv(flat, target)) == pytest.approx(expect, rel=1e-4)

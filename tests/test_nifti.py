@@ -182,3 +182,77 @@ def test_write_back_keeps_qform_sform_codes(tmp_path: Path, codes: tuple[int, in
     np.testing.assert_allclose(back.affine, ref.affine)
     lab = np.asarray(back.dataobj)
     assert lab.shape == (4, 5, 6) and lab[3, 2, 1] == 1 and lab[0, 4, 5] == 2 and lab.sum() == 3
+
+
+def _pairs_layout(tmp_path: Path) -> Path:
+    """Images and labels in folders that do not follow MSD naming, listed in a CSV."""
+    root = tmp_path / "pairs"
+    (root / "scans").mkdir(parents=True)
+    (root / "segs").mkdir()
+    for i, c in enumerate(("hippocampus_004", "hippocampus_001")):
+        shutil.copyfile(NIFTI / "imagesTr" / f"{c}.nii.gz", root / "scans" / f"img{i}.nii.gz")
+        # uncompressed .nii: a list may mix both extensions
+        (root / "segs" / f"seg_{c}.nii").write_bytes(gzip.decompress((NIFTI / "labelsTr" / f"{c}.nii.gz").read_bytes()))
+    return root
+
+
+def test_list_of_pairs_csv(tmp_path: Path):
+    root = _pairs_layout(tmp_path)
+    (root / "pairs.csv").write_text(
+        "image,label,id,patient\n"
+        "scans/img0.nii.gz,segs/seg_hippocampus_004.nii,h4,p1\n"
+        f"{root / 'scans' / 'img1.nii.gz'},segs/seg_hippocampus_001.nii,,\n"
+    )
+    r = get_reader("nifti", classes="ant,post")
+    spec = r.scan(root / "pairs.csv")
+    assert [c.id for c in spec.cases] == ["h4", "img1"]  # listed order; id column, else the image stem
+    assert [c.patient for c in spec.cases] == ["p1", "img1"]
+    assert spec.classes == ["ant", "post"] and spec.meta["label_values"] == [1, 2] and spec.channels == ["image"]
+    d = r.load(spec, spec.cases[0])
+    img = nib.load(NIFTI / "imagesTr" / "hippocampus_004.nii.gz")
+    lab = np.asarray(nib.load(NIFTI / "labelsTr" / "hippocampus_004.nii.gz").dataobj)
+    np.testing.assert_array_equal(d.image[:, 0], np.asarray(img.dataobj).transpose(2, 1, 0))
+    np.testing.assert_array_equal(d.mask[:, 1], (lab == 2).transpose(2, 1, 0))
+    np.testing.assert_array_equal(d.affine, img.affine)
+    # the same list given as option pairs (relative to ROOT) with ROOT a folder
+    assert [c.id for c in get_reader("nifti", pairs="pairs.csv").scan(root).cases] == ["h4", "img1"]
+
+
+def test_list_of_pairs_json_msd_dataset_json(copy: Path):
+    # an MSD dataset.json is itself a list of pairs ("training") with label names
+    spec = get_reader("nifti").scan(copy / "dataset.json")
+    assert [c.id for c in spec.cases] == ["hippocampus_001", "hippocampus_003", "hippocampus_004"]
+    assert spec.classes == ["Anterior", "Posterior"] and spec.channels == ["MRI"]
+    (copy / "list.json").write_text(json.dumps([{"image": "imagesTr/hippocampus_003.nii.gz", "label": "labelsTr/hippocampus_003.nii.gz"}]))
+    r = get_reader("nifti")
+    spec = r.scan(copy / "list.json")
+    assert [c.id for c in spec.cases] == ["hippocampus_003"] and spec.classes == ["label_1", "label_2"]
+    assert r.load(spec, spec.cases[0]).mask.shape[1] == 2
+    spec = r.scan(copy / "list.json", require_masks=False)
+    assert spec.cases[0].sources["label"] is None and spec.classes == []
+
+
+@pytest.mark.parametrize(
+    "text, match, culprit",
+    [
+        ("image,label\nscans/nope.nii.gz,segs/seg_hippocampus_004.nii\n", r"image listed in pairs.csv \(line 2\) does not exist", "scans/nope.nii.gz"),
+        ("image,label\nscans/img0.nii.gz,segs/nope.nii\n", r"label listed in pairs.csv \(line 2\) does not exist", "segs/nope.nii"),
+        ("image,label\nscans/img0.nii.gz,\n", r"line 2: image scans/img0.nii.gz has no label \(use --images-only", "pairs.csv"),
+        ("image,label\nscans/img0.nii.gz,segs/seg_hippocampus_004.nii\nscans/img0.nii.gz,segs/seg_hippocampus_001.nii\n",
+         r"line 3: case id 'img0' is used twice \(also line 2\)", "pairs.csv"),
+        ("img,lab\na,b\n", r"csv has no image column \(header: img,lab", "pairs.csv"),
+        ("image,label\n", r"the list of pairs is empty", "pairs.csv"),
+    ],
+)
+def test_list_of_pairs_errors(tmp_path: Path, text: str, match: str, culprit: str):
+    root = _pairs_layout(tmp_path)
+    (root / "pairs.csv").write_text(text)
+    with pytest.raises(MedsegError, match=match) as e:
+        get_reader("nifti").scan(root / "pairs.csv")
+    assert e.value.path == str(root / culprit)
+
+
+def test_list_of_pairs_option_missing(tmp_path: Path):
+    with pytest.raises(MedsegError, match="list of pairs not found") as e:
+        get_reader("nifti", pairs="nope.csv").scan(tmp_path)
+    assert e.value.path == str(tmp_path / "nope.csv")

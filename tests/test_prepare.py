@@ -201,3 +201,136 @@ def test_end_to_end_real_lgg(tmp_path: Path):
     splits = ds.splits()
     assert splits["k"] == 5
     assert sorted(i for f in splits["folds"] for i in f["val"]) == sorted(c.id for c in ds.cases)
+
+
+# --- every bad input of the issue, through the CLI entry point: `error: <path>: <message>`, exit 2 ---
+LGG_CASE = "TCGA_CS_5393_19990606"
+
+
+def _lgg(tmp: Path) -> tuple[Path, Path]:
+    src = tmp / "kaggle_3m"
+    shutil.copytree(TINY, src)
+    return src, src / LGG_CASE / f"{LGG_CASE}_9"
+
+
+def _bad_missing_folder(tmp):
+    return ["lgg", tmp / "nope"], tmp / "nope", "input does not exist"
+
+
+def _bad_image_without_mask(tmp):
+    src, stem = _lgg(tmp)
+    Path(f"{stem}_mask.tif").unlink()
+    return ["lgg", src], f"{stem}.tif", f"image without a mask (expected {LGG_CASE}_9_mask.tif)"
+
+
+def _bad_mask_without_image(tmp):
+    src, stem = _lgg(tmp)
+    Path(f"{stem}.tif").unlink()
+    return ["lgg", src], f"{stem}_mask.tif", "mask without an image"
+
+
+def _bad_size_mismatch(tmp):
+    src, stem = _lgg(tmp)
+    tifffile.imwrite(f"{stem}_mask.tif", np.zeros((128, 128), np.uint8))
+    return ["lgg", src], f"{stem}_mask.tif", "mask size (128, 128) differs from its image's (256, 256)"
+
+
+def _bad_corrupt_image(tmp):
+    src, stem = _lgg(tmp)
+    Path(f"{stem}.tif").write_bytes(b"this is not a TIFF file")
+    return ["lgg", src], f"{stem}.tif", "cannot read TIFF (TiffFileError: not a TIFF file"
+
+
+def _bad_truncated_image(tmp):
+    src, stem = _lgg(tmp)
+    p = Path(f"{stem}.tif")
+    p.write_bytes(p.read_bytes()[:-3000])
+    return ["lgg", src], p, "cannot read TIFF ("
+
+
+def _uwmgi_rle(tmp, rle: str):
+    src = tmp / "uwmgi"
+    shutil.copytree(FIXTURES / "uwmgi", src)
+    lines = (src / "train.csv").read_text().splitlines()
+    assert lines[1] == "case11_day12_slice_0039,large_bowel,"
+    lines[1] += rle
+    (src / "train.csv").write_text("\n".join(lines) + "\n")
+    return ["uwmgi", src], src / "train.csv", "bad RLE for id case11_day12_slice_0039, class large_bowel: "
+
+
+def _bad_rle_malformed(tmp):
+    argv, path, msg = _uwmgi_rle(tmp, "10 5 2x 3")
+    return argv, path, msg + "token 3 ('2x') is not a non-negative integer (run 2)"
+
+
+def _bad_rle_out_of_range(tmp):
+    argv, path, msg = _uwmgi_rle(tmp, "54750 10")  # 234 x 234 = 54756 pixels
+    return argv, path, msg + "run 1 (start 54750, length 10) ends at pixel 54759, past the image end (54756 pixels)"
+
+
+def _bad_rle_unsorted(tmp):
+    argv, path, msg = _uwmgi_rle(tmp, "100 5 20 5")
+    return argv, path, msg + "run 2: start 20 is not after run 1's start 100 (starts must be strictly increasing)"
+
+
+def _coco(tmp):
+    src = tmp / "coco"
+    shutil.copytree(FIXTURES / "coco", src)
+    return src, json.loads((src / "_annotations.coco.json").read_text())
+
+
+def _bad_coco_annotation_to_missing_image(tmp):
+    src, doc = _coco(tmp)
+    doc["annotations"][1]["image_id"] = 999
+    (src / "_annotations.coco.json").write_text(json.dumps(doc))
+    return ["coco", src], src / "_annotations.coco.json", "annotation 2 points at image id 999, which is not in 'images'"
+
+
+def _bad_coco_image_file_missing(tmp):
+    src, doc = _coco(tmp)
+    missing = src / doc["images"][2]["file_name"]
+    missing.unlink()
+    return ["coco", src], missing, "image file of image id 4 is missing"
+
+
+def _bad_unknown_format(tmp):
+    return ["lgg2", TINY], None, "unknown format 'lgg2'; known: coco, dicom, folder, lgg, nifti, uwmgi (did you mean 'lgg'?)"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _bad_missing_folder, _bad_image_without_mask, _bad_mask_without_image, _bad_size_mismatch,
+        _bad_corrupt_image, _bad_truncated_image, _bad_rle_malformed, _bad_rle_out_of_range, _bad_rle_unsorted,
+        _bad_coco_annotation_to_missing_image, _bad_coco_image_file_missing, _bad_unknown_format,
+    ],
+    ids=lambda f: f.__name__[5:],
+)
+def test_bad_input_cli_error_and_exit_2(make, tmp_path: Path, monkeypatch, capsys):
+    from medseg.cli import main
+
+    args, path, message = make(tmp_path)
+    out = tmp_path / "prepared"
+    monkeypatch.setattr(sys, "argv", ["medseg", "prepare", *map(str, args), str(out), "--workers", "1", "--folds", "2"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    expected = f"error: {path}: {message}" if path is not None else f"error: {message}"
+    assert err.startswith(expected), err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob("prepared.partial-*"))
+
+
+def test_overwrite_never_replaces_something_that_is_not_a_prepared_dataset(tmp_path: Path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(MedsegError, match="output exists and is a file, not a prepared dataset; refusing to replace it"):
+        prepare("lgg", TINY, f, workers=1, folds=2, overwrite=True)
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "scan.tif").write_text("mine too")
+    with pytest.raises(MedsegError, match="output exists and is not a prepared dataset; refusing to replace it"):
+        prepare("lgg", TINY, d, workers=1, folds=2, overwrite=True)
+    assert f.read_text() == "mine" and (d / "scan.tif").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]

@@ -80,7 +80,8 @@ def test_pick_cases():
 def test_report_sections_and_self_contained(tmp_path: Path):
     text = make_report(tmp_path).read_text()
     p = Parsed(text)
-    for section in ("summary", "summary-table", "plots", "examples", "curves", "cases", "cases-table", "conventions"):
+    for section in ("summary", "summary-table", "patient-table", "plots", "examples", "curves", "cases", "cases-table",
+                    "conventions"):
         assert section in p.ids, section
     assert p.rows == 1 + 5 * 2  # header + one row per case x class
     assert p.links == []  # nothing fetched: no external script, stylesheet or link

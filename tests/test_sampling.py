@@ -90,3 +90,35 @@ def test_random_augmentation_keeps_masks_binary_and_is_seeded():
     assert off[0] is img and off[1] is msk
     a3 = augment_batch(torch.randn(2, 1, 8, 16, 16), torch.ones(2, 1, 8, 16, 16, dtype=torch.uint8), cfg, torch.Generator())
     assert a3[0].shape == (2, 1, 8, 16, 16)
+
+
+def test_25d_training_stack_is_the_validation_stack_of_its_slice(syn):
+    # whole slices, no oversampling: each training item must be one row of the validation (= inference) input
+    cfg = DataConfig(prepared=str(syn), mode="2.5d", context=1, stride=2, fg_oversample=0.0)
+    s = TrainSamples(str(syn), ["case01"], cfg, seed=0, norm={"mode": "zscore_case"})
+    v = ValCases(str(syn), ["case01"], cfg, {"mode": "zscore_case"})[0]
+    assert v["image"].shape == (5, 3, 24, 24)
+    seen = set()
+    for g in range(12):
+        x, y = s[g]
+        hits = [z for z in range(5) if torch.equal(x, v["image"][z])]
+        assert len(hits) == 1, g
+        assert torch.equal(y, v["mask"][hits[0]])
+        seen.add(hits[0])
+    assert len(seen) > 1
+    # stack of slice 1 at stride 2: slices -1 (clamped to 0), 1, 3
+    raw = v["image"][1]
+    assert torch.equal(raw[0], v["image"][0, 1]) and torch.equal(raw[2], v["image"][3, 1])
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 32, 32), (2, 1, 8, 16, 16)])
+def test_spatial_augmentation_moves_image_and_mask_identically(shape):
+    # image = mask: after rotation, scaling, flips and grid distortion through the same grid,
+    # thresholding the image must give exactly the augmented mask
+    cfg = AugmentConfig(flip=0.5, rotate=1.0, scale=1.0, elastic=1.0, elastic_magnitude=0.05, gamma=0, contrast=0, noise=0)
+    msk = torch.zeros(shape, dtype=torch.uint8)
+    msk[..., 4:12, 3:9] = 1
+    msk[..., 20:, 10:] = 1
+    xi, mi = augment_batch(msk.float(), msk, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal((xi > 0.5).to(torch.uint8), mi)
+    assert not torch.equal(mi, msk) and int(mi.sum()) > 0

@@ -34,8 +34,23 @@ def test_split_properties(n_patients, cases_per, k, seed, data):
     # balanced patient counts and stratified foreground
     sizes = [len({owner[c] for c in v}) for v in vals]
     assert max(sizes) - min(sizes) <= 1
-    # deterministic
+    pat_fg = {p: any(f for q, f in zip(patients, fg) if q == p) for p in set(patients)}
+    fg_sizes = [sum(pat_fg[p] for p in {owner[c] for c in v}) for v in vals]
+    assert max(fg_sizes) - min(fg_sizes) <= 1
+    # deterministic, and independent of the order the cases were listed in (file-system order varies)
     assert make_splits(cases, patients, fg, k=k, seed=seed) == s
+    perm = data.draw(st.permutations(range(len(cases))))
+    s2 = make_splits([cases[i] for i in perm], [patients[i] for i in perm], [fg[i] for i in perm], k=k, seed=seed)
+    assert s2["patient_fold"] == s["patient_fold"]
+    assert [set(f["val"]) for f in s2["folds"]] == vals
+
+
+def test_seed_changes_the_assignment_and_is_recorded():
+    patients = [f"p{i}" for i in range(20)]
+    a = make_splits(patients, patients, [i % 2 == 0 for i in range(20)], k=5, seed=0)
+    b = make_splits(patients, patients, [i % 2 == 0 for i in range(20)], k=5, seed=1)
+    assert a["patient_fold"] != b["patient_fold"]
+    assert (a["seed"], b["seed"], a["k"], a["grouped_by"]) == (0, 1, 5, "patient")
 
 
 def test_stratification_spreads_foreground():

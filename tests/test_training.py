@@ -38,6 +38,9 @@ def _cfg(tmp: Path, prepared: Path, **over) -> Path:
         "train": {"epochs": 2, "steps_per_epoch": 3, "seed": 1},
     }
     for k, v in over.items():
+        if "__" not in k:  # a whole section
+            doc[k] = v
+            continue
         sec, key = k.split("__")
         doc.setdefault(sec, {})[key] = v
     p = tmp / "exp.yaml"
@@ -167,6 +170,9 @@ def test_bad_inputs_fail_before_training(tmp_path, syn):
         train(cfg, overrides={"loss.terms": "[{name: dice_bce}]"}, out=tmp_path / "r")
     with pytest.raises(MedsegError, match=r"data.size \[30, 30\] must be divisible by 4"):
         train(cfg, overrides={"data.size": "[30, 30]"}, out=tmp_path / "r")
+    odd = make_synthetic(tmp_path / "odd", n_patients=4, slices=2, size=30)
+    with pytest.raises(MedsegError, match=r"slices are 30x30, not divisible by 4 for model 'unet': set data.size"):
+        train(cfg, overrides={"data.prepared": str(odd), "data.size": "null"}, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
     run = tmp_path / "ok"
     train(cfg, out=run, overrides={"train.epochs": "1", "train.steps_per_epoch": "1"})
@@ -179,34 +185,61 @@ def test_bad_inputs_fail_before_training(tmp_path, syn):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume(tmp_path, syn):
-    """End-to-end through the CLI: SIGKILL once a last.ckpt exists, the checkpoint loads and --resume finishes."""
+def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
+    """End-to-end through the CLI: Ctrl-C (SIGINT), then SIGKILL, each once a last.ckpt exists; the
+    checkpoint stays loadable, the run dir stays whole, and --resume goes on to the end."""
     cfg = _cfg(tmp_path, syn, train__epochs=40, train__steps_per_epoch=10, schedule__name="constant")
     run = tmp_path / "run"
-    code = "import sys, torch; torch.set_num_threads(1); from medseg.cli import main; sys.argv[0]='medseg'; main()"
-    cmd = [sys.executable, "-c", code, "train", str(cfg), "--out", str(run)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = run / "fold_0" / "checkpoints" / "last.ckpt"
-    t0 = time.time()
-    try:
-        while time.time() - t0 < 60 and not (last.exists() and len(_rows(run)) >= 2) and p.poll() is None:
-            time.sleep(0.05)
-        assert p.poll() is None, "training finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-    finally:
-        p.wait()
-    ck = torch.load(last, map_location="cpu", weights_only=False)
-    done = ck["epoch"] + 1  # Lightning stores the 0-based index of the epoch that just ended
-    assert 1 <= done < 40
-    assert not list((run / "fold_0" / "checkpoints").glob("*.tmp*"))
-    rows = _rows(run)  # the CSV is whole (atomic rewrite)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
-    out = subprocess.run([sys.executable, "-c", code, "train", str(cfg), "--out", str(run), "--resume",
-                          "--set", "train.epochs=" + str(done + 2)], env=env, capture_output=True, text=True, timeout=60)
+    code = "import sys, torch; torch.set_num_threads(1); from medseg.cli import main; sys.argv[0]='medseg'; main()"
+    base = [sys.executable, "-c", code, "train", str(cfg), "--out", str(run)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def run_then(sig: int, extra: list[str], min_rows: int) -> tuple[int, str]:
+        log = tmp_path / f"log{sig}.txt"
+        with log.open("w") as fh:
+            p = subprocess.Popen(base + extra, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            t0 = time.time()
+            try:
+                while (time.time() - t0 < 90 and p.poll() is None
+                       and not (last.exists() and (run / "fold_0" / "metrics.csv").exists() and len(_rows(run)) >= min_rows)):
+                    time.sleep(0.05)
+                assert p.poll() is None, "training finished before it could be killed:\n" + log.read_text()
+                p.send_signal(sig)
+                rc = p.wait(timeout=60)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        return rc, log.read_text()
+
+    def check_whole() -> int:
+        ck = torch.load(last, map_location="cpu", weights_only=False)  # loadable
+        done = ck["epoch"] + 1  # Lightning stores the 0-based index of the epoch that just ended
+        assert 1 <= done < 40
+        rows = _rows(run)  # the CSV is whole (atomic rewrite), one row per finished epoch
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+        assert len(rows) in (done, done + 1)  # a row may be written just before its checkpoint
+        return done
+
+    rc, log = run_then(signal.SIGINT, [], 1)
+    assert rc == 130, log
+    assert "interrupted; last checkpoint: " in log and "continue with --resume" in log
+    assert "Traceback" not in log
+    first = check_whole()
+    # first + 2 rows: the resumed process has written a row after a checkpoint beyond ``first``
+    # (the CSV may already hold row first + 1 from before the interrupt)
+    rc, _ = run_then(signal.SIGKILL, ["--resume"], first + 2)
+    assert rc == -signal.SIGKILL
+    done = check_whole()
+    assert done > first
+    out = subprocess.run(base + ["--resume", "--set", "train.epochs=" + str(done + 2)], env=env, capture_output=True,
+                         text=True, timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [int(r["epoch"]) for r in _rows(run)] == list(range(1, done + 3))
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 == done + 2
+    # nothing half-written is left in the run dir
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
 
 
 @pytest.mark.parametrize("mode", ["2.5d", "3d"])
@@ -240,3 +273,117 @@ def test_validation_every_n_epochs_and_always_after_the_last(tmp_path, syn):
     rows = _rows(run)
     assert [r["val_dice_mean"] != "" for r in rows] == [False, True, True]
     assert rows[0]["val_loss"] == "" and rows[0]["train_loss"] != ""
+
+
+def test_fold_all_trains_each_fold_and_writes_the_cv_summary(tmp_path, syn):
+    import json
+
+    from medseg.training.run import train
+
+    run = tmp_path / "cv"
+    res = train(_cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=1), fold="all", out=run)
+    assert sorted(res) == ["0", "1"]
+    summary = json.loads((run / "cv_summary.json").read_text())
+    best = [max(float(r["val_dice_mean"]) for r in _rows(run, k)) for k in (0, 1)]
+    assert summary["folds"]["1"]["val_dice_mean"] == pytest.approx(best[1])
+    assert summary["mean"]["val_dice_mean"] == pytest.approx(np.mean(best))
+    assert summary["std"]["val_dice_mean"] == pytest.approx(np.std(best))
+    assert set(summary["mean"]) == {"val_dice_disc", "val_dice_square", "val_dice_mean"}
+    for k in (0, 1):
+        assert (run / f"fold_{k}" / "model.pt").is_file()
+    # each fold validated on its own patients
+    from medseg.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.open(syn)
+    for k in (0, 1):
+        assert sorted(p.stem for p in (run / f"fold_{k}" / "val_predictions").glob("*.npz")) == sorted(ds.fold(k)[1])
+
+
+def test_early_stopping_stops_after_patience_validations(tmp_path, syn):
+    from medseg.training.run import train
+
+    run = tmp_path / "es"
+    # min_delta 1.0: no Dice can improve by more than 1, so the 2nd validation is the first without progress
+    train(_cfg(tmp_path, syn, train__epochs=5, train__steps_per_epoch=1,
+               train__early_stopping={"patience": 1, "min_delta": 1.0}), out=run)
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_ema_bundle_holds_the_scored_averaged_weights(tmp_path, syn):
+    from medseg.inference.bundle import load_bundle
+    from medseg.training.run import train
+
+    run = tmp_path / "ema"
+    train(_cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=3, train__ema=0.5), out=run)
+    ck = torch.load(run / "fold_0" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    avg = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    raw = {k[len("model."):]: v for k, v in ck["current_model_state"].items() if k.startswith("model.")}
+    sd = load_bundle(run / "fold_0" / "model.pt")["state_dict"]
+    assert sd.keys() == avg.keys()
+    for k in sd:
+        assert torch.equal(sd[k], avg[k].float() if avg[k].is_floating_point() else avg[k]), k
+    assert any(not torch.equal(avg[k], raw[k]) for k in avg if avg[k].is_floating_point())
+
+
+def test_accumulation_counts_optimizer_steps_and_poly_warmup_reaches_the_floor(tmp_path, syn):
+    from medseg.config import load_config
+    from medseg.training.run import precision_for, train
+
+    cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=4, train__accumulate=2,
+               optim={"name": "sgd", "lr": 0.01}, schedule={"name": "poly", "warmup_epochs": 0.5, "min_lr_ratio": 0.01})
+    run = tmp_path / "acc"
+    train(cfg, out=run)
+    row = _rows(run)[0]
+    # 4 batches / accumulate 2 = 2 optimizer steps; warm-up 1 step, then poly to the floor at step 2
+    assert row["step"] == "2"
+    assert float(row["lr"]) == pytest.approx(0.01 * 0.01)
+    assert precision_for(load_config(cfg), "cpu") == "32-true"
+    assert precision_for(load_config(cfg, {"train.precision": "bf16-mixed"}), "cpu") == "bf16-mixed"
+
+
+def test_cli_reports_config_errors_on_one_line_and_exits_2(tmp_path, syn, capsys, monkeypatch):
+    from medseg.cli import main
+
+    cfg = _cfg(tmp_path, syn)
+    monkeypatch.setattr(sys, "argv", ["medseg", "train", str(cfg), "--set", "train.epohcs=3", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {cfg}: unknown key 'train.epohcs'\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_patient_dice_pools_each_patients_cases_and_skips_empty_pairs():
+    from types import SimpleNamespace
+
+    from medseg.training.module import SegModule
+
+    a = np.array
+    stats = [("p1", a([2, 0]), a([3, 0]), a([3, 0])),  # (patient, intersection, |pred|, |truth|) per class
+             ("p1", a([1, 0]), a([1, 0]), a([2, 0])),
+             ("p2", a([0, 1]), a([2, 1]), a([0, 1]))]
+    d = SegModule.patient_dice(SimpleNamespace(_val_stats=stats))
+    # p1 class 0 over both cases: 2*3 / (4 + 5); class 1 empty in truth and prediction: skipped (NaN)
+    assert d.shape == (2, 2)
+    assert d[0, 0] == pytest.approx(6 / 9) and math.isnan(d[0, 1])
+    assert d[1].tolist() == [0.0, 1.0]
+
+
+def test_checkpoint_writes_replace_the_old_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    from medseg.training.callbacks import atomic_checkpoint_io
+
+    io = atomic_checkpoint_io()
+    p = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, p)
+    assert torch.load(p, weights_only=False)["epoch"] == 1
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2}, p)
+    monkeypatch.undo()
+    assert torch.load(p, weights_only=False)["epoch"] == 1  # the old checkpoint, whole
+    assert [q.name for q in p.parent.iterdir()] == ["last.ckpt"]

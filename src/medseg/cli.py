@@ -50,7 +50,7 @@ def prepare(
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value (repeatable)"),
     folds: int = typer.Option(5, help="number of patient-level folds"),
     seed: int = typer.Option(0, help="seed of the fold assignment"),
-    workers: Optional[int] = typer.Option(None, help="worker processes (default: CPU count)"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: min(CPU count, 4)); 1 reads in this process"),
     images_only: bool = typer.Option(False, "--images-only", help="no masks (data to predict on)"),
     overwrite: bool = typer.Option(False, help="replace an existing prepared dataset"),
 ) -> None:
@@ -102,9 +102,13 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
 ) -> None:
     """Train a model on a prepared dataset."""
-    from medseg.training.run import train as run_train
+    from medseg.training.run import TrainingInterrupted, train as run_train
 
-    run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+    try:
+        run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(130) from None  # the shell's convention for SIGINT
 
 
 @app.command()
@@ -135,6 +139,7 @@ def predict(
     format: Optional[str] = typer.Option(None, help="reader for INPUT (guessed if absent)"),
     folds: str = typer.Option("best", help="'all' to ensemble every fold of a k-fold run"),
     tta: Optional[bool] = typer.Option(None, help="flip test-time augmentation (default: the model's)"),
+    tta_flips: Optional[str] = typer.Option(None, help="TTA flips: axis groups, e.g. '-1;-2;-1,-2' (-1 width, -2 height, -3 depth); implies --tta"),
     save_probabilities: bool = typer.Option(False, help="also write probability maps"),
     overwrite: bool = typer.Option(False, help="allow writing into a folder that holds results"),
     backend: str = typer.Option("auto", help="auto (onnxruntime for .onnx, else PyTorch), torch or onnx"),
@@ -144,9 +149,13 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="multilabel decision threshold for every class"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
-    from medseg.inference.predict import predict as run_predict
+    from medseg.inference.predict import parse_flips, predict as run_predict
 
     pp = {"min_size": min_size, "largest_cc": largest_cc, "presence": presence, "thresholds": threshold}
+    if tta_flips is not None:
+        if tta is False:
+            raise MedsegError("--tta-flips and --no-tta contradict each other")
+        tta = parse_flips(tta_flips)
     run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
                 save_probabilities=save_probabilities, overwrite=overwrite, console=console,
                 backend=backend, postprocess=pp)
@@ -157,11 +166,12 @@ def export(
     model: str = typer.Argument(..., help="run directory, checkpoint or shipped model name"),
     output: Path = typer.Argument(..., help="the .onnx file to write (a .json of pre/post-processing beside it)"),
     opset: int = typer.Option(17, help="ONNX opset"),
+    folds: str = typer.Option("best", help="which fold of a k-fold run: 'best' or its index"),
 ) -> None:
     """Export a model to ONNX with its pre- and post-processing description."""
     from medseg.inference.export import export_onnx
 
-    export_onnx(model, output, opset=opset, console=console)
+    export_onnx(model, output, opset=opset, console=console, folds=folds)
 
 
 def main() -> None:

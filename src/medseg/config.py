@@ -3,7 +3,8 @@
     cfg = load_config("configs/lgg_unet.yaml", overrides={"train.epochs": "3"})
 
 Relative paths (``data.prepared``) resolve against the config file's folder, so a config travels with
-its data. ``dump_config`` writes the fully resolved config (absolute paths, every default spelled
+its data; a ``--set data.prepared=...`` override resolves against the current folder, like any path
+typed on a command line. ``dump_config`` writes the fully resolved config (absolute paths, every default spelled
 out) that a run stores and that reproduces the run.
 """
 from __future__ import annotations
@@ -220,6 +221,10 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
         raise MedsegError(f"invalid YAML: {e}", path) from None
     if isinstance(doc, dict):
         apply_overrides(doc, overrides, path)
+        # a path typed on the command line is relative to where it was typed, not to the config file
+        given = (overrides or {}).get("data.prepared")
+        if isinstance(given, str) and isinstance(doc.get("data"), dict) and given.strip():
+            doc["data"]["prepared"] = str(Path(given).expanduser().resolve())
     return parse_config(doc, path, base=path.resolve().parent)
 
 

@@ -126,7 +126,7 @@ def build_loss(loss_cfg: Any, class_kind: str, classes: list[str], fingerprint: 
             if t.name == "dice_bce" and not multilabel:
                 raise MedsegError("loss 'dice_bce' is for multilabel tasks; use 'dice_ce' for multiclass")
             terms.append(("dice", t.weight, _term("dice", multilabel, None, t.kwargs)))
-            terms.append((ce, t.weight, _term(ce if multilabel or ce == "ce" else "ce", multilabel, weight, {})))
+            terms.append((ce, t.weight, _term(ce, multilabel, weight, {})))
         else:
             terms.append((t.name, t.weight, _term(t.name, multilabel, weight, t.kwargs)))
     return CombinedLoss(terms)

@@ -37,7 +37,13 @@ def summary(ds: PreparedDataset) -> list[tuple[str, str]]:
         )
     for name, st in (fp.get("intensity") or {}).items():
         p = st["percentiles"]
-        rows.append((f"intensity {name}", f"p0.5..p99.5 {p['0.5']:.4g}..{p['99.5']:.4g} (mean {st['mean']:.4g}, std {st['std']:.4g})"))
+        rows.append(
+            (
+                f"intensity {name}",
+                f"range {st['min']:.4g}..{st['max']:.4g}, p0.5..p99.5 {p['0.5']:.4g}..{p['99.5']:.4g} "
+                f"(mean {st['mean']:.4g}, std {st['std']:.4g})",
+            )
+        )
     rows.append(("spacing (z, y, x) mm", _rng([c.spacing for c in ds.cases], "{:.3g}")))
     rows.append(("shape (z, c, h, w)", _rng([c.shape for c in ds.cases], "{:.0f}")))
     if (ds.root / "splits.json").is_file():
@@ -69,19 +75,23 @@ def inspect_dataset(path: str | Path, overlay: Path | None = None, console=None)
 
 
 def top_slices(ds: PreparedDataset, n: int = 4) -> list[tuple[int, int, int]]:
-    """(foreground voxels, case index, slice) of the ``n`` slices with the most foreground."""
-    best: list[tuple[int, int, int]] = []
+    """(foreground voxels, case index, slice) to show: the slice with the most foreground of each of the
+    ``n`` cases with the largest such slice (a sample across cases, not one case's neighbouring
+    slices), topped up with the next-best slices when fewer than ``n`` cases have foreground."""
+    per_case: list[list[tuple[int, int, int]]] = []
     for i, c in enumerate(ds.cases):
         if c.mask is None or not c.has_foreground:
             continue
         cand = sorted({z for per in (c.fg_slices or []) for z in per})
         m = ds.mask(i)
-        for z in cand:
-            best.append((int(m[z].sum()), i, z))
-    best.sort(key=lambda t: (-t[0], t[1], t[2]))
+        per_case.append(sorted(((int(m[z].sum()), i, z) for z in cand), key=lambda t: (-t[0], t[2])))
+    order = lambda t: (-t[0], t[1], t[2])  # noqa: E731
+    best = sorted((s[0] for s in per_case), key=order)[:n]
+    if len(best) < n:
+        best += sorted((t for s in per_case for t in s[1:]), key=order)[: n - len(best)]
     if not best:  # no foreground at all: the middle slice of the first cases
         best = [(0, i, ds.cases[i].shape[0] // 2) for i in range(min(n, len(ds)))]
-    return best[:n]
+    return best
 
 
 def write_overlay(ds: PreparedDataset, out: Path, n: int = 4) -> Path:

@@ -31,6 +31,8 @@ _PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
 class _CaseResult:
     record: CaseRecord
     intensity_sample: np.ndarray  # [c, n] float32
+    intensity_min: np.ndarray  # [c] exact, over every voxel
+    intensity_max: np.ndarray  # [c]
     class_voxels: np.ndarray  # [k] int64
     class_slices: np.ndarray  # [k] int64
     voxels: int
@@ -66,10 +68,13 @@ def _process_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: Ca
         fg_slices = [np.flatnonzero(per_slice[:, j]).tolist() for j in range(k)]
     # crc32, not hash(): str hashes are salted per process, which made fingerprints differ run to run
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
-    flat = data.image.transpose(1, 0, 2, 3).reshape(data.image.shape[1], -1)
-    n = min(_SAMPLES_PER_CASE, flat.shape[1])
-    idx = rng.choice(flat.shape[1], size=n, replace=False) if n < flat.shape[1] else slice(None)
-    sample = np.asarray(flat[:, idx], dtype=np.float32)
+    # sample voxel positions (z, y, x) and gather all channels there: no transposed copy of the case
+    zc, cc, hc, wc = data.image.shape
+    n_vox = zc * hc * wc
+    n = min(_SAMPLES_PER_CASE, n_vox)
+    flat_idx = rng.choice(n_vox, size=n, replace=False) if n < n_vox else np.arange(n_vox)
+    zi, yi, xi = np.unravel_index(flat_idx, (zc, hc, wc))
+    sample = np.asarray(data.image[zi, :, yi, xi].T, dtype=np.float32)  # [c, n]
     sources = [str(v) for v in case.sources.values() if isinstance(v, (str, Path))]
     rec = CaseRecord(
         id=case.id,
@@ -86,11 +91,15 @@ def _process_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: Ca
         slices=data.slices,
         meta=data.meta,
     )
-    return _CaseResult(rec, sample, class_voxels, class_slices, z * data.image.shape[2] * data.image.shape[3], z)
+    lo = data.image.min(axis=(0, 2, 3)).astype(np.float64)
+    hi = data.image.max(axis=(0, 2, 3)).astype(np.float64)
+    return _CaseResult(rec, sample, lo, hi, class_voxels, class_slices, z * data.image.shape[2] * data.image.shape[3], z)
 
 
 def _fingerprint(spec: DatasetSpec, results: list[_CaseResult]) -> dict[str, Any]:
     samples = np.concatenate([r.intensity_sample for r in results], axis=1)
+    lo = np.min([r.intensity_min for r in results], axis=0)
+    hi = np.max([r.intensity_max for r in results], axis=0)
     spacings = np.array([r.record.spacing for r in results])
     shapes = np.array([r.record.shape for r in results])
     fp: dict[str, Any] = {
@@ -98,8 +107,8 @@ def _fingerprint(spec: DatasetSpec, results: list[_CaseResult]) -> dict[str, Any
             name: {
                 "mean": float(samples[c].mean()),
                 "std": float(samples[c].std()),
-                "min": float(samples[c].min()),
-                "max": float(samples[c].max()),
+                "min": float(lo[c]),  # exact; mean, std and percentiles come from a per-case sample
+                "max": float(hi[c]),
                 "percentiles": {str(p): float(v) for p, v in zip(_PERCENTILES, np.percentile(samples[c], _PERCENTILES))},
             }
             for c, name in enumerate(spec.channels)

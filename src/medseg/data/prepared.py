@@ -167,7 +167,9 @@ class PreparedWriter:
         if self.out.exists():
             if not overwrite:
                 raise MedsegError("output already exists; pass --overwrite to replace it", self.out)
-            if self.out.is_dir() and not (self.out / "dataset.json").is_file() and any(self.out.iterdir()):
+            if not self.out.is_dir():
+                raise MedsegError("output exists and is a file, not a prepared dataset; refusing to replace it", self.out)
+            if not (self.out / "dataset.json").is_file() and any(self.out.iterdir()):
                 # never delete a folder that is not a prepared dataset: it may be the user's data
                 raise MedsegError("output exists and is not a prepared dataset; refusing to replace it", self.out)
         self.tmp = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")

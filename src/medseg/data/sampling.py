@@ -160,7 +160,7 @@ class TrainSamples:
         size = self.cfg.size
         if size is None or self.cfg.resize:
             x = np.asarray(img[zs])
-            y = np.asarray(msk[z])
+            y = np.array(msk[z])  # a copy: a memmap view is read-only, which torch warns about
         else:
             center = None
             if cls is not None:

@@ -49,4 +49,11 @@ def make_splits(
         val = [c for c, p in zip(case_ids, patients) if assign[p] == f]
         train = [c for c, p in zip(case_ids, patients) if assign[p] != f]
         folds.append({"train": train, "val": val})
-    return {"k": k, "seed": seed, "grouped_by": "patient", "patient_fold": assign, "folds": folds}
+    return {
+        "k": k,
+        "seed": seed,
+        "grouped_by": "patient",
+        "stratified_by": "patient has foreground",
+        "patient_fold": assign,
+        "folds": folds,
+    }

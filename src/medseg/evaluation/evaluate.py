@@ -30,7 +30,8 @@ from medseg.evaluation.metrics import (
 )
 
 CASE_COLUMNS = ["case_id", "patient", "class", "truth_voxels", "pred_voxels", *METRICS]
-SLICE_COLUMNS = ["case_id", "patient", "slice", "class", "truth_pixels", "pred_pixels", "dice", "iou"]
+SLICE_METRICS = ("dice", "iou", "precision", "recall")
+SLICE_COLUMNS = ["case_id", "patient", "slice", "class", "truth_pixels", "pred_pixels", *SLICE_METRICS]
 
 
 def _num(v: Any) -> str:
@@ -119,7 +120,7 @@ def evaluate(
 
     rows: list[dict[str, Any]] = []
     case_score: dict[str, float] = {}
-    slice_vals: dict[str, dict[str, list[np.ndarray]]] = {c: {"dice": [], "iou": []} for c in classes}
+    slice_vals: dict[str, dict[str, list[np.ndarray]]] = {c: {m: [] for m in SLICE_METRICS} for c in classes}
     uw_sums = [0.0, 0, 0.0, 0]
     uw_rows: list[dict[str, Any]] = []
     seen_slices: set[str] = set()
@@ -142,13 +143,12 @@ def evaluate(
                 so = slice_overlap(p, t.mask, empty=empty)
                 names = t.slices or [str(z) for z in range(p.shape[0])]
                 for k, cls in enumerate(classes):
-                    slice_vals[cls]["dice"].append(so["dice"][:, k])
-                    slice_vals[cls]["iou"].append(so["iou"][:, k])
+                    for m in SLICE_METRICS:
+                        slice_vals[cls][m].append(so[m][:, k])
                 for z, name in enumerate(names):
                     for k, cls in enumerate(classes):
                         sw.writerow([case_id, t.patient, name, cls, int(so["truth_pixels"][z, k]),
-                                     int(so["pred_pixels"][z, k]), _num(float(so["dice"][z, k])),
-                                     _num(float(so["iou"][z, k]))])
+                                     int(so["pred_pixels"][z, k]), *(_num(float(so[m][z, k])) for m in SLICE_METRICS)])
             if uw:
                 seen_slices.update(t.slices or [])
                 for k, cls in enumerate(classes):

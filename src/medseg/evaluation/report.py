@@ -151,8 +151,7 @@ def _overlay(label: str, case_id: str, score: float, image: np.ndarray, truth: n
                 ax.contour(sl.astype(np.float32), levels=[0.5], colors=[cols[k]], linewidths=1.4)
     handles = [Line2D([0], [0], color=cols[k], lw=2, label=c) for k, c in enumerate(classes)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(classes), 6), frameon=False)
-    fig.suptitle(f"{label}: {case_id} (mean Dice {score:.3f}), slice {z}")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _png(fig), z
 
 
@@ -175,19 +174,27 @@ def _curves(curves: dict[str, Path]) -> list[tuple[str, str]]:
         def col(name: str) -> np.ndarray:
             return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in data])
 
+        from matplotlib.ticker import MaxNLocator
+
         ep = col("epoch")
+        style = {"marker": "o", "markersize": 3} if len(ep) <= 30 else {}
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         for name in ("train_loss", "val_loss"):
             if name in data[0]:
-                axes[0].plot(ep, col(name), label=name)
+                v = col(name)
+                ok = np.isfinite(v)  # validation runs every val_every epochs only
+                axes[0].plot(ep[ok], v[ok], label=name, **style)
         axes[0].set_title(f"{fold}: loss")
-        axes[0].set_xlabel("epoch")
-        for name in data[0]:
-            if name.startswith("val_dice"):
-                axes[1].plot(ep, col(name), label=name)
+        per_class = [n for n in data[0] if n.startswith("val_dice_") and n != "val_dice_mean"]
+        # the mean over classes only adds a line when there are several classes
+        for name in per_class + (["val_dice_mean"] if "val_dice_mean" in data[0] and len(per_class) != 1 else []):
+            v = col(name)
+            ok = np.isfinite(v)
+            axes[1].plot(ep[ok], v[ok], label=name[len("val_dice_"):], **style)
         axes[1].set_title(f"{fold}: validation Dice")
-        axes[1].set_xlabel("epoch")
         for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
@@ -213,7 +220,8 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     if "uwmgi" in summary:
         kpis.insert(0, ("UW-Madison score", summary["uwmgi"]["score"]))
     parts += [f"<span class='kpi'>{e(k)}: <b>{_fmt(v, 4)}</b></span>" for k, v in kpis]
-    parts.append("</div><table id='summary-table'><thead><tr><th>class</th>")
+    parts.append("</div><p class='meta'>per case (3D, spacing in mm), statistics over cases</p>"
+                 "<table id='summary-table'><thead><tr><th>class</th>")
     parts += [f"<th>{_LABELS[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
     parts.append("<th>n</th></tr></thead><tbody>")
     for cls in classes:
@@ -225,10 +233,25 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
             parts.append(f"<td>{_fmt(s['mean'], nd)} ± {_fmt(s['std'], nd)} ({_fmt(s['median'], nd)})</td>")
         parts.append(f"<td>{pc['dice']['n']}</td></tr>")
     parts.append("</tbody></table>")
+    if summary["n_patients"] < summary["n_cases"]:
+        parts.append(f"<h3>Per patient</h3><p class='meta'>each patient's mean over its cases, then statistics over "
+                     f"the {summary['n_patients']} patients</p><table id='patient-table'><thead><tr><th>class</th>")
+        parts += [f"<th>{_LABELS[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
+        parts.append("<th>n</th></tr></thead><tbody>")
+        for cls in classes:
+            pp = summary["per_patient"][cls]
+            parts.append(f"<tr><td>{e(cls)}</td>")
+            for m in METRICS:
+                nd = 2 if m in ("hd", "hd95", "assd") else 3
+                parts.append(f"<td>{_fmt(pp[m]['mean'], nd)} ± {_fmt(pp[m]['std'], nd)} ({_fmt(pp[m]['median'], nd)})</td>")
+            parts.append(f"<td>{pp['dice']['n']}</td></tr>")
+        parts.append("</tbody></table>")
     if "slices" in summary:
-        parts.append("<p class='meta'>per-slice Dice (mean over scored slices): " + ", ".join(
-            f"{e(c)} {_fmt(summary['slices'][c]['dice']['mean'])} (n={summary['slices'][c]['dice']['n']})"
-            for c in classes) + "</p>")
+        sl = summary["slices"]
+        parts.append("<p class='meta'>per slice (mean over scored slices): " + "; ".join(
+            f"{e(c)}: Dice {_fmt(sl[c]['dice']['mean'])}, IoU {_fmt(sl[c]['iou']['mean'])}, precision "
+            f"{_fmt(sl[c]['precision']['mean'])}, recall {_fmt(sl[c]['recall']['mean'])} (n={sl[c]['dice']['n']})"
+            for c in classes) + " — every slice in metrics_slices.csv</p>")
     parts.append("</section>")
 
     parts.append(f"<section id='plots'><h2>Dice and HD95 per class</h2><img alt='box plots' src='{_box_plots(rows, classes)}'></section>")
@@ -239,6 +262,8 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     for label, cid, score, image, truth, pred in shown:
         src, z = _overlay(label, cid, score, image, truth, pred, classes)
         parts.append(f"<div class='example' data-case='{e(cid)}'><h3>{e(label)}: {e(cid)}</h3>"
+                     f"<p class='meta'>mean Dice over classes {score:.3f}; slice {z} (the one with the most "
+                     "foreground in truth and prediction); contours: one colour per class</p>"
                      f"<img alt='{e(label)} case overlay' src='{src}'></div>")
     parts.append("</section>")
 

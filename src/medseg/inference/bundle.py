@@ -62,6 +62,37 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     return b
 
 
+def bundle_from_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint of a run (``RUN/fold_K/checkpoints/{best,last}.ckpt``) as a bundle.
+
+    The checkpoint holds the network's weights (``state_dict`` with the LightningModule's ``model.``
+    prefix; EMA's average when EMA is on); the architecture, classes and pre/post-processing come from
+    the same fold's ``model.pt``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("checkpoint not found", path)
+    fold = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    ref = fold / "model.pt"
+    if not ref.is_file():
+        raise MedsegError(f"a Lightning checkpoint needs its fold's model.pt (architecture, classes, "
+                          f"normalisation), expected {ref}", path)
+    bundle = load_bundle(ref)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MedsegError(f"cannot read checkpoint ({type(e).__name__}: {e})", path) from None
+    sd = ck.get("state_dict") if isinstance(ck, dict) else None
+    weights = {k[len("model."):]: v for k, v in (sd or {}).items() if k.startswith("model.")}
+    if not weights:
+        raise MedsegError("not a medseg training checkpoint (no model.* weights in its state_dict)", path)
+    bundle["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    bundle["meta"] = {**(bundle.get("meta") or {}), "checkpoint": str(path), "epoch": ck.get("epoch")}
+    return bundle
+
+
 def build_model(bundle: dict[str, Any]):
     """The bundle's network with its weights, in eval mode."""
     from medseg.models import create_model

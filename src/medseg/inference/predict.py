@@ -61,6 +61,26 @@ def guess_format(path: str | Path) -> str:
     return "folder"
 
 
+def parse_flips(text: str) -> list[list[int]]:
+    """``"-1;-2;-1,-2"`` -> ``[[-1], [-2], [-1, -2]]``: TTA flips as groups of spatial axes (negative,
+    counted from the last: -1 width, -2 height, -3 depth)."""
+    out: list[list[int]] = []
+    for group in (g.strip() for g in text.split(";")):
+        if not group:
+            continue
+        try:
+            axes = [int(a) for a in group.split(",")]
+        except ValueError:
+            axes = []
+        if not axes or any(a not in (-1, -2, -3) for a in axes) or len(set(axes)) != len(axes):
+            raise MedsegError(f"bad TTA flip {group!r}: expected axes -1 (width), -2 (height) or -3 (depth), "
+                              "comma-separated, groups separated by ';' (e.g. '-1;-2;-1,-2')")
+        out.append(axes)
+    if not out:
+        raise MedsegError("empty --tta-flips: give at least one group, e.g. '-1;-2'")
+    return out
+
+
 def case_path(case: Any, spec: Any) -> str:
     """A file (or folder) that names ``case`` in error messages."""
     s = case.sources or {}
@@ -91,7 +111,7 @@ def predict(
     output: str | Path,
     fmt: str | None = None,
     folds: str = "best",
-    tta: bool | None = None,
+    tta: bool | list[list[int]] | None = None,
     save_probabilities: bool = False,
     overwrite: bool = False,
     console: Any = None,
@@ -109,7 +129,15 @@ def predict(
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
     reader = get_reader(fmt)
-    spec = reader.scan(input, require_masks=False)
+    try:
+        spec = reader.scan(input, require_masks=False)
+    except MedsegError as e:
+        if fmt == "folder" and input.is_dir() and not (input / "images").is_dir():
+            # the folder reader's layout is ROOT/images/ (+ masks/ for training); say so for prediction
+            raise MedsegError("a folder of images is read from its images/ subfolder, and there is none", input,
+                              hint=f"move the images into {input / 'images'}/ (masks are not needed to predict), "
+                              "or pass --format for another layout") from None
+        raise
     _check_output(output, overwrite)
     seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend)
     output.mkdir(parents=True, exist_ok=True)

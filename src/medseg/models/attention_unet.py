@@ -3,7 +3,9 @@
 The gate follows the paper (Fig. 2): the skip features x are projected by a stride-2 convolution
 (W_x) to the resolution of the gating signal g (the coarser decoder feature, 1×1 W_g), summed,
 ReLU, a 1×1 ψ and a sigmoid give one coefficient per voxel, which is resampled back to x's size and
-multiplies x; a 1×1 convolution with normalisation (W) follows. Everything else (widths, depth,
+multiplies x; a 1×1 convolution with normalisation (W) follows. As in the authors' reference code
+(ozan-oktay/Attention-Gated-Networks, ``unet_grid_attention``) the full-resolution skip is not gated:
+the gates sit on the coarser skips, where the gating signal carries context. Everything else (widths, depth,
 normalisation, residual units, deep supervision, which the paper also uses) is shared with
 :class:`medseg.models.unet.UNet`. Written here rather than wrapping MONAI's ``AttentionUnet``
 because MONAI's gates run at the skip resolution after upsampling g and its encoder uses strided
@@ -35,6 +37,13 @@ class AttentionGate(nn.Module):
         return self.out(x * a)
 
 
+class NoGate(nn.Module):
+    """The full-resolution skip passes unchanged (keeps ``gates[i]`` aligned with the skip levels)."""
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 @MODELS.register("attention_unet")
 class AttentionUNet(UNet):
     """U-Net with an attention gate on every skip connection; same keyword arguments as ``unet``."""
@@ -43,10 +52,11 @@ class AttentionUNet(UNet):
     paper = "Oktay et al. 2018, Attention U-Net (MIDL)"
     dims = (2, 3)
     channels_last = True
+    accepts_encoder = False  # the gates are sized for the built-in encoder's widths
 
     def _make_gates(self, feats: tuple[int, ...], norm_kind: str) -> nn.ModuleList:
         return nn.ModuleList(
-            AttentionGate(self.spatial_dims, feats[i], feats[i + 1], max(feats[i] // 2, 1), norm_kind)
-            for i in range(len(feats) - 1)
+            [NoGate()] + [AttentionGate(self.spatial_dims, feats[i], feats[i + 1], max(feats[i] // 2, 1), norm_kind)
+                          for i in range(1, len(feats) - 1)]
         )
 

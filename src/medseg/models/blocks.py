@@ -44,13 +44,14 @@ def max_pool(dims: int, k: int = 2) -> nn.Module:
 
 
 def check_dims(name: str, spatial_dims: int, supported: tuple[int, ...]) -> None:
+    """The same check as ``create_model``, for classes constructed directly."""
     if spatial_dims not in supported:
         raise MedsegError(
             f"model {name!r} supports spatial_dims {' or '.join(map(str, supported))}, not {spatial_dims}"
         )
 
 
-def check_input(x: torch.Tensor, spatial_dims: int, divisor: int, name: str) -> None:
+def check_input(x: torch.Tensor, spatial_dims: int, divisor: int, name: str, in_channels: int | None = None) -> None:
     """Cheap Python-int check of the input shape: a clear error instead of a mismatch deep inside.
 
     Skipped while tracing/exporting (shapes may be symbolic there); under torch.compile the shapes are
@@ -63,6 +64,8 @@ def check_input(x: torch.Tensor, spatial_dims: int, divisor: int, name: str) -> 
             f"{name} expects a {spatial_dims + 2}-d input [batch, channels, {'d, h, w' if spatial_dims == 3 else 'h, w'}], "
             f"got shape {tuple(x.shape)}"
         )
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise InputSizeError(f"{name} was built for {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
     for s in x.shape[2:]:
         if s % divisor != 0:
             raise InputSizeError(

@@ -8,6 +8,8 @@ Decoder: low-level stage-1 features (stride 4) reduced to 48 channels, concatena
 upsampled ASPP output, two 3×3 convolutions of 256, 4× bilinear upsampling to the input size.
 Pretrained ImageNet weights are not available offline: the encoder starts from He initialisation.
 2D only; inputs must be divisible by the output stride so the two decoder paths align exactly.
+``encoder="tu-<name>"`` (needs timm) uses a timm ``features_only`` backbone at the same output stride
+instead: its stride-4 feature is the low-level input and its last feature feeds the ASPP.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models import MODELS
-from medseg.models.blocks import check_input
+from medseg.models.blocks import InputSizeError, check_dims, check_input
+from medseg.models.timm_encoder import TimmEncoder, timm_name
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -118,6 +121,27 @@ class ASPP(nn.Module):
         return self.proj(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
+class TimmDeepLabEncoder(nn.Module):
+    """A timm backbone answering like :class:`ResNetEncoder`: (stride-4 features, features at the output stride)."""
+
+    def __init__(self, name: str, in_channels: int, output_stride: int, pretrained: bool = False):
+        super().__init__()
+        self.body = TimmEncoder(name, in_channels, output_stride=output_stride, pretrained=pretrained)
+        red = self.body.reductions
+        if 4 not in red or red[-1] != output_stride:
+            raise MedsegError(
+                f"timm encoder {name!r} gives feature strides {red}: DeepLabV3+ needs a stride-4 feature "
+                f"and a last feature at output stride {output_stride}"
+            )
+        self.low_index = red.index(4)
+        self.low_channels = self.body.channels[self.low_index]
+        self.out_channels = self.body.channels[-1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.body(x)
+        return feats[self.low_index], feats[-1]
+
+
 @MODELS.register("deeplabv3plus")
 class DeepLabV3Plus(nn.Module):
     name = "deeplabv3plus"
@@ -126,15 +150,22 @@ class DeepLabV3Plus(nn.Module):
     channels_last = True
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, encoder_depth: int = 34,
-                 output_stride: int = 16, encoder_base: int = 64, aspp_channels: int = 256, decoder_channels: int = 256):
+                 output_stride: int = 16, encoder_base: int = 64, aspp_channels: int = 256, decoder_channels: int = 256,
+                 encoder: str | None = None, encoder_pretrained: bool = False):
         super().__init__()
-        if encoder_depth not in RESNETS:
-            raise MedsegError(f"deeplabv3plus encoder_depth must be one of {sorted(RESNETS)}, got {encoder_depth!r}")
+        check_dims(self.name, spatial_dims, self.dims)
         if output_stride not in (8, 16):
             raise MedsegError(f"deeplabv3plus output_stride must be 8 or 16, got {output_stride!r}")
         self.spatial_dims = 2
+        self.in_channels = in_channels
         self.required_divisor = output_stride
-        self.encoder = ResNetEncoder(in_channels, encoder_depth, output_stride, encoder_base)
+        tname = timm_name(encoder, self.name)
+        if tname is not None:
+            self.encoder = TimmDeepLabEncoder(tname, in_channels, output_stride, encoder_pretrained)
+        elif encoder_depth not in RESNETS:
+            raise MedsegError(f"deeplabv3plus encoder_depth must be one of {sorted(RESNETS)}, got {encoder_depth!r}")
+        else:
+            self.encoder = ResNetEncoder(in_channels, encoder_depth, output_stride, encoder_base)
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.aspp = ASPP(self.encoder.out_channels, aspp_channels, rates)
         self.low = _cbr(self.encoder.low_channels, 48, 1)
@@ -144,7 +175,10 @@ class DeepLabV3Plus(nn.Module):
         self.final_up = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, 2, self.required_divisor, self.name)
+        check_input(x, 2, self.required_divisor, self.name, self.in_channels)
+        if self.training and x.shape[0] < 2:
+            # the ASPP image-pooling branch normalises one value per channel and image: BatchNorm needs two
+            raise InputSizeError(f"{self.name} needs a batch of at least 2 in training, got {x.shape[0]}")
         low, high = self.encoder(x)
         y = torch.cat([self.up4(self.aspp(high)), self.low(low)], 1)
         return self.final_up(self.head(self.decoder(y)))

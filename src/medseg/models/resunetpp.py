@@ -17,7 +17,7 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models import MODELS
-from medseg.models.blocks import SqueezeExcite, check_input, conv, max_pool, norm
+from medseg.models.blocks import SqueezeExcite, check_dims, check_input, conv, max_pool, norm
 
 
 def _bn_relu_conv(d: int, cin: int, cout: int, nk: str, stride: int = 1) -> nn.Sequential:
@@ -78,10 +78,12 @@ class ResUNetPP(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2,
                  features: Sequence[int] = (16, 32, 64, 128, 256), norm: str = "batch"):
         super().__init__()
+        check_dims(self.name, spatial_dims, self.dims)
         f = tuple(int(v) for v in features)
         if len(f) != 5 or min(f) < 1:
             raise MedsegError(f"resunetpp features must be 5 positive widths (stem, 3 encoder levels, bridge), got {features}")
         self.spatial_dims = d = spatial_dims
+        self.in_channels = in_channels
         self.required_divisor = 8
         self.enc = nn.ModuleList([
             ResidualUnit(d, in_channels, f[0], 1, norm, stem=True),
@@ -99,7 +101,7 @@ class ResUNetPP(nn.Module):
         self.head = conv(d, f[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spatial_dims, self.required_divisor, self.name)
+        check_input(x, self.spatial_dims, self.required_divisor, self.name, self.in_channels)
         skips = []
         for unit in self.enc:
             x = unit(x)

@@ -14,7 +14,11 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models import MODELS
-from medseg.models.blocks import InputSizeError, check_input
+from medseg.models.blocks import InputSizeError, check_dims, check_input
+
+
+def _size_checked_by_wrapper(spatial_shape: Sequence[int]) -> None:
+    """Replaces MONAI's numpy-based size check (a torch.compile graph break); ``check_input`` does it."""
 
 
 @MODELS.register("swin_unetr")
@@ -30,17 +34,20 @@ class SwinUNETR(nn.Module):
         super().__init__()
         from monai.networks.nets import SwinUNETR as _Swin
 
+        check_dims(self.name, spatial_dims, self.dims)
         if feature_size % 12 != 0:
             raise MedsegError(f"swin_unetr feature_size must be a multiple of 12, got {feature_size}")
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
         self.required_divisor = 32
         self.net = _Swin(in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims,
                          feature_size=feature_size, depths=tuple(depths), num_heads=tuple(num_heads),
                          window_size=window_size, norm_name=norm_name, use_v2=use_v2,
                          dropout_path_rate=dropout_path_rate)
+        self.net._check_input_size = _size_checked_by_wrapper  # a module-level function, so the model still pickles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spatial_dims, self.required_divisor, self.name)
+        check_input(x, self.spatial_dims, self.required_divisor, self.name, self.in_channels)
         if self.training and not torch.jit.is_tracing() and min(x.shape[2:]) < 64:
             # the deepest stage is 1/32 of the input; instance norm needs more than one element there
             raise InputSizeError(f"swin_unetr needs spatial sizes of at least 64 in training, got {tuple(x.shape[2:])}")

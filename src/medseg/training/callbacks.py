@@ -70,7 +70,11 @@ class RunLog(pl.Callback):
             self._write()
             self._plot()
             if self.console is not None:
-                self.console.print(self.summary(row, trainer.max_epochs), highlight=False)
+                # through the live progress bar's console, so that the line lands above the bar, not in it;
+                # soft_wrap: one line per epoch even when the console is narrower than the line
+                bar = next((c for c in trainer.callbacks if type(c).__name__ == "RichProgressBar"), None)
+                con = bar.progress.console if bar is not None and getattr(bar, "progress", None) is not None else self.console
+                con.print(self.summary(row, trainer.max_epochs), highlight=False, soft_wrap=True)
 
     def summary(self, row: dict[str, Any], max_epochs: int | None) -> str:
         s = f"epoch {row['epoch']}/{max_epochs} loss {_fmt(row['train_loss'])}"
@@ -96,26 +100,38 @@ class RunLog(pl.Callback):
 
         ep = [r["epoch"] for r in self.rows]
         fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-        ax[0].plot(ep, [r.get("train_loss") for r in self.rows], label="train")
+        # markers everywhere: a one-epoch run must still show its points
+        ax[0].plot(ep, [r.get("train_loss") for r in self.rows], ".-", label="train")
         vr = [r for r in self.rows if r.get("val_loss") is not None]
         ax[0].plot([r["epoch"] for r in vr], [r["val_loss"] for r in vr], "o-", label="validation")
         ax[0].set_title("loss")
         ax[0].legend()
         for c in self.classes:
             ax[1].plot([r["epoch"] for r in vr], [r[f"val_dice_{c}"] for r in vr], "o-", label=c)
-        ax[1].plot([r["epoch"] for r in vr], [r["val_dice_mean"] for r in vr], "k--", label="mean")
+        ax[1].plot([r["epoch"] for r in vr], [r["val_dice_mean"] for r in vr], "k.--", label="mean")
         ax[1].set_title("validation Dice per patient")
         ax[1].set_ylim(0, 1)
         ax[1].legend()
-        ax[2].plot(ep, [r.get("lr") for r in self.rows])
+        ax[2].plot(ep, [r.get("lr") for r in self.rows], ".-")
         ax[2].set_title("learning rate")
+        from matplotlib.ticker import MaxNLocator
+
         for a in ax:
             a.set_xlabel("epoch")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         tmp = self.fold_dir / f"progress.png.tmp-{os.getpid()}.png"
         fig.savefig(tmp, dpi=80)
         plt.close(fig)
         os.replace(tmp, self.fold_dir / "progress.png")
+
+
+class ValidationScores(pl.Callback):
+    """Scores the validation epoch (``SegModule.score_validation``) while the weights being validated
+    (EMA's average, when on) are still in the module; must come before ``EMAWeightAveraging``."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.score_validation()
 
 
 class ValidationSchedule(pl.Callback):
@@ -135,3 +151,49 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def progress_bar() -> pl.Callback:
+    """Lightning's rich bar (bar, elapsed • remaining, it/s), labelled like the summary lines: epochs
+    counted from 1, and the metrics shown as ``loss``, ``img/s``, ``val dice``."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class _Bar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            d = f"epoch {current_epoch + 1}/{self.trainer.max_epochs}"
+            return f"{d:{len(self.validation_description)}}"
+
+        def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            m = super().get_metrics(trainer, pl_module)
+            names = {"train_loss_step": "loss", "img_s": "img/s", "val_dice_mean": "val dice"}
+            return {names[k]: v for k, v in m.items() if k in names}
+
+    return _Bar()
+
+
+def atomic_checkpoint_io() -> Any:
+    """Lightning's checkpoint writer with a same-folder temp file + ``os.replace``.
+
+    Lightning's own "atomic" save goes through an fsspec transaction whose temp file lives in the system
+    temp folder; when that is another filesystem than the run dir, the commit is a copy, and a SIGKILL
+    during it leaves a truncated ``last.ckpt``. A rename within one folder cannot be half done."""
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class _AtomicIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    return _AtomicIO()

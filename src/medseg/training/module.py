@@ -1,4 +1,5 @@
-"""The LightningModule: model + loss + batch augmentation + whole-case validation with per-patient Dice."""
+"""The LightningModule: model + loss + batch augmentation + whole-case validation with per-patient Dice
+(and, on UW-Madison data, the competition score per case-day, which then selects the best model)."""
 from __future__ import annotations
 
 import math
@@ -18,7 +19,12 @@ from medseg.losses import build_loss
 
 class TaskInfo(dict):
     """classes, class_kind, channels, in_channels, out_channels, spatial_dims, norm, fingerprint,
-    patients (case id -> patient)."""
+    patients (case id -> patient), uwmgi (score validation with the UW-Madison competition score)."""
+
+
+def selection_metric(task: dict[str, Any]) -> str:
+    """The validation score that picks the best model: the competition score on UW-Madison data."""
+    return "val_uwmgi_score" if task.get("uwmgi") else "val_dice_mean"
 
 
 def lr_lambda(cfg: ExperimentConfig):
@@ -70,11 +76,14 @@ class SegModule(pl.LightningModule):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = build_loss(cfg.loss, task["class_kind"], task["classes"], task.get("fingerprint"))
+        self.uwmgi = bool(task.get("uwmgi"))
+        self.select = selection_metric(task)
         self.best_score = -math.inf
         self.last_scores: dict[str, float] = {}
         self.val_store: dict[str, dict[str, np.ndarray]] = {}
         self._val_stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self._val_losses: list[float] = []
+        self._uw_sums = [0.0, 0, 0.0, 0]  # competition score running sums (see uwmgi_score.combine)
         self._t0 = 0.0
         self._val_epoch = -1
         self._images = 0
@@ -159,6 +168,7 @@ class SegModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_stats = []
         self._val_losses = []
+        self._uw_sums = [0.0, 0, 0.0, 0]
         self.val_store = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
@@ -175,8 +185,23 @@ class SegModule(pl.LightningModule):
         psum = pred.sum(dim=red, dtype=torch.int64).cpu().numpy()
         tsum = mask.sum(dim=red, dtype=torch.int64).cpu().numpy()
         self._val_stats.append((self.task["patients"][batch["id"]], inter, psum, tsum))
+        if self.uwmgi:
+            self._add_uwmgi_terms(pred.cpu().numpy(), mask.cpu().numpy())
         if self.global_rank == 0:
             self.val_store[batch["id"]] = {"prob": prob.cpu().numpy().astype(np.float16), "mask": pred.cpu().numpy()}
+
+    def _add_uwmgi_terms(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """One validation case = one case-day: the competition's 2D Dice and 3D Hausdorff terms per class,
+        from the same function ``medseg evaluate`` scores submissions with."""
+        from medseg.evaluation.uwmgi_score import volume_terms
+
+        for k in range(pred.shape[1]):
+            dice, hd = volume_terms(pred[:, k], truth[:, k])
+            self._uw_sums[0] += float(dice.sum())
+            self._uw_sums[1] += int(dice.size)
+            if hd is not None:
+                self._uw_sums[2] += hd
+                self._uw_sums[3] += 1
 
     def patient_dice(self) -> np.ndarray:
         """[patients, k] Dice over each patient's whole volume(s); NaN where truth and prediction are
@@ -194,7 +219,11 @@ class SegModule(pl.LightningModule):
                 rows.append(np.where(den > 0, 2 * i / den, np.nan))
         return np.array(rows).reshape(len(rows), -1)
 
-    def on_validation_epoch_end(self) -> None:
+    def score_validation(self) -> None:
+        """Per-patient Dice, logging and the best-model write. Called by ``ValidationScores`` (a callback,
+        listed before EMA's) rather than from this module's own ``on_validation_epoch_end``, which
+        Lightning runs after every callback's: by then EMA has swapped the raw weights back and the
+        bundle would not hold the weights that were scored."""
         if not self._val_stats:
             return
         d = self.patient_dice()
@@ -205,12 +234,16 @@ class SegModule(pl.LightningModule):
             scores[f"val_dice_{c}"] = float(np.nan_to_num(v))
         scores["val_dice_mean"] = float(np.mean([scores[f"val_dice_{c}"] for c in self.task["classes"]]))
         scores["val_loss"] = float(np.mean(self._val_losses))
+        if self.uwmgi:
+            from medseg.evaluation.uwmgi_score import combine
+
+            scores["val_uwmgi_score"], scores["val_uwmgi_dice"], scores["val_uwmgi_hd"] = combine(*self._uw_sums)
         self.last_scores = scores
         self._val_epoch = self.current_epoch
         for k, v in scores.items():
             self.log(k, v, prog_bar=k == "val_dice_mean", sync_dist=False, rank_zero_only=False)
-        if scores["val_dice_mean"] > self.best_score:
-            self.best_score = scores["val_dice_mean"]
+        if scores[self.select] > self.best_score:
+            self.best_score = scores[self.select]
             if self.on_best is not None and self.global_rank == 0:
                 self.on_best(self)
         self.val_store = {}

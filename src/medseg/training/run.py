@@ -23,6 +23,10 @@ from medseg.errors import MedsegError
 RESUMABLE_KEYS = {"train.epochs", "data.workers", "train.devices", "train.num_nodes", "train.accelerator", "train.strategy"}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training; the message says where the last checkpoint is and how to go on."""
+
+
 def _rank() -> int:
     for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if k in os.environ:
@@ -85,6 +89,7 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
         "norm": norm_config(ds, cfg.data.normalization),
         "fingerprint": ds.fingerprint,
         "patients": {c.id: c.patient for c in ds.cases},
+        "uwmgi": is_uwmgi(ds),
     }
     try:
         m = create_model(cfg.model.name, task["in_channels"], task["out_channels"], spatial_dims=task["spatial_dims"], **cfg.model.kwargs)
@@ -97,6 +102,9 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
         raise MedsegError(f"data.size {cfg.data.size} must be divisible by {div} for model {cfg.model.name!r}", config_path)
     if cfg.data.mode == "3d" and any(s % div for s in cfg.data.size):
         raise MedsegError(f"data.size {cfg.data.size} must be divisible by {div} for model {cfg.model.name!r}", config_path)
+    if cfg.data.size is None and any(s % div for s in ds.cases[0].shape[2:]):
+        raise MedsegError(f"slices are {ds.cases[0].shape[2]}x{ds.cases[0].shape[3]}, not divisible by {div} for model "
+                          f"{cfg.model.name!r}: set data.size (a crop, or with data.resize a resize)", config_path)
     from medseg.losses import build_loss
 
     try:
@@ -104,6 +112,14 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
     except MedsegError as e:
         raise MedsegError(f"loss: {e.problem}", config_path) from None
     return ds, task
+
+
+def is_uwmgi(ds: Any) -> bool:
+    """UW-Madison data (read by the ``uwmgi`` reader, or with exactly its three organs as classes):
+    validation adds the competition score per case-day and selects the best model by it."""
+    from medseg.data.formats.uwmgi import CLASSES
+
+    return ds.info.get("source_format") == "uwmgi" or sorted(ds.classes) == sorted(CLASSES)
 
 
 def _folds(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
@@ -228,8 +244,8 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from medseg.training.callbacks import RunLog, ValidationSchedule
-    from medseg.training.module import SegModule
+    from medseg.training.callbacks import RunLog, ValidationSchedule, ValidationScores, atomic_checkpoint_io
+    from medseg.training.module import SegModule, selection_metric
 
     import logging
     import warnings
@@ -239,11 +255,16 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # every --resume
     train_ids, val_ids = ds.fold(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = fold_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
+    if resume and _rank() == 0:
+        # leftovers of a run killed while writing (each file is written to a temp name, then renamed)
+        for p in [*fold_dir.glob("*.tmp-*"), *ckpt_dir.glob("*.tmp-*"), *fold_dir.glob("val_predictions.old-*")]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     accel = cfg.train.accelerator
@@ -251,15 +272,20 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
         accel = "gpu" if torch.cuda.is_available() else "cpu"
     module = SegModule(cfg, task)
     module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
-    callbacks: list[Any] = [ValidationSchedule(cfg.train.val_every), RunLog(fold_dir, task["classes"], console)]
+    monitor = selection_metric(task)
+    runlog = RunLog(fold_dir, task["classes"], console)
+    if task.get("uwmgi"):  # competition score columns in metrics.csv, after val_dice_mean
+        i = runlog.columns.index("val_dice_mean") + 1
+        runlog.columns[i:i] = ["val_uwmgi_score", "val_uwmgi_dice", "val_uwmgi_hd"]
+    callbacks: list[Any] = [ValidationScores(), ValidationSchedule(cfg.train.val_every), runlog]
     # best at validation end; last at every train epoch end, after it, so that last.ckpt holds the
-    # updated best-tracking state (Lightning writes both through an fsspec transaction: atomic)
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice_mean", mode="max",
+    # updated best-tracking state (written to a temp file, then renamed: see atomic_checkpoint_io)
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                      save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
     callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                                      every_n_epochs=1, enable_version_counter=False, save_on_train_epoch_end=True))
     if cfg.train.early_stopping is not None:
-        callbacks.append(EarlyStopping(monitor="val_dice_mean", mode="max", patience=cfg.train.early_stopping.patience,
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.train.early_stopping.patience,
                                        min_delta=cfg.train.early_stopping.min_delta, check_on_train_epoch_end=False))
     if cfg.train.ema is not None:
         from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -267,9 +293,9 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema))
     interactive = console is not None and getattr(console, "is_terminal", False)
     if interactive:
-        from lightning.pytorch.callbacks import RichProgressBar
+        from medseg.training.callbacks import progress_bar
 
-        callbacks.append(RichProgressBar())
+        callbacks.append(progress_bar())
     callbacks += extra_callbacks or []
     world_devices = cfg.train.devices
     trainer = pl.Trainer(
@@ -289,13 +315,36 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
         use_distributed_sampler=False,
         logger=TensorBoardLogger(save_dir=str(fold_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
+        plugins=[atomic_checkpoint_io()],
         enable_progress_bar=interactive,
         enable_model_summary=False,
         log_every_n_steps=max(1, min(50, cfg.train.steps_per_epoch // 10)),
     )
     train_dl, val_dl = make_loaders(cfg, cfg.data.prepared, train_ids, val_ids, task, trainer.world_size)
-    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful teardown then sys.exit(1); say what is left and how to go on
+        if not trainer.interrupted:
+            raise
+        import signal
+
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
+        except ValueError:  # not the main thread
+            pass
+        where = f"{last} (end of epoch {_ckpt_epoch(last)})" if last.is_file() else "no checkpoint yet (nothing to resume)"
+        raise TrainingInterrupted(f"interrupted; last checkpoint: {where}; continue with --resume") from None
     return trainer, module
+
+
+def _ckpt_epoch(path: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - only for a message
+        return None
 
 
 def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, str] | None = None, out: str | Path | None = None,
@@ -321,7 +370,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     for k in folds:
         fold_dir = run / f"fold_{k}"
         trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
-        best = _best_scores(fold_dir)
+        best = _best_scores(fold_dir, selection_metric(task))
         results[str(k)] = best
     if str(fold) == "all" and _rank() == 0:
         summary = _cv_summary(results, task["classes"])
@@ -332,25 +381,26 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     return results
 
 
-def _best_scores(fold_dir: Path) -> dict[str, Any]:
-    """The best epoch's row of metrics.csv (by val_dice_mean)."""
+def _best_scores(fold_dir: Path, metric: str = "val_dice_mean") -> dict[str, Any]:
+    """The best epoch's row of metrics.csv (by ``metric``)."""
     import csv
 
     p = fold_dir / "metrics.csv"
     if not p.is_file():
         return {}
-    rows = [r for r in csv.DictReader(p.open()) if r.get("val_dice_mean")]
+    rows = [r for r in csv.DictReader(p.open()) if r.get(metric)]
     if not rows:
         return {}
-    best = max(rows, key=lambda r: float(r["val_dice_mean"]))
+    best = max(rows, key=lambda r: float(r[metric]))
     return {k: (float(v) if v not in ("", None) else None) for k, v in best.items()}
 
 
 def _cv_summary(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     import numpy as np
 
-    keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean"]
+    keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean", "val_uwmgi_score"]
     vals = {k: [r[k] for r in results.values() if r.get(k) is not None] for k in keys}
+    vals = {k: v for k, v in vals.items() if v or k != "val_uwmgi_score"}  # UW-Madison data only
     return {
         "folds": results,
         "mean": {k: float(np.mean(v)) if v else math.nan for k, v in vals.items()},

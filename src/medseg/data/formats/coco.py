@@ -1,7 +1,10 @@
 """COCO instance annotations (``_annotations.coco.json`` + an image folder, e.g. a Roboflow export).
 
 Polygons, RLE (compressed or not) and bbox-only annotations are rasterised with pycocotools; each
-image is a case of depth 1. Categories without any annotation are dropped."""
+image is a case of depth 1; images without annotations are negatives (empty masks). Categories without
+any annotation are dropped. ROOT may also be a Roboflow export root (``train/``, ``valid/``, ``test/``
+each with its ``_annotations.coco.json``): all splits become one dataset (the split is kept per case in
+``sources["split"]``) and ``prepare`` makes its own patient-level folds."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,10 @@ _JSON_NAMES = ("_annotations.coco.json", "annotations.json", "instances.json")
 @FORMATS.register("coco")
 class COCOReader(Reader):
     name = "coco"
-    description = "COCO JSON + images (polygons, RLE, bbox-only); ROOT = folder with _annotations.coco.json, or the JSON"
+    description = (
+        "COCO JSON + images (polygons, RLE, bbox-only); ROOT = folder with _annotations.coco.json, the JSON, "
+        "or an export root whose train/ valid/ test/ each hold one"
+    )
 
     class Options(Reader.Options):
         annotations: str | None = None  # JSON path (relative to ROOT or absolute)
@@ -30,7 +36,8 @@ class COCOReader(Reader):
         grayscale: bool = False
         patient_regex: str | None = None  # first group (or whole match) of the image stem = patient
 
-    def _paths(self, root: Path) -> tuple[Path, Path]:
+    def _paths(self, root: Path) -> list[tuple[Path, Path]]:
+        """(annotation JSON, image folder) pairs: one, or one per split folder of an export root."""
         o = self.options
         if o.annotations:
             ann = Path(o.annotations)
@@ -41,7 +48,11 @@ class COCOReader(Reader):
         elif root.is_dir():
             found = [root / n for n in _JSON_NAMES if (root / n).is_file()] or sorted(root.glob("*.json"))
             if not found:
-                raise MedsegError(f"no COCO annotation file ({', '.join(_JSON_NAMES)}) in the folder", root)
+                # a Roboflow-style export root: train/, valid/, test/ each with its own JSON
+                splits = [d / n for d in sorted(root.iterdir()) if d.is_dir() for n in _JSON_NAMES[:1] if (d / n).is_file()]
+                if splits and not o.images:
+                    return [(a, a.parent) for a in splits]
+                raise MedsegError(f"no COCO annotation file ({', '.join(_JSON_NAMES)}) in the folder or its split folders", root)
             ann = found[0]
         else:
             raise MedsegError("not a folder or a COCO JSON file", root)
@@ -52,40 +63,19 @@ class COCOReader(Reader):
             images = (root if root.is_dir() else root.parent) / images
         if not images.is_dir():
             raise MedsegError("image folder not found", images)
-        return ann, images
+        return [(ann, images)]
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
         if not root.exists():
             raise MedsegError("not a folder or a COCO JSON file", root)
-        ann_path, img_dir = self._paths(root)
-        try:
-            doc = json.loads(ann_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MedsegError(f"malformed COCO JSON: {e}", ann_path) from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-            raise MedsegError("malformed COCO JSON: no 'images' list", ann_path)
-        images: dict[int, dict] = {}
-        for im in doc["images"]:
-            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-                raise MedsegError(f"malformed COCO JSON: image entry without id/file_name: {im!r}"[:200], ann_path)
-            images[im["id"]] = im
-        cats = {c["id"]: str(c["name"]) for c in doc.get("categories", [])}
-        anns: dict[int, list[dict]] = {i: [] for i in images}
-        used: set[int] = set()
-        for a in doc.get("annotations", []):
-            if a.get("image_id") not in images:
-                raise MedsegError(f"annotation {a.get('id')} points at image id {a.get('image_id')}, which is not in 'images'", ann_path)
-            if a.get("category_id") not in cats:
-                raise MedsegError(f"annotation {a.get('id')} has unknown category id {a.get('category_id')}", ann_path)
-            seg = a.get("segmentation")
-            if isinstance(seg, list):
-                for poly in seg:
-                    if len(poly) < 6:
-                        raise MedsegError(f"annotation {a.get('id')} has a polygon with {len(poly) // 2} points (< 3)", ann_path)
-            anns[a["image_id"]].append(a)
-            used.add(a["category_id"])
-        used_ids = sorted(used)
+        sources = self._paths(root)
+        docs = [(ann, img_dir, *_read_coco(ann)) for ann, img_dir in sources]
+        cats = docs[0][3]
+        for ann, _, _, other, _ in docs[1:]:
+            if other != cats:
+                raise MedsegError(f"categories differ from those of {docs[0][0]}", ann)
+        used_ids = sorted({a["category_id"] for *_, anns in docs for per in anns.values() for a in per})
         if self.options.merge:
             classes = [self.options.merged_name]
             class_of = {cid: 0 for cid in used_ids}
@@ -93,35 +83,41 @@ class COCOReader(Reader):
             classes = [cats[c] for c in used_ids]
             class_of = {cid: j for j, cid in enumerate(used_ids)}
         if require_masks and not classes:
-            raise MedsegError("the COCO file has no annotations", ann_path)
+            raise MedsegError("the COCO file has no annotations", docs[0][0])
         rx = re.compile(self.options.patient_regex) if self.options.patient_regex else None
         cases = []
-        for iid, im in images.items():
-            path = img_dir / im["file_name"]
-            if not path.is_file():
-                raise MedsegError(f"image file of image id {iid} is missing", path)
-            stem = Path(im["file_name"]).stem
-            patient = stem
-            if rx:
-                m = rx.search(stem)
-                patient = (m.group(1) if m.groups() else m.group(0)) if m else stem
-            cases.append(
-                CaseSpec(
-                    id=stem,
-                    patient=patient,
-                    sources={
-                        "image": str(path),
-                        "height": im.get("height"),
-                        "width": im.get("width"),
-                        "annotations": [
-                            {"class": class_of[a["category_id"]], "segmentation": a.get("segmentation"), "bbox": a.get("bbox")}
-                            for a in anns[iid]
-                        ],
-                    },
+        seen: dict[str, Path] = {}
+        for ann_path, img_dir, images, _, anns in docs:
+            for iid, im in images.items():
+                path = img_dir / im["file_name"]
+                if not path.is_file():
+                    raise MedsegError(f"image file of image id {iid} is missing", path)
+                stem = Path(im["file_name"]).stem
+                if stem in seen:
+                    raise MedsegError(f"two images named {stem!r} (the other is {seen[stem]})", path)
+                seen[stem] = path
+                patient = stem
+                if rx:
+                    m = rx.search(stem)
+                    patient = (m.group(1) if m.groups() else m.group(0)) if m else stem
+                cases.append(
+                    CaseSpec(
+                        id=stem,
+                        patient=patient,
+                        sources={
+                            "image": str(path),
+                            "split": ann_path.parent.name if len(docs) > 1 else None,
+                            "height": im.get("height"),
+                            "width": im.get("width"),
+                            "annotations": [
+                                {"class": class_of[a["category_id"]], "segmentation": a.get("segmentation"), "bbox": a.get("bbox")}
+                                for a in anns[iid]
+                            ],
+                        },
+                    )
                 )
-            )
         if not cases:
-            raise MedsegError("the COCO file lists no images", ann_path)
+            raise MedsegError("the COCO file lists no images", docs[0][0])
         return DatasetSpec(
             format=self.name,
             root=str(root),
@@ -131,7 +127,8 @@ class COCOReader(Reader):
             spatial_dims=2,
             cases=cases,
             has_masks=require_masks,
-            meta={"annotations": str(ann_path), "categories": {str(c): cats[c] for c in used_ids}},
+            meta={"annotations": [str(d[0]) for d in docs] if len(docs) > 1 else str(docs[0][0]),
+                  "categories": {str(c): cats[c] for c in used_ids}},
         )
 
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
@@ -168,6 +165,35 @@ class COCOReader(Reader):
             Image.fromarray((mask[0, j] > 0).astype(np.uint8) * 255).save(p)
             written.append(p)
         return written
+
+
+def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[int, list[dict]]]:
+    """(images by id, category names by id, annotations by image id) of one COCO JSON, validated."""
+    try:
+        doc = json.loads(ann_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MedsegError(f"malformed COCO JSON: {e}", ann_path) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise MedsegError("malformed COCO JSON: no 'images' list", ann_path)
+    images: dict[int, dict] = {}
+    for im in doc["images"]:
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise MedsegError(f"malformed COCO JSON: image entry without id/file_name: {im!r}"[:200], ann_path)
+        images[im["id"]] = im
+    cats = {c["id"]: str(c["name"]) for c in doc.get("categories", [])}
+    anns: dict[int, list[dict]] = {i: [] for i in images}
+    for a in doc.get("annotations", []):
+        if a.get("image_id") not in images:
+            raise MedsegError(f"annotation {a.get('id')} points at image id {a.get('image_id')}, which is not in 'images'", ann_path)
+        if a.get("category_id") not in cats:
+            raise MedsegError(f"annotation {a.get('id')} has unknown category id {a.get('category_id')}", ann_path)
+        seg = a.get("segmentation")
+        if isinstance(seg, list):
+            for poly in seg:
+                if len(poly) < 6:
+                    raise MedsegError(f"annotation {a.get('id')} has a polygon with {len(poly) // 2} points (< 3)", ann_path)
+        anns[a["image_id"]].append(a)
+    return images, cats, anns
 
 
 def _rasterise(a: dict, h: int, w: int, where: Path) -> np.ndarray:

@@ -2,8 +2,15 @@
 
 Slices are ordered by their position along the slice normal, rescaled with RescaleSlope/Intercept, and
 given the RAS affine that dcm2niix / nibabel / SimpleITK would give the NIfTI of the series (LPS
-negated in x and y), so predictions are written as NIfTI in the series' geometry. Training masks are
-NIfTI label maps named ``<case id>.nii.gz`` in the folder of option ``masks``."""
+negated in x and y), so predictions are written as NIfTI in the series' geometry.
+
+Training masks live in the folder of option ``masks``, one per case (series), either
+
+- a NIfTI label map ``<case id>.nii.gz`` (reoriented to the series if its axes are permuted/flipped), or
+- a folder ``<case id>/`` of 2D images (png/jpg/tif/bmp), one per slice: named after the DICOM files
+  (``IM0001.png`` for ``IM0001.dcm``), or otherwise taken in natural name order as the slices in
+  position order (first = lowest along the slice normal). Pixel values are label indices, or 0/255.
+"""
 from __future__ import annotations
 
 import re
@@ -11,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import field_validator
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
@@ -41,11 +49,16 @@ def series_affine(first_pos: np.ndarray, last_pos: np.ndarray, n: int, row_cos: 
 @FORMATS.register("dicom")
 class DicomReader(Reader):
     name = "dicom"
-    description = "DICOM series in a folder (recursive), one case per SeriesInstanceUID; masks as NIfTI"
+    description = "DICOM series in a folder (recursive), one case per SeriesInstanceUID; masks as NIfTI or image folders"
 
     class Options(Reader.Options):
-        masks: str | None = None  # folder of NIfTI label maps <case id>.nii.gz (relative to ROOT or absolute)
+        masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
         classes: list[str] | None = None  # names of label values 1..K
+
+        @field_validator("classes", mode="before")
+        @classmethod
+        def _split(cls, v):  # the CLI passes "-o classes=a,b" as one string
+            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         import pydicom
@@ -93,7 +106,11 @@ class DicomReader(Reader):
         values: list[int] = []
         if require_masks:
             if not self.options.masks:
-                raise MedsegError("DICOM training data needs option masks=<folder of NIfTI label maps named <case id>.nii.gz> (or use --images-only)", root)
+                raise MedsegError(
+                    "DICOM training data needs option masks=<folder holding <case id>.nii.gz or <case id>/ slice images> "
+                    "(or use --images-only)",
+                    root,
+                )
             mdir = Path(self.options.masks)
             if not mdir.is_absolute():
                 mdir = (root if root.is_dir() else root.parent) / mdir
@@ -102,10 +119,17 @@ class DicomReader(Reader):
             found: set[int] = set()
             for c in cases:
                 mp = next((mdir / f"{c.id}{ext}" for ext in (".nii.gz", ".nii") if (mdir / f"{c.id}{ext}").is_file()), None)
-                if mp is None:
-                    raise MedsegError(f"series {c.id!r} has no mask (expected {mdir / (c.id + '.nii.gz')})", c.sources["files"][0])
-                c.sources["mask"] = str(mp)
-                found |= set(np.unique(nifti_array(load_nifti(mp), mp)).astype(int).tolist())
+                if mp is not None:
+                    c.sources["mask"] = str(mp)
+                    found |= set(np.unique(nifti_array(load_nifti(mp), mp)).astype(int).tolist())
+                elif (mdir / c.id).is_dir():
+                    c.sources["mask_images"], c.sources["mask_binary"], vals = _mask_images(mdir / c.id, c.sources["files"])
+                    found |= vals
+                else:
+                    raise MedsegError(
+                        f"series {c.id!r} has no mask (expected {mdir / (c.id + '.nii.gz')} or a folder {mdir / c.id}/)",
+                        c.sources["files"][0],
+                    )
             k = max(found - {0}, default=0)
             if k == 0:
                 raise MedsegError("no foreground label in any mask", mdir)
@@ -196,6 +220,11 @@ class DicomReader(Reader):
             if lab_zyx.shape != (image.shape[0], *image.shape[2:]):
                 raise MedsegError(f"mask shape {lab.shape} differs from the series' {tuple(reversed((image.shape[0], *image.shape[2:])))}", mp)
             mask = labels_to_mask(lab_zyx, spec.meta["label_values"], mp)
+        elif case.sources.get("mask_images"):
+            lab_zyx = np.stack(
+                [_read_mask_slice(Path(p), image.shape[2:], case.sources["mask_binary"]) for p in case.sources["mask_images"]]
+            )
+            mask = labels_to_mask(lab_zyx, spec.meta["label_values"], Path(case.sources["mask_images"][0]).parent)
         return CaseData(
             image=np.ascontiguousarray(image),
             mask=mask,
@@ -214,6 +243,41 @@ class DicomReader(Reader):
         hdr = nib.Nifti1Header()
         hdr["qform_code"] = hdr["sform_code"] = 1  # scanner coordinates
         return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib)
+
+
+def _mask_images(folder: Path, dicom_files: list[str]) -> tuple[list[str], bool, set[int]]:
+    """A series' slice masks in slice order, whether they are 0/255, and the label values present."""
+    from medseg.data.formats.folder import EXTENSIONS, _natural
+
+    files = sorted((f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS), key=lambda f: _natural(f.name))
+    by_stem = {f.stem: f for f in files}
+    stems = [Path(d).stem for d in dicom_files]
+    if len(files) == len(stems) and all(s in by_stem for s in stems):
+        ordered = [by_stem[s] for s in stems]  # named after the DICOM files
+    elif len(files) == len(stems):
+        ordered = files  # numbered in position order
+    else:
+        raise MedsegError(f"mask folder has {len(files)} images but the series has {len(stems)} slices", folder)
+    values: set[int] = set()
+    for f in ordered:
+        values |= set(np.unique(_read_mask_slice(f, None, False)).tolist())
+    binary = values <= {0, 255} and 255 in values
+    return [str(f) for f in ordered], binary, ({0, 1} if binary else values)
+
+
+def _read_mask_slice(path: Path, size: tuple[int, ...] | None, binary: bool) -> np.ndarray:
+    from medseg.data.formats.folder import _is_gray, read_image
+
+    m = read_image(path)
+    if m.ndim == 3:
+        if not _is_gray(m):
+            raise MedsegError("colour mask slice: expected a greyscale label image", path)
+        m = m[..., 0]
+    if size is not None and m.shape != tuple(size):
+        raise MedsegError(f"mask size {m.shape} differs from the DICOM slice's {tuple(size)}", path)
+    if not np.issubdtype(m.dtype, np.integer):
+        raise MedsegError(f"mask values must be integers, got {m.dtype}", path)
+    return (m > 0).astype(np.uint8) if binary else m
 
 
 def _to_geometry(lab: np.ndarray, src_aff: np.ndarray, dst_aff: np.ndarray, where: str) -> np.ndarray:

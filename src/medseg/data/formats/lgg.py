@@ -79,30 +79,32 @@ class LGGReader(Reader):
         )
 
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
-        imgs = []
-        for p in case.sources["images"]:
+        # filled slice by slice into preallocated [z, c, h, w] arrays: one case in memory, no stack copies
+        paths = case.sources["images"]
+        image = None
+        for z, p in enumerate(paths):
             a = read_tiff(Path(p))
             if a.ndim == 2:
                 a = np.repeat(a[..., None], 3, axis=-1)
             if a.ndim != 3 or a.shape[-1] != 3:
                 raise MedsegError(f"expected an HxWx3 slice, got shape {a.shape}", p)
-            if imgs and a.shape != imgs[0].shape:
-                raise MedsegError(f"slice size {a.shape[:2]} differs from the case's {imgs[0].shape[:2]}", p)
-            imgs.append(a)
-        image = np.stack(imgs).transpose(0, 3, 1, 2)  # [z, 3, h, w]
+            if image is None:
+                image = np.empty((len(paths), 3, *a.shape[:2]), a.dtype)
+            elif a.shape[:2] != image.shape[2:]:
+                raise MedsegError(f"slice size {a.shape[:2]} differs from the case's {image.shape[2:]}", p)
+            image[z] = a.transpose(2, 0, 1)
         mask = None
         if case.sources.get("masks"):
-            ms = []
-            for p, img in zip(case.sources["masks"], imgs):
+            mask = np.empty((len(paths), 1, *image.shape[2:]), np.uint8)
+            for z, p in enumerate(case.sources["masks"]):
                 m = read_tiff(Path(p))
                 if m.ndim == 3:
                     m = m[..., 0]
-                if m.shape != img.shape[:2]:
-                    raise MedsegError(f"mask size {m.shape} differs from its image's {img.shape[:2]}", p)
-                ms.append(m > 127)
-            mask = np.stack(ms)[:, None].astype(np.uint8)
+                if m.shape != image.shape[2:]:
+                    raise MedsegError(f"mask size {m.shape} differs from its image's {image.shape[2:]}", p)
+                mask[z, 0] = m > 127
         return CaseData(
-            image=np.ascontiguousarray(image),
+            image=image,
             mask=mask,
             spacing=(1.0, 1.0, 1.0),
             slices=[str(n) for n in case.sources["numbers"]],

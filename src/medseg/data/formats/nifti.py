@@ -1,16 +1,22 @@
-"""NIfTI volumes: the MSD / nnU-Net layout (``imagesTr/`` + ``labelsTr/`` [+ ``dataset.json``]), or a
-single NIfTI file / a folder of NIfTI files (images only).
+"""NIfTI volumes: the MSD / nnU-Net layout (``imagesTr/`` + ``labelsTr/`` [+ ``dataset.json``]), a list
+of (image, label) pairs, or a single NIfTI file / a folder of NIfTI files (images only).
+
+A list of pairs is a ``.csv`` (columns ``image,label`` and optionally ``id,patient``) or a ``.json``
+(a list of ``{"image": ..., "label": ...}`` objects, or an MSD-style ``dataset.json`` whose ``training``
+list holds them); paths are relative to the list's folder. Give it as ROOT or as option ``pairs``.
 
 Arrays are stored as (z, y, x) = NIfTI (k, j, i) transposed; the affine is kept so predictions are
 written back in the input's exact geometry (the source header is re-read for that)."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import field_validator
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
@@ -121,11 +127,28 @@ class NiftiReader(Reader):
         images: str = "imagesTr"
         labels: str = "labelsTr"
         classes: list[str] | None = None  # names of label values 1..K when there is no dataset.json
+        pairs: str | None = None  # a .csv/.json list of (image, label) pairs (relative to ROOT or absolute)
+
+        @field_validator("classes", mode="before")
+        @classmethod
+        def _split(cls, v):  # the CLI passes "-o classes=a,b" as one string
+            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
         if not root.exists():
             raise MedsegError("not a folder or a NIfTI file", root)
+        pairs = None
+        if self.options.pairs:
+            pairs = Path(self.options.pairs)
+            if not pairs.is_absolute():
+                pairs = (root if root.is_dir() else root.parent) / pairs
+            if not pairs.is_file():
+                raise MedsegError("list of pairs not found", pairs)
+        elif root.is_file() and root.suffix.lower() in (".csv", ".json"):
+            pairs = root
+        if pairs is not None:
+            return self._scan_pairs(pairs, require_masks)
         info = _dataset_json(root) if root.is_dir() else {}
         img_dir, lab_dir = root / self.options.images, root / self.options.labels
         if root.is_file():
@@ -182,6 +205,12 @@ class NiftiReader(Reader):
                 if stem not in groups:
                     raise MedsegError(f"label without an image (expected {self.options.images}/{stem}.nii.gz)", p)
 
+        return self._finish(root, cases, n_ch, info, require_masks, msd)
+
+    def _finish(
+        self, root: Path, cases: list[CaseSpec], n_ch: int | None, info: dict[str, Any], require_masks: bool, msd: bool
+    ) -> DatasetSpec:
+        """Channels and classes (shared by the folder layouts and the list of pairs)."""
         # channels: dataset.json, else the first image's 4th dimension
         names = info.get("channel_names") or info.get("modality")
         first = load_nifti(cases[0].sources["image"])
@@ -209,6 +238,33 @@ class NiftiReader(Reader):
             has_masks=require_masks,
             meta={"label_values": values, "msd": msd},
         )
+
+    def _scan_pairs(self, path: Path, require_masks: bool) -> DatasetSpec:
+        """Cases from a .csv/.json list of (image, label) pairs; paths relative to the list's folder."""
+        rows, info = _read_pairs(path)
+        if not rows:
+            raise MedsegError("the list of pairs is empty", path)
+        cases: list[CaseSpec] = []
+        seen: dict[str, str] = {}
+        for where, row in rows:
+            img = _listed_file(row.get("image"), path, where, "image")
+            lab = None
+            if require_masks:
+                if not row.get("label"):
+                    raise MedsegError(f"{where}: image {row['image']} has no label (use --images-only to predict)", path)
+                lab = _listed_file(row["label"], path, where, "label")
+            cid = str(row.get("id") or nifti_stem(img))
+            if cid in seen:
+                raise MedsegError(f"{where}: case id {cid!r} is used twice (also {seen[cid]}); add an id column", path)
+            seen[cid] = where
+            cases.append(
+                CaseSpec(
+                    id=cid,
+                    patient=str(row.get("patient") or cid),
+                    sources={"image": str(img), "images": [str(img)], "label": str(lab) if lab else None},
+                )
+            )
+        return self._finish(path, cases, 1, info, require_masks, False)
 
     def _classes(self, info: dict[str, Any], cases: list[CaseSpec], root: Path) -> tuple[list[str], list[int]]:
         labels = info.get("labels")
@@ -281,6 +337,42 @@ class NiftiReader(Reader):
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
         return write_label_nifti(mask, values, case.sources["image"], Path(out_dir) / f"{case.id}.nii.gz", probabilities)
+
+
+def _read_pairs(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """(("line N" / "entry N", row), dataset-level info) of a .csv or .json list of pairs."""
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MedsegError(f"list of pairs is not valid JSON: {e}", path) from None
+        info = doc if isinstance(doc, dict) else {}
+        items = doc.get("training") if isinstance(doc, dict) else doc
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise MedsegError('expected a list of {"image": ..., "label": ...} objects (or a dict with a "training" list)', path)
+        return [(f"entry {i + 1}", it) for i, it in enumerate(items)], info
+    if path.suffix.lower() != ".csv":
+        raise MedsegError("a list of pairs must be a .csv or a .json file", path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        if "image" not in cols:
+            raise MedsegError(f"csv has no image column (header: {','.join(cols)}; expected image,label[,id,patient])", path)
+        reader.fieldnames = cols
+        rows = [(f"line {n}", {k: (v or "").strip() for k, v in r.items() if k}) for n, r in enumerate(reader, start=2)]
+    return [(w, r) for w, r in rows if any(r.values())], {}
+
+
+def _listed_file(value: Any, listing: Path, where: str, what: str) -> Path:
+    if not value or not isinstance(value, str):
+        raise MedsegError(f"{where}: no {what} path", listing)
+    p = Path(value)
+    p = p if p.is_absolute() else listing.parent / p
+    if not p.is_file():
+        raise MedsegError(f"{what} listed in {listing.name} ({where}) does not exist", p)
+    if not _is_nifti(p):
+        raise MedsegError(f"{what} listed in {listing.name} ({where}) is not a NIfTI file (.nii or .nii.gz)", p)
+    return p
 
 
 def _dataset_json(root: Path) -> dict[str, Any]:

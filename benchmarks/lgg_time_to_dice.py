@@ -1,0 +1,282 @@
+"""Time to accuracy on LGG: medseg's recipe vs MONAI's UNet with the plain tutorial recipe, same folds,
+same wall-clock budget, same evaluation.
+
+    .venv/bin/python benchmarks/lgg_time_to_dice.py [--prepared prepared/lgg] [--folds 0,1]
+        [--budget 30] [--marks 5,10,15,20,25,30] [--parallel] [--config configs/lgg_unet.yaml]
+
+For each fold, two trainings run for ``--budget`` minutes of wall clock each (data loading included,
+evaluation excluded) and save their weights at every mark:
+  - medseg: ``configs/lgg_unet.yaml`` through medseg's own engine (``medseg train``'s ``fit_fold``),
+    with in-training validation switched off so that the budget is all training;
+  - peer: MONAI's ``UNet`` (channels 32..512, strides 2, 2 residual units, as in MONAI's tutorials),
+    ``DiceLoss(softmax)``, Adam 1e-4, uniform slice sampling (no foreground oversampling), flips, the
+    same input size as the medseg recipe, batch 8.
+Every snapshot is then scored the same way: each validation patient's every slice at its native
+256x256, the mean per-patient 3D Dice (a patient without tumour scores 1 if the prediction is empty
+too, else 0). ``--parallel`` runs the two trainings side by side with one thread each (half the wall
+time, and a harder condition than 2 threads each); otherwise each runs alone with ``--threads``.
+Prints a table (Dice at every mark, per fold and mean) and writes benchmarks/results/lgg_time_to_dice.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- shared: snapshots and evaluation -------------------------------------------------------------
+class Clock:
+    """Wall-clock budget with marks; ``due()`` returns the marks (minutes) passed since the last call."""
+
+    def __init__(self, marks: list[float], budget: float):
+        self.marks = sorted(m for m in marks if m <= budget)
+        self.budget = budget
+        self.t0 = time.perf_counter()
+        self.next = 0
+
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.t0) / 60
+
+    def due(self) -> list[float]:
+        now, out = self.minutes(), []
+        while self.next < len(self.marks) and now >= self.marks[self.next]:
+            out.append(self.marks[self.next])
+            self.next += 1
+        return out
+
+    def over(self) -> bool:
+        return self.minutes() >= self.budget
+
+
+def _save(model, out: Path, mark: float, info: dict) -> None:
+    import torch
+
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "mark": mark, **info}, out / f"snap_{mark:07.2f}.pt")
+
+
+def patient_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """3D Dice of one patient's volume; 1 if both are empty, 0 if exactly one is."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    den = p.sum() + t.sum()
+    return 1.0 if den == 0 else float(2 * (p & t).sum() / den)
+
+
+def evaluate_snapshot(net, prepared: str, val_ids: list[str], size: list[int] | None, head: str) -> dict[str, float]:
+    """Per-patient Dice of ``net`` on whole validation cases (z-scored per case, as both trainings)."""
+    import torch
+    from torch.nn import functional as F
+
+    from medseg.data import normalize
+    from medseg.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.open(prepared)
+    net.eval()
+    scores = {}
+    with torch.no_grad():
+        for cid in val_ids:
+            i = ds.index(cid)
+            img = np.asarray(ds.image(i))
+            mean, std, clip = normalize.stats_for(img, {"mode": "zscore_case"})
+            x = torch.from_numpy(np.ascontiguousarray(normalize.apply(img, mean, std, clip, channel_axis=1)))
+            h, w = x.shape[-2:]
+            preds = []
+            for s in range(0, x.shape[0], 16):
+                xb = x[s : s + 16]
+                if size is not None and tuple(size) != (h, w):
+                    xb = F.interpolate(xb, size=tuple(size), mode="bilinear", align_corners=False)
+                o = net(xb.contiguous(memory_format=torch.channels_last))
+                o = o[0] if isinstance(o, (list, tuple)) else o
+                o = F.interpolate(o.float(), size=(h, w), mode="bilinear", align_corners=False) if o.shape[-2:] != (h, w) else o
+                preds.append((o.argmax(1) == 1) if head == "softmax" else (o[:, 0] > 0))
+            pred = torch.cat(preds).numpy()
+            truth = np.asarray(ds.mask(i))[:, 0]
+            scores[cid] = patient_dice(pred, truth)
+    return scores
+
+
+# --- the two trainings (each in its own process) --------------------------------------------------
+def run_medseg(args, fold: int, out: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from medseg.config import load_config
+    from medseg.training.run import check_task, fit_fold
+
+    overrides = {"data.prepared": args.prepared, "train.val_every": "1000000", "data.workers": "0"}
+    cfg = load_config(ROOT / args.config, overrides)
+    ds, task = check_task(cfg, Path(args.config))
+    clock = Clock(args.marks, args.budget)
+
+    class Snapshots(pl.Callback):
+        def on_train_start(self, trainer, module):
+            clock.t0 = time.perf_counter()  # model built, data opened: the clock starts with training
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            for m in clock.due():
+                _save(module.model, out, m, {})
+            if clock.over():
+                trainer.should_stop = True
+
+        def on_train_end(self, trainer, module):
+            # the recipe's schedule ended before the budget: it is its own result at the later marks
+            done = clock.minutes()
+            for m in clock.marks[clock.next:]:
+                _save(module.model, out, m, {"finished_at_min": done})
+            clock.next = len(clock.marks)
+
+    fit_fold(cfg, task, ds, fold, out / "run", resume=False, extra_callbacks=[Snapshots()])
+    info = {"size": cfg.data.size if cfg.data.resize else None, "arch": cfg.model.model_dump(), "head": "softmax",
+            "in_channels": task["in_channels"], "out_channels": task["out_channels"]}
+    (out / "info.json").write_text(json.dumps(info))
+
+
+def run_peer(args, fold: int, out: Path) -> None:
+    import torch
+    from monai.losses import DiceLoss
+    from monai.networks.nets import UNet
+    from torch.utils.data import DataLoader
+
+    from medseg.config import load_config
+    from medseg.data.prepared import PreparedDataset
+    from medseg.data.sampling import EpochSampler, TrainSamples
+
+    cfg = load_config(ROOT / args.config, {"data.prepared": args.prepared, "data.fg_oversample": "0",
+                                           "data.batch_size": "8"})
+    ds = PreparedDataset.open(args.prepared)
+    train_ids, _ = ds.fold(fold)
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2),
+               num_res_units=2).to(memory_format=torch.channels_last)
+    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    samples = TrainSamples(args.prepared, train_ids, cfg.data, seed=0, norm={"mode": "zscore_case"})
+    dl = DataLoader(samples, batch_size=8, sampler=EpochSampler(8 * 10**6), num_workers=0, drop_last=True)
+    clock = Clock(args.marks, args.budget)
+    g = torch.Generator().manual_seed(0)
+    net.train()
+    for x, y in dl:
+        for ax in (2, 3):  # the tutorials' RandFlip
+            f = torch.rand(x.shape[0], generator=g) < 0.5
+            x[f], y[f] = x[f].flip(ax - 1), y[f].flip(ax - 1)
+        out_ = net(x.contiguous(memory_format=torch.channels_last))
+        loss = loss_fn(out_, y.long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for m in clock.due():
+            _save(net, out, m, {})
+        if clock.over():
+            break
+    info = {"size": cfg.data.size if cfg.data.resize else None, "head": "softmax", "peer": True}
+    (out / "info.json").write_text(json.dumps(info))
+
+
+def _build(info: dict):
+    import torch
+
+    if info.get("peer"):
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2),
+                    num_res_units=2).to(memory_format=torch.channels_last)
+    from medseg.models import create_model
+
+    a = info["arch"]
+    return create_model(a["name"], info["in_channels"], info["out_channels"], **a["kwargs"]).to(memory_format=torch.channels_last)
+
+
+def score_dir(args, fold: int, out: Path) -> dict[str, float]:
+    import torch
+
+    from medseg.data.prepared import PreparedDataset
+
+    info = json.loads((out / "info.json").read_text())
+    _, val_ids = PreparedDataset.open(args.prepared).fold(fold)
+    net = _build(info)
+    res = {}
+    for snap in sorted(out.glob("snap_*.pt")):
+        s = torch.load(snap, map_location="cpu")
+        net.load_state_dict(s["state_dict"])
+        per = evaluate_snapshot(net, args.prepared, val_ids, info["size"], info["head"])
+        res[f"{s['mark']:g}"] = float(np.mean(list(per.values())))
+    return res
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.work) / f"{args.worker}_fold{args.fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    (run_medseg if args.worker == "medseg" else run_peer)(args, args.fold, out)
+    torch.set_num_threads(args.threads)
+    (out / "scores.json").write_text(json.dumps(score_dir(args, args.fold, out)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prepared", default=str(ROOT / "prepared" / "lgg"))
+    ap.add_argument("--config", default="configs/lgg_unet.yaml")
+    ap.add_argument("--folds", default="0,1")
+    ap.add_argument("--budget", type=float, default=30.0, help="minutes per training")
+    ap.add_argument("--marks", default="5,10,15,20,25,30")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", action="store_true", help="medseg and peer side by side, one thread each")
+    ap.add_argument("--work", default="/tmp/medseg_ttd")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_time_to_dice.json"))
+    ap.add_argument("--worker", choices=["medseg", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.marks = [float(m) for m in str(args.marks).split(",")] if isinstance(args.marks, str) else args.marks
+    if args.worker:
+        return worker(args)
+    folds = [int(f) for f in args.folds.split(",")]
+    base = [sys.executable, __file__, "--prepared", args.prepared, "--config", args.config, "--budget", str(args.budget),
+            "--marks", ",".join(f"{m:g}" for m in args.marks), "--work", args.work]
+    t0 = time.time()
+    for k in folds:
+        cmds = [base + ["--worker", w, "--fold", str(k), "--threads", "1" if args.parallel else str(args.threads)]
+                for w in ("medseg", "peer")]
+        env = dict(os.environ, OMP_NUM_THREADS="1" if args.parallel else str(args.threads))
+        if args.parallel:
+            procs = [subprocess.Popen(c, env=env) for c in cmds]
+            if any(p.wait() for p in procs):
+                sys.exit("a training failed")
+        else:
+            for c in cmds:
+                subprocess.run(c, env=env, check=True)
+    rows = {}
+    for w in ("medseg", "peer"):
+        rows[w] = {str(k): json.loads((Path(args.work) / f"{w}_fold{k}" / "scores.json").read_text()) for k in folds}
+    marks = [f"{m:g}" for m in args.marks if m <= args.budget]
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "budget_min": args.budget,
+              "parallel_one_thread_each": args.parallel, "threads": 1 if args.parallel else args.threads,
+              "folds": folds, "config": args.config, "dice": rows, "wall_s": time.time() - t0}
+    summary = {}
+    print(f"{'minutes':>8} | " + " | ".join(f"{w} mean (per fold)" for w in rows))
+    for m in marks:
+        cells = []
+        for w in rows:
+            v = [rows[w][str(k)].get(m, float("nan")) for k in folds]
+            summary.setdefault(w, {})[m] = {"mean": float(np.mean(v)), "std": float(np.std(v))}
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f} ({', '.join(f'{x:.3f}' for x in v)})")
+        print(f"{m:>8} | " + " | ".join(cells))
+    result["summary"] = summary
+    result["medseg_ahead_at_every_mark"] = all(summary["medseg"][m]["mean"] > summary["peer"][m]["mean"] for m in marks)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"medseg ahead at every mark: {result['medseg_ahead_at_every_mark']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
