@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	MEDSEG_SLOW=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 demo: setup
 	bash scripts/demo.sh

@@ -111,6 +111,6 @@ def test_shipped_configs_validate():
             lgg.add(cfg.model.name)
     assert lgg == set(MODELS.names())  # one LGG config per registered model
     uw = load_config(root / "uwmgi_25d_unet.yaml")
-    assert (uw.data.mode, uw.data.context, uw.loss.terms[0].name) == ("2.5d", 2, "dice_bce")
+    assert (uw.data.mode, uw.data.context, uw.loss.terms[0].name) == ("2.5d", 1, "dice_bce")
     hip = load_config(root / "hippocampus_3d_unet.yaml")
     assert hip.data.mode == "3d" and len(hip.data.size) == 3

@@ -277,3 +277,36 @@ def test_real_uwmgi_derived_sample():
     assert n_slices == 36
     assert len({c.patient for c in spec.cases}) > 5
     assert (per_class > 3).all(), per_class  # every organ appears on several slices
+
+
+def test_flat_folder_and_single_file_without_masks(tmp_path):
+    """Images to segment may lie straight in ROOT/ (no images/) or be one file; predictions mirror that."""
+    rng = np.random.default_rng(5)
+    a, b = _gray(rng, 6, 5), _gray(rng, 4, 7)
+    _save(tmp_path / "flat" / "img2.png", a)
+    _save(tmp_path / "flat" / "img10.bmp", b)
+    _save(tmp_path / "flat" / "sub" / "ignored.png", a)  # subfolders are not read
+    reader = get_reader("folder")
+    spec = reader.scan(tmp_path / "flat", require_masks=False)
+    assert [c.id for c in spec.cases] == ["img2", "img10"] and spec.meta["layout"] == "flat"
+    data = _load_all(reader, spec)
+    np.testing.assert_array_equal(data["img10"].image, b[None, None])
+    with pytest.raises(MedsegError, match=r"no images/ folder"):  # training data keeps images/ + masks/
+        reader.scan(tmp_path / "flat")
+    mask = np.zeros((1, 1, 4, 7), np.uint8)
+    mask[0, 0, 1:3, 2:5] = 1
+    out = tmp_path / "out"
+    files = reader.write_prediction(spec, spec.cases[1], mask, out)
+    assert files == [out / "img10.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(files[0])), mask[0, 0] * 255)
+    # one file
+    one = reader.scan(tmp_path / "flat" / "img2.png", require_masks=False)
+    assert [c.id for c in one.cases] == ["img2"] and one.meta["layout"] == "file"
+    np.testing.assert_array_equal(reader.load(one, one.cases[0]).image, a[None, None])
+    with pytest.raises(MedsegError, match="not a folder"):
+        reader.scan(tmp_path / "flat" / "img2.png")  # with masks: a dataset folder is needed
+    # the images/ layout wins when both exist, and still writes OUT/masks/
+    _save(tmp_path / "flat" / "images" / "x.png", a)
+    spec = reader.scan(tmp_path / "flat", require_masks=False)
+    assert [c.id for c in spec.cases] == ["x"] and spec.meta["layout"] == "images"
+    assert reader.write_prediction(spec, spec.cases[0], np.zeros((1, 1, 6, 5), np.uint8), out) == [out / "masks" / "x.png"]

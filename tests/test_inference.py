@@ -209,8 +209,11 @@ def test_ensemble_is_mean_of_fold_probabilities(tmp_path):
     np.testing.assert_allclose(got, expected, atol=2e-3)
     # folds="0,2" picks two; "best" with a cv_summary picks the best-scoring fold
     assert len(Segmenter.load(run, folds="0,2").nets) == 2
-    (run / "cv_summary.json").write_text(json.dumps({"folds": [{"fold": 0, "score": 0.5}, {"fold": 1, "score": 0.9},
-                                                               {"fold": 2, "score": 0.7}]}))
+    # the summary as `medseg train --fold all` writes it
+    from medseg.training.run import _cv_summary
+
+    rows = {str(k): {"val_dice_tumor": d, "val_dice_mean": d} for k, d in enumerate([0.5, 0.9, 0.7])}
+    (run / "cv_summary.json").write_text(json.dumps(_cv_summary(rows, ["tumor"])))
     best = Segmenter.load(run, folds="best", tta=False).predict(image, probabilities=True)
     np.testing.assert_array_equal(best.prob, folds[1].prob)
     with pytest.raises(MedsegError, match=r"fold\(s\) \[7\] not trained; available: \[0, 1, 2\]"):
@@ -650,12 +653,6 @@ def test_png_folder_round_trip_and_channel_mismatch(tmp_path):
     from medseg.inference.predict import predict
 
     rng = np.random.default_rng(11)
-    (tmp_path / "flat").mkdir()  # images straight in the folder: say where they must go
-    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "flat" / "x.png")
-    with pytest.raises(MedsegError, match="a folder of images is read from its images/ subfolder") as e:
-        predict(make_bundle(tmp_path / "g.pt", channels=["gray"]), tmp_path / "flat", tmp_path / "o")
-    assert e.value.path == str(tmp_path / "flat") and "masks are not needed" in str(e.value)
-    assert not (tmp_path / "o").exists()  # nothing written
     (tmp_path / "pngs" / "images").mkdir(parents=True)  # the folder reader's layout: ROOT/images/
     imgs = {"scan_a": rng.integers(0, 255, (30, 50), dtype=np.uint8), "scan_b": rng.integers(0, 255, (41, 27), dtype=np.uint8)}
     for stem, a in imgs.items():
@@ -672,3 +669,164 @@ def test_png_folder_round_trip_and_channel_mismatch(tmp_path):
         m = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{stem}.png"))
         assert m.shape == a.shape and m.dtype == np.uint8  # same size and stem as the input
         np.testing.assert_array_equal(m, seg.predict(a[None, None]).mask[0, 0] * 255)
+
+
+def _flat_images(folder: Path, rng) -> dict[str, np.ndarray]:
+    """Grey images of several sizes and formats straight in ``folder`` (no images/ subfolder)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    imgs = {"scan_a": rng.integers(0, 255, (30, 50), dtype=np.uint8), "scan_b": rng.integers(0, 255, (41, 27), dtype=np.uint8),
+            "scan_c": rng.integers(0, 255, (33, 33), dtype=np.uint8)}
+    for (stem, a), ext in zip(imgs.items(), (".png", ".jpg", ".bmp")):
+        Image.fromarray(a).save(folder / f"{stem}{ext}")
+    imgs["scan_b"] = np.asarray(Image.open(folder / "scan_b.jpg"))  # what JPEG compression left
+    tifffile.imwrite(folder / "scan_d.tif", rng.integers(0, 4000, (20, 24)).astype(np.uint16))  # 16-bit
+    imgs["scan_d"] = tifffile.imread(folder / "scan_d.tif")
+    (folder / "notes.txt").write_text("not an image")
+    return imgs
+
+
+@pytest.mark.parametrize("classes", [("tumor",), ("a", "b")])
+def test_predict_flat_image_folder_and_single_file(tmp_path, classes):
+    """Issue 6: a plain folder of images (no images/ subfolder) and a single image file give PNG masks
+    with the same stems and sizes: 0/255 for one class, label values 0..k for several."""
+    from PIL import Image
+
+    from medseg import Segmenter
+    from medseg.inference.predict import predict
+
+    imgs = _flat_images(tmp_path / "flat", np.random.default_rng(12))
+    bp = make_bundle(tmp_path / "gray.pt", channels=["gray"], classes=classes)
+    files = predict(bp, tmp_path / "flat", tmp_path / "out", tta=False)
+    assert sorted(f.name for f in files) == [f"{s}.png" for s in sorted(imgs)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f.name for f in files)  # OUT/<stem>.png
+    seg = Segmenter.load(bp, tta=False)
+    for stem, a in imgs.items():
+        m = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
+        assert m.shape == a.shape and m.dtype == np.uint8
+        mk = seg.predict(a[None, None]).mask[0]
+        want = mk[0] * 255 if len(classes) == 1 else (mk * np.arange(1, len(classes) + 1)[:, None, None]).max(0)
+        np.testing.assert_array_equal(m, want)
+        assert 0 < (m > 0).mean() < 1
+    # one image file: its mask, same stem and size, straight in OUT
+    files = predict(bp, tmp_path / "flat" / "scan_b.jpg", tmp_path / "one", tta=False, save_probabilities=True)
+    assert [f.relative_to(tmp_path / "one").as_posix() for f in files] == ["scan_b.png", "probabilities/scan_b.npy"]
+    np.testing.assert_array_equal(np.asarray(Image.open(files[0])), np.asarray(Image.open(tmp_path / "out" / "scan_b.png")))
+    assert np.load(files[1]).shape == (len(classes), 41, 27)
+    # the Python API reads a single file too
+    np.testing.assert_array_equal(seg.predict(tmp_path / "flat" / "scan_a.png").mask, seg.predict(imgs["scan_a"][None, None]).mask)
+
+
+def test_predict_flat_folder_bad_inputs(tmp_path):
+    from medseg.inference.predict import predict
+
+    rng = np.random.default_rng(13)
+    imgs = _flat_images(tmp_path / "flat", rng)
+    bp = make_bundle(tmp_path / "gray.pt", channels=["gray"])
+    # output = input: masks named like the images would replace them, even with --overwrite
+    with pytest.raises(MedsegError, match="the output folder is the input folder") as e:
+        predict(bp, tmp_path / "flat", tmp_path / "flat", overwrite=True)
+    assert e.value.path == str(tmp_path / "flat")
+    with pytest.raises(MedsegError, match="the output folder is the input folder"):
+        predict(bp, tmp_path / "flat" / "scan_a.png", tmp_path / "flat", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == [
+        "notes.txt", "scan_a.png", "scan_b.jpg", "scan_c.bmp", "scan_d.tif"]
+    # an empty folder, a non-image file, an unreadable image
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedsegError, match="no images .* in the folder and no images/ subfolder") as e:
+        predict(bp, tmp_path / "empty", tmp_path / "o1")
+    assert e.value.path == str(tmp_path / "empty")
+    with pytest.raises(MedsegError, match=r"not an image file \(.png"):
+        predict(bp, tmp_path / "flat" / "notes.txt", tmp_path / "o2", fmt="folder")
+    (tmp_path / "flat" / "scan_e.png").write_bytes(b"not a png")
+    with pytest.raises(MedsegError, match="cannot read image") as e:
+        predict(bp, tmp_path / "flat", tmp_path / "o3")
+    assert e.value.path == str(tmp_path / "flat" / "scan_e.png")
+    # a 3-channel model on grey images: say so, naming the file
+    with pytest.raises(MedsegError, match="expects 3 channels .* the input has 1") as e:
+        predict(make_bundle(tmp_path / "lgg.pt"), tmp_path / "flat" / "scan_a.png", tmp_path / "o4")
+    assert e.value.path == str(tmp_path / "flat" / "scan_a.png")
+
+
+def test_training_config_sets_predict_defaults_and_cli_overrides(tmp_path):
+    """Issue 6: post-processing (incl. presence) and TTA chosen in the experiment config travel in the
+    bundle that training writes (``bundle_for``); ``medseg predict`` uses them unless flags override."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from medseg import Segmenter
+    from medseg.cli import app
+    from medseg.config import parse_config
+    from medseg.training.run import bundle_for
+
+    classes = ["a", "b"]
+    raw_path = make_bundle(tmp_path / "raw.pt", channels=["gray"], classes=classes, class_kind="multilabel")
+    from medseg.inference.bundle import build_model, load_bundle
+
+    raw = load_bundle(raw_path)
+    model = build_model(raw)
+    task = {"spatial_dims": 2, "classes": classes, "class_kind": "multilabel", "in_channels": 1, "out_channels": 2,
+            "channels": ["gray"], "norm": {"mode": "zscore_case"}, "fingerprint": {}}
+    image = np.random.default_rng(14).integers(0, 255, (6, 1, 32, 36), dtype=np.uint8)
+    flips = [[-1, -2]]
+    plain = Segmenter.load(raw_path, tta=flips).predict(image, probabilities=True)
+    smax = plain.prob.astype(np.float32).reshape(6, 2, -1).max(-1)
+    # presence per class between the per-slice maxima, so that some slices lose the class and some keep it
+    pres = [float(np.sort(smax[:, j])[2:4].mean()) for j in range(2)]
+
+    def cfg_with(**sections):
+        return parse_config({"data": {"prepared": "p", "size": [32, 32]}, "model": {"name": "unet", "kwargs": raw["arch"]["kwargs"]},
+                             **sections})
+
+    cfg = cfg_with(postprocess={"presence": pres, "min_size": 0}, inference={"tta": True, "tta_flips": flips})
+    module = SimpleNamespace(model=model, divisor=2)
+    b = bundle_for(module, cfg, task, fold=0, epoch=3, scores={})
+    assert b["postprocess"] == {"thresholds": [0.5, 0.5], "presence": pres, "min_size": 0, "largest_cc": False}
+    assert b["tta"] == {"enabled": True, "flips": flips} and b["input"]["overlap"] == 0.5
+    save_bundle(b, tmp_path / "run" / "fold_0" / "model.pt")
+    seg = Segmenter.load(tmp_path / "run")
+    assert seg.flips == flips  # TTA on by default, the config's flips
+    got = seg.predict(image, probabilities=True)
+    np.testing.assert_array_equal(got.prob, plain.prob)
+    keep = smax >= np.array(pres)[None]
+    assert keep.any() and not keep.all()
+    np.testing.assert_array_equal(got.mask, plain.mask * keep[:, :, None, None])
+    # the defaults when the config says nothing: TTA off with in-plane flips, presence off
+    b0 = bundle_for(module, cfg_with(), task, fold=0, epoch=3, scores={})
+    assert b0["tta"] == {"enabled": False, "flips": [[-1], [-2]]} and b0["postprocess"]["presence"] is None
+    # a per-class list of the wrong length is refused when the bundle is written
+    with pytest.raises(MedsegError, match=r"postprocess.presence has 3 values but the dataset has 2 classes \(a, b\)"):
+        bundle_for(module, cfg_with(postprocess={"presence": [0.1, 0.2, 0.3]}), task, fold=0, epoch=1, scores={})
+    # CLI flags override the bundle: --presence 0 keeps every slice, --no-tta drops the flips
+    from PIL import Image
+
+    (tmp_path / "pngs").mkdir()
+    for i, a in enumerate(image[:, 0]):
+        Image.fromarray(a).save(tmp_path / "pngs" / f"s{i}.png")
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(tmp_path / "pngs"), str(tmp_path / "o1")])
+    assert r.exit_code == 0, r.output
+    assert "tta x2" in r.output.replace("\n", " ")
+
+    def labels(mask):  # the folder writer's label map: a later class wins an overlap
+        out = np.zeros(mask.shape[2:], np.uint8)
+        for j in range(mask.shape[1]):
+            out[mask[0, j] > 0] = j + 1
+        return out
+
+    for i in range(6):  # each PNG is its own case (normalised on its own)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o1" / f"s{i}.png")),
+                                      labels(seg.predict(image[i:i + 1]).mask))
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(tmp_path / "pngs"), str(tmp_path / "o2"),
+                                 "--presence", "0,0", "--no-tta"])
+    assert r.exit_code == 0, r.output
+    assert "tta off" in r.output
+    nott = Segmenter.load(raw_path, tta=False)
+    for i in range(6):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o2" / f"s{i}.png")),
+                                      labels(nott.predict(image[i:i + 1]).mask))
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(tmp_path / "pngs"), str(tmp_path / "o3"),
+                                 "--presence", "0.1,0.2,0.3"])
+    assert isinstance(r.exception, MedsegError)
+    assert r.exception.problem.startswith("3 presence values for 2 classes (a, b)")

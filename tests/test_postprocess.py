@@ -91,3 +91,50 @@ def test_merge_config_and_thresholds():
     assert thresholds_for({"thresholds": None}, 3) == [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match="expected 3 per-class values, got 2"):
         thresholds_for(cfg, 3)
+
+
+def test_check_config_per_class_lengths():
+    from medseg.errors import MedsegError
+    from medseg.inference.postprocess import check_config
+
+    check_config({"thresholds": [0.5, 0.4], "presence": 0.3}, ["a", "b"])  # scalars fit any class count
+    with pytest.raises(MedsegError) as e:
+        check_config({"presence": [0.5, 0.4]}, ["a", "b", "c"], where="m.pt")
+    assert e.value.problem == ("2 presence values for 3 classes (a, b, c): give one number for every class, "
+                               "or one per class")
+    assert e.value.path == "m.pt"
+
+
+def _cfg(**sections):
+    from medseg.config import parse_config
+
+    return parse_config({"data": {"prepared": "p"}, "model": {"name": "unet"}, **sections})
+
+
+def test_config_postprocess_presence_and_inference_section():
+    from medseg.errors import MedsegError
+
+    cfg = _cfg()
+    assert cfg.postprocess.presence is None and cfg.inference.tta is False and cfg.inference.tta_flips is None
+    cfg = _cfg(postprocess={"presence": 0.4, "thresholds": [0.5, 0.6]},
+               inference={"tta": True, "tta_flips": [[-1], [-1, -2]], "overlap": 0.25})
+    assert cfg.postprocess.presence == 0.4 and cfg.inference.tta_flips == [[-1], [-1, -2]]
+    assert _cfg(postprocess={"presence": [0.4, 0.5]}).postprocess.presence == [0.4, 0.5]
+    for sections, msg in [
+        ({"postprocess": {"presence": 1.5}}, "postprocess.presence: Value error, probabilities must be in [0, 1]"),
+        ({"postprocess": {"thresholds": []}}, "give one value per class"),
+        ({"postprocess": {"min_size": -1}}, "postprocess.min_size: Input should be greater than or equal to 0"),
+        ({"inference": {"tta_flips": [[1]]}}, "bad flip group [1]: axes -1 (width), -2 (height), -3 (depth), each once"),
+        ({"inference": {"tta_flips": []}}, "give at least one flip group"),
+        ({"inference": {"tta": True, "flips": [[-1]]}}, "unknown key 'inference.flips'"),
+        ({"inference": {"tta_flips": [[-3]]}}, "axis -3 (depth) is for 3D models only"),
+    ]:
+        with pytest.raises(MedsegError) as e:
+            _cfg(**sections)
+        assert msg in e.value.problem, (sections, e.value.problem)
+    # depth flips are fine for a 3D model
+    from medseg.config import parse_config
+
+    cfg3 = parse_config({"data": {"prepared": "p", "mode": "3d", "size": [8, 16, 16]}, "model": {"name": "unet"},
+                         "inference": {"tta_flips": [[-3], [-1]]}})
+    assert cfg3.inference.tta_flips == [[-3], [-1]]

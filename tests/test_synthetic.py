@@ -10,6 +10,7 @@ from medseg.data.formats import get_reader
 from medseg.data.formats.folder import map_palette
 from medseg.data.rle import parse
 from medseg.data.synthetic import write_uwmgi_from_derived, write_uwmgi_synthetic
+from medseg.errors import MedsegError
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 FILE = re.compile(r"^train/(case\d+)/(case\d+)_day\d+/scans/slice_(\d{4})_(\d+)_(\d+)_(\d\.\d\d)_(\d\.\d\d)\.png$")
@@ -110,3 +111,14 @@ def test_from_derived_sample(tmp_path):
             np.testing.assert_array_equal(d.image[z, 0], gray.astype(np.uint16) * 16)
         found += d.mask.reshape(d.mask.shape[0], 3, -1).any(-1).sum(0)
     assert found.sum() > 0
+
+
+def test_custom_sizes_and_test_layout(tmp_path):
+    root = write_uwmgi_synthetic(tmp_path / "t", n_cases=1, days_per_case=2, slices_per_day=2, split="test",
+                                 with_csv=False, sizes=[(64, 48, 1.63)])
+    assert not (root / "train.csv").exists()
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert files == [f"test/case2/case2_day{d}/scans/slice_000{n}_64_48_1.63_1.63.png" for d in (0, 5) for n in (1, 2)]
+    assert np.asarray(Image.open(root / files[0])).shape == (48, 64)
+    with pytest.raises(MedsegError, match="sizes: give at least one"):
+        write_uwmgi_synthetic(tmp_path / "e", sizes=[])

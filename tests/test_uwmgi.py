@@ -360,3 +360,79 @@ def test_cli_prepare_bad_input_exits_2(tiny, tmp_path):
     out = " ".join((r.stdout + r.stderr).split())  # rich may wrap long lines
     assert "error:" in out and "train.csv" in out and f"bad RLE for id {rows[4][0]}, class {rows[4][1]}: run 2" in out
     assert not (tmp_path / "prep").exists()
+
+
+# ----------------------------------------------------------------------- bad input of issue 8 (remaining)
+def test_mixed_pixel_spacing_in_a_case_day(tiny):
+    odd = _pngs(tiny)[0].with_name("slice_0004_266_266_1.63_1.63.png")
+    Image.fromarray(np.zeros((266, 266), np.uint16)).save(odd)
+    with pytest.raises(MedsegError, match=r"pixel spacing 1.63x1.63 differs from the case-day's 1.5x1.5") as e:
+        get_reader("uwmgi").scan(tiny)
+    assert e.value.path == str(odd)
+
+
+def test_bad_slice_file_name_in_the_test_layout_via_predict(tiny, tmp_path):
+    # the test layout (images only) goes through the same scan: `medseg predict` names the file too
+    (tiny / "train.csv").unlink()
+    bad = _pngs(tiny)[1].with_name("slice_12_266_266.png")
+    _pngs(tiny)[1].rename(bad)
+    r = _cli("predict", "no-model", str(tiny), str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {bad}: slice file name does not parse (expected slice_XXXX_W_H_PW_PH.png)"
+
+
+@pytest.fixture
+def submission(synth, tmp_path):
+    """A perfect submission of ``synth`` and the evaluate call that scores it."""
+    from medseg.evaluation.evaluate import evaluate
+
+    truth = read_train_csv(synth / "train.csv")
+    rows = [(sid, cls, rle) for sid, per in sorted(truth.items()) for cls, rle in per.items()]
+
+    def score(rows, name="sub.csv"):
+        p = write_submission(rows, tmp_path / name)
+        return p, lambda: evaluate(p, synth / "train.csv", images=synth / "train", out=tmp_path / f"ev_{name}",
+                                   report=False)
+
+    return rows, score
+
+
+def test_submission_id_not_in_the_truth_names_the_submission(submission):
+    rows, score = submission
+    p, run = score(rows + [("case2_day0_slice_0099", "stomach", "")])
+    with pytest.raises(MedsegError) as e:
+        run()
+    assert e.value.problem == "1 ids of the submission are not in the ground truth, e.g. case2_day0_slice_0099"
+    assert e.value.path == str(p)
+
+
+def test_submission_missing_an_id_names_the_submission(submission):
+    rows, score = submission
+    sid, cls, _ = rows[7]
+    p, run = score(rows[:7] + rows[8:])
+    with pytest.raises(MedsegError) as e:
+        run()
+    assert e.value.problem == f"no row for id {sid}, class {cls}" and e.value.path == str(p)
+
+
+def test_submission_rle_overlapping_itself_names_the_row(submission):
+    rows, score = submission
+    sid, cls, _ = rows[4]
+    p, run = score(rows[:4] + [(sid, cls, "10 5 12 3")] + rows[5:])
+    with pytest.raises(MedsegError, match=rf"bad RLE for id {sid}, class {cls} \(line 6\): run 2 \(start 12\) overlaps "
+                       r"run 1 \(start 10, length 5, last pixel 14\)") as e:
+        run()
+    assert e.value.path == str(p)
+
+
+def test_submission_rle_past_the_image_names_the_row(submission, synth):
+    rows, score = submission
+    sid, cls, _ = rows[2]  # case2_day0: 266 x 266 = 70756 pixels (the size comes from the image file names)
+    p, run = score(rows[:2] + [(sid, cls, "70750 10")] + rows[3:])
+    with pytest.raises(MedsegError, match=rf"bad RLE for id {sid}, class {cls}: run 1 \(start 70750, length 10\) "
+                       r"ends at pixel 70759, past the image end \(70756 pixels\)") as e:
+        run()
+    assert e.value.path == str(p)
+    r = _cli("evaluate", str(p), str(synth / "train.csv"), "--images", str(synth / "train"), "--no-report",
+             "--out", str(p.parent / "ev_cli"))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {p}: bad RLE for id {sid}, class {cls}: run 1")

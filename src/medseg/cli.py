@@ -133,11 +133,13 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: str = typer.Argument(..., help="run directory, checkpoint, .onnx file or shipped model name"),
-    input: Path = typer.Argument(..., help="images to segment, in a layout a reader understands"),
+    model: str = typer.Argument(..., help="run directory, checkpoint, .onnx file or shipped model name; "
+                                "several separated by commas average their probabilities (see --weights)"),
+    input: Path = typer.Argument(..., help="images to segment: a folder or file in a layout a reader understands"),
     output: Path = typer.Argument(..., help="output folder (mirrors the input's layout)"),
     format: Optional[str] = typer.Option(None, help="reader for INPUT (guessed if absent)"),
     folds: str = typer.Option("best", help="'all' to ensemble every fold of a k-fold run"),
+    weights: Optional[str] = typer.Option(None, help="weights of the models in MODEL, e.g. 0.6,0.4 (default: equal)"),
     tta: Optional[bool] = typer.Option(None, help="flip test-time augmentation (default: the model's)"),
     tta_flips: Optional[str] = typer.Option(None, help="TTA flips: axis groups, e.g. '-1;-2;-1,-2' (-1 width, -2 height, -3 depth); implies --tta"),
     save_probabilities: bool = typer.Option(False, help="also write probability maps"),
@@ -145,20 +147,49 @@ def predict(
     backend: str = typer.Option("auto", help="auto (onnxruntime for .onnx, else PyTorch), torch or onnx"),
     min_size: Optional[int] = typer.Option(None, help="drop components under N pixels (default: the model's)"),
     largest_cc: Optional[bool] = typer.Option(None, help="keep the largest component per class (default: the model's)"),
-    presence: Optional[float] = typer.Option(None, help="zero a class whose max probability is below this"),
-    threshold: Optional[float] = typer.Option(None, help="multilabel decision threshold for every class"),
+    presence: Optional[str] = typer.Option(None, help="zero a class whose max probability is below this: "
+                                           "one number, or one per class (0.5,0.3,0.4)"),
+    threshold: Optional[str] = typer.Option(None, help="multilabel decision threshold: one number, or one per class"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
-    from medseg.inference.predict import parse_flips, predict as run_predict
+    from medseg.inference.predict import parse_flips, parse_probabilities, predict as run_predict
+    from medseg.inference.segmenter import parse_weights
 
-    pp = {"min_size": min_size, "largest_cc": largest_cc, "presence": presence, "thresholds": threshold}
+    pp = {"min_size": min_size, "largest_cc": largest_cc,
+          "presence": parse_probabilities(presence, "--presence"),
+          "thresholds": parse_probabilities(threshold, "--threshold")}
     if tta_flips is not None:
         if tta is False:
             raise MedsegError("--tta-flips and --no-tta contradict each other")
         tta = parse_flips(tta_flips)
     run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
                 save_probabilities=save_probabilities, overwrite=overwrite, console=console,
-                backend=backend, postprocess=pp)
+                backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None)
+
+
+@app.command()
+def tune(
+    run: Path = typer.Argument(..., help="run directory of a multilabel model (e.g. UW-Madison)"),
+    folds: str = typer.Option("all", help="'all' or fold indices '0,2': whose validation cases to tune on"),
+    data: Optional[Path] = typer.Option(None, help="prepared dataset (default: the run's data.prepared)"),
+    tta: Optional[bool] = typer.Option(None, help="tune with flip TTA (re-predicts the validation cases) or without, and store "
+                                       "that in the bundles (default: the model's own setting)"),
+    thresholds: str = typer.Option("0.3,0.4,0.5,0.6,0.7", help="decision thresholds to try, comma-separated"),
+    presence: str = typer.Option("0.5,0.6,0.7,0.8,0.9", help="presence thresholds to try (besides none)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the choice, change no model.pt"),
+) -> None:
+    """Choose per-class thresholds and class-presence thresholds on the validation folds for the best
+    UW-Madison competition score; write them into every fold's model.pt (used by `medseg predict`)."""
+    from medseg.evaluation.tune import tune as run_tune
+
+    def floats(text: str, what: str) -> list[float]:
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise MedsegError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+    run_tune(run, folds=folds, data=data, tta=tta, thresholds=floats(thresholds, "thresholds"),
+             presence=floats(presence, "presence"), write=not dry_run, console=console)
 
 
 @app.command()
@@ -167,11 +198,14 @@ def export(
     output: Path = typer.Argument(..., help="the .onnx file to write (a .json of pre/post-processing beside it)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     folds: str = typer.Option("best", help="which fold of a k-fold run: 'best' or its index"),
+    size: Optional[str] = typer.Option(None, help="H,W: export for this one input size; predict then runs windows of it "
+                                       "(default: any size; swin_unetr always gets one, the training size)"),
 ) -> None:
     """Export a model to ONNX with its pre- and post-processing description."""
-    from medseg.inference.export import export_onnx
+    from medseg.inference.export import export_onnx, parse_size
 
-    export_onnx(model, output, opset=opset, console=console, folds=folds)
+    export_onnx(model, output, opset=opset, console=console, folds=folds,
+                size=parse_size(size) if size else None)
 
 
 def main() -> None:

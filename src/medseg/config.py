@@ -136,9 +136,46 @@ class AugmentConfig(_Section):
 
 
 class PostprocessConfig(_Section):
+    """Decision and clean-up rules stored in the bundle; ``medseg predict`` flags override them."""
+
     thresholds: Optional[list[float]] = None  # multilabel, default 0.5 per class
-    min_size: int = 0
+    # zero class j (per slice in 2D, per volume in 3D) where its max probability is under presence[j];
+    # one number for every class, a list per class, None = off
+    presence: Union[None, float, list[float]] = None
+    min_size: int = Field(0, ge=0)  # drop components under N pixels/voxels
     largest_cc: bool = False
+
+    @field_validator("thresholds", "presence")
+    @classmethod
+    def _unit(cls, v):
+        vals = v if isinstance(v, list) else [] if v is None else [v]
+        if any(not 0.0 <= x <= 1.0 for x in vals):
+            raise ValueError("probabilities must be in [0, 1]")
+        if isinstance(v, list) and not v:
+            raise ValueError("give one value per class (or one number for presence), not an empty list")
+        return v
+
+
+class InferenceConfig(_Section):
+    """``medseg predict``'s defaults for a trained model (stored in the bundle; CLI flags override)."""
+
+    tta: bool = False  # flip test-time augmentation on by default
+    # groups of spatial axes to flip (-1 width, -2 height, -3 depth); None = each in-plane axis
+    # ([[-1], [-2]]; 3D models add [-3])
+    tta_flips: Optional[list[list[int]]] = None
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)  # 3D sliding-window overlap
+
+    @field_validator("tta_flips")
+    @classmethod
+    def _flips(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one flip group, e.g. [[-1], [-2]], or null for the default")
+        for g in v:
+            if not g or any(a not in (-1, -2, -3) for a in g) or len(set(g)) != len(g):
+                raise ValueError(f"bad flip group {g}: axes -1 (width), -2 (height), -3 (depth), each once")
+        return v
 
 
 class ExperimentConfig(_Section):
@@ -150,6 +187,13 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @model_validator(mode="after")
+    def _tta_axes(self) -> "ExperimentConfig":
+        if self.data.mode != "3d" and any(-3 in g for g in self.inference.tta_flips or []):
+            raise ValueError("inference.tta_flips: axis -3 (depth) is for 3D models only")
+        return self
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

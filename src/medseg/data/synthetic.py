@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,7 @@ def write_uwmgi_synthetic(
     *,
     split: str = "train",
     with_csv: bool = True,
+    sizes: Sequence[tuple[int, int, float]] | None = None,
 ) -> Path:
     """Write a small dataset in the exact competition layout and return ``out_dir``.
 
@@ -109,8 +111,12 @@ def write_uwmgi_synthetic(
     blobs that appear and disappear along z (so some slices have empty organs) and the stomach and
     the large bowel overlap on some slices. ``train.csv`` rows come in a shuffled slice order, three
     rows per slice in competition class order, RLE by ``medseg.data.rle.encode``.
-    ``split="test", with_csv=False`` writes the test layout (images only).
+    ``split="test", with_csv=False`` writes the test layout (images only). ``sizes`` (width, height,
+    pixel spacing) replaces the competition's four sizes (``SIZES``), cycled the same way.
     """
+    sizes = list(sizes) if sizes is not None else SIZES
+    if not sizes:
+        raise MedsegError("sizes: give at least one (width, height, pixel spacing)")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, str]] = []
@@ -118,7 +124,7 @@ def write_uwmgi_synthetic(
     for c in range(n_cases):
         case = f"case{c * 7 + 2}"  # non-consecutive numbers, like the competition's
         for d in range(days_per_case):
-            w, h, sp = SIZES[k % len(SIZES)]
+            w, h, sp = sizes[k % len(sizes)]
             k += 1
             day = f"{case}_day{d * 5 + (c % 3)}"
             scans = out / split / case / day / "scans"

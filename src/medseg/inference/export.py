@@ -1,14 +1,23 @@
 """``medseg export MODEL OUTPUT.onnx``: the network as ONNX plus a JSON sidecar of its pipeline.
 
-The ONNX graph holds only the network (input ``input[b, c, h, w]`` or ``[b, c, d, h, w]`` float32 with
-dynamic batch and spatial axes -> ``logits``). Everything around it (normalisation, 2.5D context,
-divisor/resize, classes, class kind, thresholds, post-processing, TTA flips) lives in ``OUTPUT.json``
-(``medseg.inference.segmenter.pipeline_spec``), so ``Segmenter.load("model.onnx")`` runs the very same
-pipeline with onnxruntime as with PyTorch.
+The ONNX graph holds only the network (input ``input[b, c, h, w]`` or ``[b, c, d, h, w]`` float32 ->
+``logits``), with dynamic batch and spatial axes where the traced graph is valid at every size.
+Everything around it (normalisation, 2.5D context, divisor/resize, classes, class kind, thresholds,
+post-processing, TTA flips) lives in ``OUTPUT.json`` (``medseg.inference.segmenter.pipeline_spec``), so
+``Segmenter.load("model.onnx")`` runs the very same pipeline with onnxruntime as with PyTorch.
+
+Some networks compute shapes in Python from the input size, which tracing freezes: MONAI's Swin UNETR
+builds its shifted-window attention mask that way, so a dynamic-axes export gives wrong logits (or
+reshape errors) at any size but the export's. Such networks are exported for one spatial size
+(``input.fixed_size`` in the sidecar; dynamic batch only) and the pipeline runs them on Gaussian-weighted
+sliding windows of that size (MONAI pads smaller slices). Every export is checked against PyTorch at
+the export size and, for dynamic graphs, at another size; a dynamic graph that fails the second check
+is re-exported for a fixed size.
 
 The TorchScript-based exporter (``dynamo=False``) is the default: on MONAI's UNet it exports in a fraction
-of a second and its graph runs as fast under onnxruntime; ``dynamo=True`` (torch.export) also works and is
-tested, but takes seconds and upgrades the opset to 18.
+of a second and its graph runs as fast under onnxruntime; ``dynamo=True`` (torch.export) also works for
+convolutional models and is tested, but takes seconds and upgrades the opset to 18 (it does not fix Swin
+UNETR: torch.export refuses its size-dependent mask with dynamic shapes).
 """
 from __future__ import annotations
 
@@ -20,10 +29,53 @@ import numpy as np
 
 from medseg.errors import MedsegError
 
+# architectures whose traced graph is valid for the export's spatial size only (see the module docstring)
+FIXED_SIZE_ARCHS = {"swin_unetr"}
+_DEFAULT_SIDE = 256
+_TOLERANCE = 1e-3  # largest logit difference, relative to the logits' range
+
+
+def parse_size(text: str) -> list[int]:
+    """``"256,256"`` -> ``[256, 256]`` (``medseg export --size``)."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (2, 3) or any(v < 1 for v in vals):
+        raise MedsegError(f"bad --size {text!r}: expected H,W (or D,H,W for 3D models), e.g. 256,256")
+    return vals
+
+
+def fixed_size_for(spec: dict[str, Any], size: list[int] | None = None, force: bool = False) -> list[int] | None:
+    """The one spatial size to export the network for, or None for dynamic spatial axes.
+
+    ``size`` (``--size``) asks for a fixed size; otherwise only ``FIXED_SIZE_ARCHS`` (or ``force``) get
+    one: the training size (``input.size``), else 256 per side, rounded up to the network's divisor.
+    """
+    inp = spec["input"]
+    nsp = 3 if inp["mode"] == "3d" else 2
+    d = int(inp["divisor"])
+    if size is not None:
+        if len(size) != nsp:
+            raise MedsegError(f"--size needs {nsp} values for this {nsp}D model, got {size}")
+        if inp["mode"] != "3d" and any(s % d for s in size):
+            raise MedsegError(f"--size {size}: each side must be a multiple of {d} for this network")
+        if inp["mode"] == "3d" and [int(s) for s in inp["size"]] != list(size):
+            raise MedsegError(f"--size {size}: a 3D model runs on windows of its patch size {inp['size']}")
+        return [int(s) for s in size]
+    if not force and spec["arch"]["name"] not in FIXED_SIZE_ARCHS:
+        return None
+    if inp["mode"] == "3d":
+        return [int(s) for s in inp["size"]]  # sliding windows of the patch size: the net sees no other
+    side = [int(s) for s in (inp.get("size") or [_DEFAULT_SIDE, _DEFAULT_SIDE])[-2:]]
+    return [-(-s // d) * d for s in side]
+
 
 def _dummy_shape(spec: dict[str, Any]) -> list[int]:
     inp = spec["input"]
     c = spec["arch"]["in_channels"]
+    if inp.get("fixed_size"):
+        return [1, c, *[int(s) for s in inp["fixed_size"]]]
     if inp["mode"] == "3d":
         return [1, c, *[int(s) for s in inp["size"]]]
     side = max(2 * int(inp["divisor"]), 64)
@@ -32,14 +84,16 @@ def _dummy_shape(spec: dict[str, Any]) -> list[int]:
 
 
 def export_module(model: Any, spec: dict[str, Any], path: Path, opset: int = 17, dynamo: bool = False) -> Path:
-    """Write ``model`` (a torch module in eval mode) as ONNX with dynamic batch and spatial axes."""
+    """Write ``model`` (a torch module in eval mode) as ONNX: dynamic batch axis, and dynamic spatial
+    axes unless ``spec["input"]["fixed_size"]`` is set."""
     import warnings
 
     import torch
 
     shape = _dummy_shape(spec)
+    fixed = bool(spec["input"].get("fixed_size"))
     x = torch.randn(*shape)
-    nsp = len(shape) - 2
+    nsp = 0 if fixed else len(shape) - 2
     axes = {0: "batch", **{2 + i: f"s{i}" for i in range(nsp)}}
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -56,6 +110,38 @@ def export_module(model: Any, spec: dict[str, Any], path: Path, opset: int = 17,
     return path
 
 
+def check_sizes(spec: dict[str, Any]) -> list[list[int]]:
+    """Input shapes to compare onnxruntime with PyTorch on: batch 2 at the export size, and for a dynamic
+    2D graph another size too (a multiple of the divisor)."""
+    shape = _dummy_shape(spec)
+    shapes = [[2, *shape[1:]]]
+    if not spec["input"].get("fixed_size") and spec["input"]["mode"] != "3d":
+        d = int(spec["input"]["divisor"])
+        shapes.append([2, shape[1], shape[2] + d, shape[3] + 2 * d])
+    return shapes
+
+
+def logit_difference(module: Any, onnx_path: Path, shape: list[int]) -> float:
+    """Largest |onnxruntime - PyTorch| logit difference on a random input, relative to the logits' range
+    (inf when onnxruntime cannot run the input at all, e.g. a graph frozen at another size)."""
+    import torch
+
+    from medseg.inference.segmenter import _onnx_net
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with torch.inference_mode():
+        ref = module(torch.from_numpy(x)).numpy()
+    try:
+        got = _onnx_net(onnx_path, None)(x)
+    except MedsegError:
+        raise
+    except Exception:  # onnxruntime's shape errors: the graph does not take this size
+        return float("inf")
+    if got.shape != ref.shape:
+        return float("inf")
+    return float(np.abs(ref - got).max() / max(1.0, np.abs(ref).max()))
+
+
 def export_onnx(
     model: str | Path,
     output: str | Path,
@@ -63,14 +149,14 @@ def export_onnx(
     console: Any = None,
     folds: str = "best",
     dynamo: bool = False,
+    size: list[int] | None = None,
 ) -> Path:
     """Export ``model`` (run dir, bundle or shipped name) to ``output`` (.onnx) and ``output.json``.
 
-    Checks the export with onnxruntime on a random input and reports the largest logit difference.
+    ``size`` exports for one spatial size (else see ``fixed_size_for``). Checks the export with
+    onnxruntime against PyTorch (``check_sizes``) and reports the largest logit difference.
     """
-    import torch
-
-    from medseg.inference.segmenter import Segmenter, _onnx_net
+    from medseg.inference.segmenter import Segmenter
 
     output = Path(output)
     if output.suffix != ".onnx":
@@ -79,30 +165,40 @@ def export_onnx(
         raise MedsegError(f"opset {opset} is too old; use 17 or newer")
     seg = Segmenter.load(model, folds=folds, backend="torch")
     if len(seg.models) != 1:
-        raise MedsegError("export one fold at a time (an ensemble is several ONNX files)", str(model))
-    spec = dict(seg.spec)
-    export_module(seg.models[0], spec, output, opset=opset, dynamo=dynamo)
+        raise MedsegError("export one model and one fold at a time (an ensemble is several ONNX files)", str(model))
+    module = seg.models[0]
+    spec = dict(seg.spec, input=dict(seg.spec["input"]))
+    spec["input"].pop("fixed_size", None)
+    fixed = fixed_size_for(spec, size)
+    if fixed:
+        spec["input"]["fixed_size"] = fixed
+    export_module(module, spec, output, opset=opset, dynamo=dynamo)
+    diffs = {tuple(s): logit_difference(module, output, s) for s in check_sizes(spec)}
+    first = next(iter(diffs))
+    note = ""
+    if not fixed and diffs[first] <= _TOLERANCE and max(diffs.values()) > _TOLERANCE:
+        # valid at the export size only: a size-dependent graph; export it for one size instead
+        bad = next(s for s, v in diffs.items() if v > _TOLERANCE)
+        fixed = spec["input"]["fixed_size"] = fixed_size_for(spec, force=True)
+        export_module(module, spec, output, opset=opset, dynamo=dynamo)
+        diffs = {tuple(s): logit_difference(module, output, s) for s in check_sizes(spec)}
+        note = (f"; its graph is valid for one input size only (differs at {list(bad[2:])}): exported for "
+                f"{fixed}, the pipeline runs windows of that size")
+    elif fixed:
+        note = f"; exported for input size {fixed} (the pipeline runs windows of that size)"
+    diff = max(diffs.values())
     spec["onnx"] = {"file": output.name, "input": "input", "output": "logits", "opset": opset,
-                    "exporter": "dynamo" if dynamo else "torchscript"}
+                    "exporter": "dynamo" if dynamo else "torchscript", "fixed_size": fixed}
+    if diff > _TOLERANCE:
+        output.unlink(missing_ok=True)
+        where = ", ".join(f"{list(s[2:])}: {v:.3g}" for s, v in diffs.items())
+        raise MedsegError(f"onnxruntime output differs from PyTorch (relative logit difference at {where}); "
+                          "nothing written", output)
     sidecar = output.with_suffix(".json")
     sidecar.write_text(json.dumps(spec, indent=2, default=_jsonable) + "\n")
-
-    # verify: onnxruntime and PyTorch logits agree on a random input of another size than the dummy's
-    d = int(spec["input"]["divisor"])
-    shape = list(_dummy_shape(spec))
-    shape[0] = 2
-    if spec["input"]["mode"] != "3d":
-        shape[-1] += d
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    with torch.inference_mode():
-        ref = seg.models[0](torch.from_numpy(x)).numpy()
-    got = _onnx_net(output, None)(x)
-    diff = float(np.abs(ref - got).max() / max(1.0, np.abs(ref).max()))  # relative to the logits' range
     if console is not None:
         console.print(f"[green]exported[/] {seg.name} -> {output} (+ {sidecar.name}); "
-                      f"onnxruntime vs PyTorch max logit difference {diff:.1e} (relative)")
-    if diff > 1e-3:
-        raise MedsegError(f"onnxruntime output differs from PyTorch by {diff:.3g} (relative)", output)
+                      f"onnxruntime vs PyTorch max logit difference {diff:.1e} (relative){note}")
     return output
 
 

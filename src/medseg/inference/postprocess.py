@@ -110,9 +110,21 @@ def merge_config(base: dict[str, Any] | None, overrides: dict[str, Any] | None) 
     return out
 
 
+def check_config(cfg: dict[str, Any], classes: Sequence[str], where: Any = None) -> None:
+    """Per-class ``thresholds``/``presence`` lists must have one value per class (MedsegError otherwise)."""
+    from medseg.errors import MedsegError
+
+    for key in ("thresholds", "presence"):
+        v = cfg.get(key)
+        if isinstance(v, (list, tuple)) and len(v) != len(classes):
+            raise MedsegError(f"{len(v)} {key} values for {len(classes)} classes ({', '.join(classes)}): "
+                              "give one number for every class, or one per class", where)
+
+
 def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:
     """Multilabel decision thresholds per class (default 0.5)."""
     return _per_class(cfg.get("thresholds"), k, 0.5)
 
 
-__all__: Sequence[str] = ["postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for"]
+__all__: Sequence[str] = ["postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for",
+                          "check_config"]

@@ -81,6 +81,17 @@ def parse_flips(text: str) -> list[list[int]]:
     return out
 
 
+def parse_probabilities(text: str | None, option: str) -> float | list[float] | None:
+    """``"0.5"`` -> 0.5, ``"0.5,0.3,0.4"`` -> per-class list (``--presence``, ``--threshold``)."""
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MedsegError(f"bad {option} {text!r}: expected a number or one per class separated by commas") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
 def case_path(case: Any, spec: Any) -> str:
     """A file (or folder) that names ``case`` in error messages."""
     s = case.sources or {}
@@ -93,9 +104,14 @@ def case_path(case: Any, spec: Any) -> str:
     return str(spec.root)
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> None:
     if output.exists() and not output.is_dir():
         raise MedsegError("output exists and is not a folder", output)
+    if input is not None and output.exists():
+        src = input.resolve() if input.is_dir() else input.resolve().parent
+        if output.resolve() == src:  # masks named like their images would replace them
+            raise MedsegError("the output folder is the input folder; predictions could replace the images",
+                              output, hint="choose another output folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise MedsegError(
             "output folder already holds files",
@@ -118,8 +134,12 @@ def predict(
     backend: str = "auto",
     postprocess: dict[str, Any] | None = None,
     progress: bool | None = None,
+    weights: list[float] | None = None,
 ) -> list[Path]:
-    """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files."""
+    """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
+
+    ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
+    their probabilities (``Segmenter.load``)."""
     import sys
 
     from medseg.data.formats import get_reader
@@ -129,17 +149,9 @@ def predict(
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
     reader = get_reader(fmt)
-    try:
-        spec = reader.scan(input, require_masks=False)
-    except MedsegError as e:
-        if fmt == "folder" and input.is_dir() and not (input / "images").is_dir():
-            # the folder reader's layout is ROOT/images/ (+ masks/ for training); say so for prediction
-            raise MedsegError("a folder of images is read from its images/ subfolder, and there is none", input,
-                              hint=f"move the images into {input / 'images'}/ (masks are not needed to predict), "
-                              "or pass --format for another layout") from None
-        raise
-    _check_output(output, overwrite)
-    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend)
+    spec = reader.scan(input, require_masks=False)
+    _check_output(output, overwrite, input)
+    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
     output.mkdir(parents=True, exist_ok=True)
     for name in _AGGREGATE.get(fmt, []):
         if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)
@@ -176,7 +188,8 @@ def predict(
     if console is not None:
         console.print(
             f"[green]predicted[/] {len(spec.cases)} case{'s' if len(spec.cases) != 1 else ''}, {n_slices} slices "
-            f"with {seg.name} ({seg.backend}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}, "
+            f"with {seg.name} ({seg.backend}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}"
+            f"{', weights ' + ','.join(f'{w:.3g}' for w in seg.weights) if seg.is_ensemble else ''}, "
             f"tta {'x' + str(1 + len(seg.flips)) if seg.flips else 'off'}) in {dt:.1f} s "
             f"({n_slices / max(dt, 1e-9):.1f} slices/s) -> {output}"
         )

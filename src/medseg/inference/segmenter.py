@@ -5,6 +5,7 @@
     pred = seg.predict("kaggle_3m/TCGA_CS_4941_19960909")
     pred.mask   # uint8 [z, k, h, w], one channel per class
     pred.prob   # float16 [z, k, h, w] per-class probabilities (predict(..., probabilities=True))
+    ens = Segmenter.load(["runs/uw_25d", "runs/uw_3d"], weights=[0.6, 0.4])  # weighted mean of models
 
 The pipeline (shared by the PyTorch and onnxruntime backends, so both give the same masks):
 normalise per case (``medseg.data.normalize``) -> stream slices in batches (2D / 2.5D, each slice padded
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.postprocess import merge_config, postprocess, thresholds_for
+from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
@@ -82,7 +83,10 @@ def _best_fold(run: Path, found: dict[int, Path]) -> int:
     if summary.is_file():
         try:
             data = json.loads(summary.read_text())
-            scores = {int(f["fold"]): float(f["score"]) for f in data.get("folds", []) if f.get("score") is not None}
+            metric = data.get("selected_by", "val_dice_mean")
+            # {fold: best metrics row} as `medseg train --fold all` writes it
+            scores = {int(k): float(row[metric]) for k, row in data.get("folds", {}).items()
+                      if isinstance(row, dict) and row.get(metric) is not None}
             scores = {k: v for k, v in scores.items() if k in found}
             if scores:
                 return max(scores, key=lambda k: (scores[k], -k))
@@ -203,7 +207,8 @@ def _activate(logits: np.ndarray, class_kind: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- segmenter
 class Segmenter:
-    """A loaded model (one or several folds) with its pre- and post-processing."""
+    """A loaded model (one or several folds) with its pre- and post-processing, or a weighted ensemble
+    of such models (``members``; see ``Segmenter.load`` with a list)."""
 
     def __init__(
         self,
@@ -224,6 +229,49 @@ class Segmenter:
         self.class_kind: str = spec["class_kind"]
         self.channels: list[str] = spec["channels"]
         self.flips = self._flips(tta)
+        self.members: list[Segmenter] = [self]  # an ensemble replaces this (``ensemble``)
+        self.weights: list[float] = [1.0]
+
+    @classmethod
+    def ensemble(cls, members: Sequence["Segmenter"], weights: Sequence[float] | None = None,
+                 where: Sequence[str | Path] | None = None) -> "Segmenter":
+        """The weighted mean of the probabilities of several models (e.g. a 2.5D and a 3D model).
+
+        Each member keeps its own input mode, normalisation, TTA and folds; the members must agree on
+        classes, class kind and input channels. Thresholds and post-processing are the first member's.
+        """
+        members = list(members)
+        where = list(where) if where is not None else [m.name for m in members]
+        if not members:
+            raise MedsegError("an ensemble needs at least one model")
+        w = [1.0] * len(members) if weights is None else [float(v) for v in weights]
+        if len(w) != len(members):
+            raise MedsegError(f"{len(w)} weight{'s' if len(w) != 1 else ''} for {len(members)} models: "
+                              "give one weight per model")
+        if any(not np.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+            raise MedsegError(f"ensemble weights must be non-negative with a positive sum, got {w}")
+        ref = members[0]
+        for m, loc in zip(members[1:], where[1:]):
+            for key, what in (("class_kind", "class kinds"), ("classes", "classes"), ("channels", "input channels")):
+                if m.spec[key] != ref.spec[key]:
+                    raise MedsegError(f"cannot ensemble {m.name} with {ref.name}: {what} differ "
+                                      f"({m.spec[key]} vs {ref.spec[key]})", loc)
+        if len(members) == 1:
+            return members[0]
+        # the first member's description (decision and post-processing); members keep their own inputs
+        spec = dict(ref.spec, name="+".join(m.name for m in members))
+        seg = cls.__new__(cls)
+        seg.spec, seg.name = spec, spec["name"]
+        seg.classes, seg.class_kind, seg.channels = ref.classes, ref.class_kind, ref.channels
+        seg.nets = [n for m in members for n in m.nets]
+        seg.models = [mod for m in members for mod in m.models]
+        seg.backend = "+".join(dict.fromkeys(m.backend for m in members))
+        seg.batch_size = min(m.batch_size for m in members)
+        seg.flips = ref.flips
+        seg.members = members
+        total = sum(w)
+        seg.weights = [v / total for v in w]
+        return seg
 
     def _flips(self, tta: bool | Sequence[Sequence[int]] | None) -> list[list[int]]:
         cfg = self.spec.get("tta") or {}
@@ -245,21 +293,30 @@ class Segmenter:
     @classmethod
     def load(
         cls,
-        model: str | Path,
+        model: str | Path | Sequence[str | Path],
         folds: str | Sequence[int] = "best",
         tta: bool | Sequence[Sequence[int]] | None = None,
         backend: str = "auto",
         threads: int | None = None,
         batch_size: int = 8,
+        weights: Sequence[float] | None = None,
     ) -> "Segmenter":
         """Load ``model``: a shipped name, a run directory, a ``model.pt`` bundle, a training checkpoint
         (``fold_K/checkpoints/*.ckpt``, read with its fold's ``model.pt``) or an ``.onnx`` file.
 
+        Several models (a list, or one string ``"runs/a,runs/b"``) make a weighted ensemble: the mean
+        of their probabilities with ``weights`` (default equal; normalised to sum 1), each model with its
+        own input mode, normalisation and ``folds``.
         ``folds``: "best" (one fold), "all" (mean of every fold's probabilities) or fold indices.
         ``tta``: None (the model's default), True (the model's flips, else flips of both image axes),
         False, or a list of axis lists such as ``[[-1], [-2], [-1, -2]]``.
         ``backend``: "auto" (onnxruntime for .onnx files, else PyTorch), "torch" or "onnx".
         """
+        names = split_models(model)
+        if len(names) > 1 or weights is not None:
+            members = [cls.load(m, folds, tta, backend, threads, batch_size) for m in names]
+            return cls.ensemble(members, weights, where=names)
+        model = names[0]
         if backend not in ("auto", "torch", "onnx"):
             raise MedsegError(f"unknown backend {backend!r} (auto, torch or onnx)")
         name, files = resolve_model(model, folds)
@@ -276,8 +333,11 @@ class Segmenter:
         if backend == "onnx":
             import tempfile
 
-            from medseg.inference.export import export_module
+            from medseg.inference.export import export_module, fixed_size_for
 
+            fixed = fixed_size_for(spec)
+            if fixed:
+                spec["input"]["fixed_size"] = fixed
             tmp = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
             nets = []
             for i, m in enumerate(models):
@@ -309,6 +369,10 @@ class Segmenter:
     def in_channels(self) -> int:
         return len(self.channels)
 
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
     def _check_channels(self, image: np.ndarray, where: str | Path | None) -> None:
         c = image.shape[1]
         if c != self.in_channels:
@@ -335,7 +399,7 @@ class Segmenter:
         A path is read with the reader ``fmt`` (guessed if absent); a path holding several cases returns
         the first case's prediction (use ``medseg predict`` or ``predict_cases`` for all).
         ``spatial_dims`` picks 2D (per slice) or 3D (per volume) post-processing; default: 3 for 3D
-        models, else 2.
+        models (or an ensemble with one), else 2.
         """
         if isinstance(x, (str, Path)):
             preds = list(self.predict_cases(x, probabilities=probabilities, fmt=fmt,
@@ -347,29 +411,18 @@ class Segmenter:
         if image.ndim != 4:
             raise MedsegError(f"expected an image [z, c, h, w] or [c, h, w], got shape {image.shape}", where)
         self._check_channels(image, where)
-        mode = self.spec["input"]["mode"]
         if spatial_dims is None:
-            spatial_dims = 3 if mode == "3d" else 2
+            spatial_dims = 3 if any(m.spec["input"]["mode"] == "3d" for m in self.members) else 2
         k = len(self.classes)
         z, _, h, w = image.shape
         mask = np.zeros((z, k, h, w), np.uint8)
         prob = np.zeros((z, k, h, w), np.float16) if probabilities else None
         slice_max = np.zeros((z, k), np.float32)
-        from medseg.data.normalize import stats_for
-
         pp = merge_config(self.spec.get("postprocess"), postprocess_overrides)
+        check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
-        mean, std, clip = stats_for(image, self.spec["normalization"])
-        if mode == "3d":
-            self._predict_3d(image, mean, std, clip, thr, mask, prob, slice_max)
-        else:
-            # batch size: at most batch_size slices and about as many pixels as 8 slices of 256x256,
-            # so large slices (512x512 CT) keep activations small
-            bs = max(1, min(self.batch_size, (8 * 256 * 256) // (h * w)))
-            for start in range(0, z, bs):
-                idx = np.arange(start, min(z, start + bs))
-                p = self._slices_prob(image, idx, mean, std, clip)
-                self._decide(p, idx, thr, mask, prob, slice_max)
+        for idx, p in self._chunks(image):
+            self._decide(p, idx, thr, mask, prob, slice_max)
         postprocess(mask, slice_max, pp, spatial_dims)
         return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
 
@@ -395,6 +448,9 @@ class Segmenter:
     # ------------------------------------------------------------------ internals
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Mean softmax/sigmoid over folds and flips of a normalised batch ``x[b, c, *spatial]``."""
+        if self.is_ensemble:
+            raise MedsegError("an ensemble's members take differently shaped inputs: call probabilities() on "
+                              "each of seg.members")
         kind = self.class_kind
         acc = None
         n = 0
@@ -407,6 +463,66 @@ class Segmenter:
                 acc = p.copy() if acc is None else np.add(acc, p, out=acc)
                 n += 1
         return acc / n
+
+    def _chunks(self, image: np.ndarray):
+        """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order.
+
+        One model streams its own way (2D batches, 3D slabs); an ensemble walks z ranges (the slabs of
+        its first 3D member, else slice batches), adds each member's weighted probabilities of the
+        range, then hands the mean on: float32 never exists for more than a range.
+        """
+        from medseg.data.normalize import stats_for
+
+        z, _, h, w = image.shape
+        stats = [stats_for(image, m.spec["normalization"]) for m in self.members]
+        if not self.is_ensemble:
+            for lo, hi in self._ranges(image.shape):
+                yield from self._range_prob(image, stats[0], lo, hi)
+            return
+        out = int(self.spec["arch"]["out_channels"])
+        three = [m for m in self.members if m.spec["input"]["mode"] == "3d"]
+        if three:  # the accumulator costs another 4 bytes per output channel and voxel
+            ranges = three[0]._ranges(image.shape, extra_per_voxel=4 * out)
+        else:
+            bs = min(m._batch(h, w) for m in self.members)
+            ranges = [(s, min(z, s + bs)) for s in range(0, z, bs)]
+        for lo, hi in ranges:
+            acc = np.zeros((hi - lo, out, h, w), np.float32)
+            for m, st, wt in zip(self.members, stats, self.weights):
+                if wt == 0:
+                    continue
+                for idx, p in m._range_prob(image, st, lo, hi):
+                    acc[idx[0] - lo: idx[-1] + 1 - lo] += np.float32(wt) * p
+            for s in range(lo, hi, _DECIDE_SLICES):
+                e = min(hi, s + _DECIDE_SLICES)
+                yield np.arange(s, e), acc[s - lo:e - lo]
+
+    def _batch(self, h: int, w: int) -> int:
+        # at most batch_size slices and about as many pixels as 8 slices of 256x256, so large slices
+        # (512x512 CT) keep activations small
+        return max(1, min(self.batch_size, (8 * 256 * 256) // (h * w)))
+
+    def _ranges(self, shape: tuple[int, ...], extra_per_voxel: int = 0) -> list[tuple[int, int]]:
+        """This model's natural z ranges: the whole case (2D, batched inside) or its 3D slabs' kept ranges."""
+        z, c, h, w = shape
+        if self.spec["input"]["mode"] != "3d":
+            return [(0, z)]
+        inp = self.spec["input"]
+        roi_z, overlap = int(inp["size"][0]), float(inp.get("overlap", 0.5))
+        # bytes per voxel of a slab: float32 input channels, output channels and MONAI's weight map
+        per_voxel = 4 * (c + int(self.spec["arch"]["out_channels"]) + 1) + extra_per_voxel
+        return [(lo, hi) for _, _, lo, hi in z_slabs(z, h * w, roi_z, overlap, SLAB_BYTES // per_voxel)]
+
+    def _range_prob(self, image, stats, lo: int, hi: int):
+        """Yield ``(idx, p[b, out, h, w])`` for slices ``lo..hi-1`` (2D batches or one 3D slab)."""
+        mean, std, clip = stats
+        if self.spec["input"]["mode"] == "3d":
+            yield from self._slab_prob(image, mean, std, clip, lo, hi)
+            return
+        bs = self._batch(*image.shape[2:])
+        for start in range(lo, hi, bs):
+            idx = np.arange(start, min(hi, start + bs))
+            yield idx, self._slices_prob(image, idx, mean, std, clip)
 
     def _slices_prob(self, image, idx, mean, std, clip) -> np.ndarray:
         """Per-class probabilities [b, out, h, w] of slices ``idx`` (2D or 2.5D)."""
@@ -425,8 +541,10 @@ class Segmenter:
         h, w = x.shape[-2:]
         if inp.get("resize") and inp.get("size"):
             size = tuple(int(s) for s in inp["size"][-2:])
-            p = self.probabilities(_resize(x, size)) if (h, w) != size else self.probabilities(x)
+            p = self._net2d(_resize(x, size)) if (h, w) != size else self._net2d(x)
             return _resize(p, (h, w)) if (h, w) != size else p
+        if inp.get("fixed_size"):  # windows of the network's one size (MONAI pads smaller slices)
+            return self._net2d(x)
         d = int(inp["divisor"])
         ph, pw = -h % d, -w % d
         if ph or pw:  # zeros = the normalised mean; cropped off afterwards
@@ -434,9 +552,28 @@ class Segmenter:
         p = self.probabilities(x)
         return p[..., :h, :w]
 
-    def _predict_3d(self, image, mean, std, clip, thr, mask, prob, slice_max) -> None:
-        """Gaussian-weighted sliding windows (MONAI), streamed in slabs along z (``z_slabs``) so that
-        only one slab's float32 input and probabilities exist at a time, whatever the volume's depth."""
+    def _net2d(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities of a 2D batch; a network exported for one spatial size (``input.fixed_size``,
+        e.g. Swin UNETR in ONNX) sees Gaussian-weighted sliding windows of that size instead."""
+        fixed = self.spec["input"].get("fixed_size")
+        if not fixed or tuple(x.shape[-2:]) == tuple(int(s) for s in fixed[-2:]):
+            return self.probabilities(x)
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        def predictor(t):
+            return torch.from_numpy(np.ascontiguousarray(self.probabilities(t.numpy())))
+
+        with torch.inference_mode():
+            p = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(x)), [int(s) for s in fixed[-2:]],
+                                         sw_batch_size=self.batch_size, predictor=predictor,
+                                         overlap=float(self.spec["input"].get("overlap", 0.5)), mode="gaussian")
+        return p.numpy()
+
+    def _slab_prob(self, image, mean, std, clip, lo: int, hi: int):
+        """Gaussian-weighted sliding windows (MONAI) on the slab around slices ``lo..hi-1``
+        (``slab_for``), yielding the kept slices' probabilities in small chunks: only one slab's float32
+        input and probabilities exist at a time, whatever the volume's depth."""
         import torch
         from monai.inferers import sliding_window_inference
 
@@ -446,28 +583,25 @@ class Segmenter:
         roi = [int(s) for s in inp["size"]]
         overlap = float(inp.get("overlap", 0.5))
         z, _, h, w = image.shape
+        a, b = slab_for(lo, hi, z, roi[0], overlap)
 
         def predictor(t):
             return torch.from_numpy(np.ascontiguousarray(self.probabilities(t.numpy())))
 
-        # bytes per voxel of a slab: float32 input channels, output channels and MONAI's weight map
-        per_voxel = 4 * (image.shape[1] + int(self.spec["arch"]["out_channels"]) + 1)
-        for a, b, lo, hi in z_slabs(z, h * w, roi[0], overlap, SLAB_BYTES // per_voxel):
-            x = np.empty((image.shape[1], b - a, h, w), np.float32)  # [c, z, h, w], filled in chunks
-            for s in range(a, b, _DECIDE_SLICES):
-                e = min(b, s + _DECIDE_SLICES)
-                x[:, s - a:e - a] = apply(image[s:e], mean, std, clip, channel_axis=1).transpose(1, 0, 2, 3)
-            with torch.inference_mode():
-                p = sliding_window_inference(
-                    torch.from_numpy(x[None]), roi, sw_batch_size=2, predictor=predictor,
-                    overlap=overlap, mode="gaussian",
-                )
-            del x
-            p = p[0].numpy()  # [out, slab z, h, w]
-            for s in range(lo, hi, _DECIDE_SLICES):  # small chunks: argmax/reshape copies stay small
-                e = min(hi, s + _DECIDE_SLICES)
-                self._decide(p[:, s - a:e - a].transpose(1, 0, 2, 3), np.arange(s, e), thr, mask, prob, slice_max)
-            del p
+        x = np.empty((image.shape[1], b - a, h, w), np.float32)  # [c, z, h, w], filled in chunks
+        for s in range(a, b, _DECIDE_SLICES):
+            e = min(b, s + _DECIDE_SLICES)
+            x[:, s - a:e - a] = apply(image[s:e], mean, std, clip, channel_axis=1).transpose(1, 0, 2, 3)
+        with torch.inference_mode():
+            p = sliding_window_inference(
+                torch.from_numpy(x[None]), roi, sw_batch_size=2, predictor=predictor,
+                overlap=overlap, mode="gaussian",
+            )
+        del x
+        p = p[0].numpy()  # [out, slab z, h, w]
+        for s in range(lo, hi, _DECIDE_SLICES):  # small chunks: argmax/reshape copies stay small
+            e = min(hi, s + _DECIDE_SLICES)
+            yield np.arange(s, e), p[:, s - a:e - a].transpose(1, 0, 2, 3)
 
     def _decide(self, p: np.ndarray, idx: np.ndarray, thr: list[float], mask, prob, slice_max) -> None:
         """Masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``."""
@@ -515,11 +649,20 @@ def z_slabs(depth: int, plane: int, roi_z: int, overlap: float, budget: int) -> 
     lo = 0
     while lo < depth:
         hi = min(depth, lo + core)
-        a = 0 if lo == 0 else max(0, (lo - roi_z + 1) // step * step)
-        b = depth if hi == depth else min(depth, hi + roi_z)
-        out.append((a, b, lo, hi))
+        out.append((*slab_for(lo, hi, depth, roi_z, overlap), lo, hi))
         lo = hi
     return out
+
+
+def slab_for(lo: int, hi: int, depth: int, roi_z: int, overlap: float) -> tuple[int, int]:
+    """The slab ``[a, b)`` whose sliding windows cover slices ``[lo, hi)`` exactly as a whole-volume pass
+    does: it starts on a multiple of MONAI's window step at least one window before ``lo`` and ends one
+    window after ``hi`` (or at the volume's edges). Any ``[lo, hi)`` works, so an ensemble's members with
+    other window sizes can follow one member's slabs."""
+    step = max(int(roi_z * (1 - overlap)), 1)
+    a = 0 if lo == 0 else max(0, (lo - roi_z + 1) // step * step)
+    b = depth if hi == depth else min(depth, hi + roi_z)
+    return a, b
 
 
 def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -530,6 +673,30 @@ def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=size, mode="bilinear",
                       align_corners=False)
     return t.numpy()
+
+
+def split_models(model: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """``"runs/a,runs/b"`` or ``["runs/a", "runs/b"]`` -> the models of an ensemble (a path that exists
+    with a comma in its name stays whole)."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise MedsegError("no model given")
+        return list(model)
+    text = str(model)
+    if "," in text and not Path(text).expanduser().exists():
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise MedsegError(f"empty model name in {text!r} (models are separated by commas)")
+        return parts
+    return [model]
+
+
+def parse_weights(text: str) -> list[float]:
+    """``"0.6,0.4"`` -> ``[0.6, 0.4]`` (ensemble weights)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MedsegError(f"bad --weights {text!r}: expected numbers separated by commas, e.g. 0.6,0.4") from None
 
 
 def _check_compatible(bundles: list[dict[str, Any]], files: list[Path]) -> None:

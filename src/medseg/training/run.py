@@ -189,7 +189,14 @@ def bundle_for(module: Any, cfg: ExperimentConfig, task: dict[str, Any], fold: i
     k = len(task["classes"])
     sd = {n: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().clone()
           for n, t in module.model.state_dict().items()}
-    th = cfg.postprocess.thresholds or ([0.5] * k if task["class_kind"] == "multilabel" else None)
+    pp = cfg.postprocess
+    th = pp.thresholds or ([0.5] * k if task["class_kind"] == "multilabel" else None)
+    for key, v in (("thresholds", pp.thresholds), ("presence", pp.presence)):
+        if isinstance(v, list) and len(v) != k:  # a per-class list must match the dataset's classes
+            raise MedsegError(f"postprocess.{key} has {len(v)} values but the dataset has {k} classes "
+                              f"({', '.join(task['classes'])})")
+    inf = cfg.inference
+    flips = inf.tta_flips or ([[-1], [-2]] if nd == 2 else [[-1], [-2], [-3]])
     return {
         "arch": {"name": cfg.model.name, "in_channels": task["in_channels"], "out_channels": task["out_channels"],
                  "spatial_dims": nd, "kwargs": dict(cfg.model.kwargs)},
@@ -198,11 +205,12 @@ def bundle_for(module: Any, cfg: ExperimentConfig, task: dict[str, Any], fold: i
         "class_kind": task["class_kind"],
         "channels": task["channels"],
         "input": {"mode": cfg.data.mode, "context": cfg.data.context, "stride": cfg.data.stride,
-                  "size": cfg.data.size, "resize": cfg.data.resize, "divisor": module.divisor},
+                  "size": cfg.data.size, "resize": cfg.data.resize, "divisor": module.divisor,
+                  "overlap": inf.overlap},
         "normalization": task["norm"],
-        "postprocess": {"thresholds": th, "presence": None, "min_size": cfg.postprocess.min_size,
-                        "largest_cc": cfg.postprocess.largest_cc},
-        "tta": {"flips": [[-1], [-2]] if nd == 2 else [[-1], [-2], [-3]]},
+        "postprocess": {"thresholds": th, "presence": pp.presence, "min_size": pp.min_size,
+                        "largest_cc": pp.largest_cc},
+        "tta": {"enabled": inf.tta, "flips": flips},
         "meta": {"fold": fold, "epoch": epoch, "scores": scores, "config": config_dict(cfg),
                  "fingerprint": task["fingerprint"], "dataset": cfg.data.prepared},
     }
@@ -370,14 +378,19 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     for k in folds:
         fold_dir = run / f"fold_{k}"
         trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
+        from medseg.training.module import selection_metric
+
         best = _best_scores(fold_dir, selection_metric(task))
         results[str(k)] = best
     if str(fold) == "all" and _rank() == 0:
-        summary = _cv_summary(results, task["classes"])
+        summary = _cv_summary(results, task["classes"], selection_metric(task))
         _atomic_text(run / "cv_summary.json", json.dumps(summary, indent=1))
         if console is not None:
             console.print(f"cross-validation: mean per-patient Dice {summary['mean']['val_dice_mean']:.4f} "
                           f"± {summary['std']['val_dice_mean']:.4f} over {len(folds)} folds")
+            if "val_uwmgi_score" in summary["mean"]:
+                console.print(f"cross-validation: mean competition score {summary['mean']['val_uwmgi_score']:.4f} "
+                              f"± {summary['std']['val_uwmgi_score']:.4f}")
     return results
 
 
@@ -395,13 +408,14 @@ def _best_scores(fold_dir: Path, metric: str = "val_dice_mean") -> dict[str, Any
     return {k: (float(v) if v not in ("", None) else None) for k, v in best.items()}
 
 
-def _cv_summary(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+def _cv_summary(results: dict[str, Any], classes: list[str], selected_by: str = "val_dice_mean") -> dict[str, Any]:
     import numpy as np
 
     keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean", "val_uwmgi_score"]
     vals = {k: [r[k] for r in results.values() if r.get(k) is not None] for k in keys}
     vals = {k: v for k, v in vals.items() if v or k != "val_uwmgi_score"}  # UW-Madison data only
     return {
+        "selected_by": selected_by,
         "folds": results,
         "mean": {k: float(np.mean(v)) if v else math.nan for k, v in vals.items()},
         "std": {k: float(np.std(v)) if v else math.nan for k, v in vals.items()},

@@ -1,5 +1,9 @@
 """A plain folder of 2D images and masks: ``ROOT/images/<stem>.<ext>`` + ``ROOT/masks/<stem>.<ext>``.
 
+Without masks (``scan(..., require_masks=False)``, i.e. images to segment) the images may also lie
+straight in ``ROOT/`` (a flat folder, used when there is no ``images/`` subfolder), or ``ROOT`` may be one
+image file; ``write_prediction`` then writes ``OUT/<stem>.png`` instead of ``OUT/masks/<stem>.png``.
+
 Images and masks are paired by stem (png, jpg, jpeg, tif, tiff, bmp; a mask may have another extension
 than its image). Masks are read as
 
@@ -141,14 +145,23 @@ class FolderReader(Reader):
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
-        if not root.is_dir():
-            raise MedsegError("not a folder", root)
         img_dir, mask_dir = root / "images", root / "masks"
-        if not img_dir.is_dir():
+        if root.is_file() and not require_masks:  # one image to segment
+            if root.suffix.lower() not in EXTENSIONS:
+                raise MedsegError(f"not an image file ({', '.join(EXTENSIONS)})", root)
+            layout, images = "file", {root.stem: root}
+        elif not root.is_dir():
+            raise MedsegError("not a folder", root)
+        elif img_dir.is_dir():
+            layout, images = "images", _list(img_dir)
+            if not images:
+                raise MedsegError(f"no images ({', '.join(EXTENSIONS)})", img_dir)
+        elif require_masks:
             raise MedsegError("no images/ folder (expected ROOT/images/ and ROOT/masks/)", root)
-        images = _list(img_dir)
-        if not images:
-            raise MedsegError(f"no images ({', '.join(EXTENSIONS)})", img_dir)
+        else:  # images to segment straight in the folder
+            layout, images = "flat", _list(root)
+            if not images:
+                raise MedsegError(f"no images ({', '.join(EXTENSIONS)}) in the folder and no images/ subfolder", root)
         masks: dict[str, Path] = {}
         if require_masks:
             if not mask_dir.is_dir():
@@ -207,7 +220,8 @@ class FolderReader(Reader):
             spatial_dims=2,
             cases=cases,
             has_masks=require_masks,
-            meta={"channels_mode": chan, "mask_mode": mode, "palette": [list(c) for c in colours] or None},
+            meta={"channels_mode": chan, "mask_mode": mode, "palette": [list(c) for c in colours] or None,
+                  "layout": layout},
         )
 
     def _mask_mode(self, masks: dict[str, Path]) -> tuple[str, list[str], list[tuple[int, int, int]]]:
@@ -321,10 +335,13 @@ class FolderReader(Reader):
         return m.astype(np.uint8)
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
-        """``out_dir/masks/<stem>.png``: 0/255 for one class, label values, or palette colours."""
+        """``out_dir/masks/<stem>.png`` for an ``images/`` layout, ``out_dir/<stem>.png`` for a flat folder
+        or a single image (the input's layout): 0/255 for one class, label values, or palette colours,
+        the size of the input image. Probabilities: ``out_dir/probabilities/<stem>.npy`` ([k, h, w] float16)."""
         from PIL import Image
 
-        folder = Path(out_dir) / "masks"
+        flat = spec.meta.get("layout") in ("flat", "file")
+        folder = Path(out_dir) if flat else Path(out_dir) / "masks"
         folder.mkdir(parents=True, exist_ok=True)
         mask = np.asarray(mask) > 0
         k = mask.shape[1]

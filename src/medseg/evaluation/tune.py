@@ -1,0 +1,306 @@
+"""``medseg tune RUN``: per-class decision thresholds and the class-presence rule, chosen on the
+validation folds for the best UW-Madison competition score, written into every fold's ``model.pt``.
+
+    medseg tune runs/uwmgi_25d             # with the model's own TTA setting (inference.tta of its config)
+    medseg tune runs/uwmgi_25d --no-tta    # from RUN/fold_K/val_predictions/*.npz, and TTA off in the bundles
+    medseg tune runs/uwmgi_25d --tta       # re-predict the validation cases with flip TTA, and TTA on
+
+The probabilities tuned on are those ``medseg predict`` will produce: without TTA, the validation
+predictions training stored (the same network on the same slices); with TTA (the bundle's
+``tta.enabled``, or ``--tta``), the validation cases are predicted again through
+:class:`medseg.inference.segmenter.Segmenter` with the bundle's flips.
+
+For each class j and each candidate ``(t, p)`` of the grid (threshold ``t``; presence ``p``: zero the
+class on a slice whose maximum probability is under ``p``, or no presence rule), the out-of-fold
+predictions of every validated case-day are decided exactly as ``medseg predict`` decides them
+(``prob > t``, then :func:`medseg.inference.postprocess.postprocess` with the bundle's rules) and scored
+with :func:`medseg.evaluation.uwmgi_score.volume_terms`, the function ``medseg evaluate`` scores
+submissions with. The competition score is a ratio of sums, and each class contributes its own sums
+(Dice sum, scored slices, Hausdorff sum, scored case-days), so the best combination over classes is
+found exactly by summing the per-class tables over every combination of candidates, not by tuning
+classes one at a time. Ties keep the bundle's current setting, then the smaller grid value.
+
+A presence threshold at or below the decision threshold changes nothing (a slice whose maximum is
+under ``t`` has no pixel over ``t``), so only ``p > t`` is tried.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+PRESENCE = (0.5, 0.6, 0.7, 0.8, 0.9)
+_MAX_COMBINATIONS = 2_000_000  # beyond this, classes are chosen one at a time (coordinate ascent)
+
+Candidate = tuple[float, "float | None"]
+
+
+def candidates(thresholds: Sequence[float], presence: Sequence[float], current: Candidate | None = None) -> list[Candidate]:
+    """The grid of one class: every threshold without a presence rule, then with each presence above it.
+    ``current`` (the bundle's setting) comes first, so that it wins ties."""
+    for v in [*thresholds, *presence]:
+        if not 0.0 <= float(v) <= 1.0 or not math.isfinite(float(v)):
+            raise MedsegError(f"tuning grid values must be probabilities in [0, 1], got {v}")
+    out: list[Candidate] = [] if current is None else [current]
+    for t in sorted({float(v) for v in thresholds}):
+        for p in [None, *sorted({float(v) for v in presence if float(v) > t})]:
+            if (t, p) not in out:
+                out.append((t, p))
+    return out
+
+
+def class_terms(
+    prob: np.ndarray,
+    truth: np.ndarray,
+    grid: Sequence[Candidate],
+    rules: dict[str, Any] | None = None,
+    spatial_dims: int = 2,
+) -> np.ndarray:
+    """Competition-score sums of one class of one case-day for every candidate of ``grid``:
+    ``[len(grid), 4]`` = (Dice sum, scored slices, Hausdorff sum, scored volumes).
+
+    ``prob[z, h, w]`` is the class's probability, ``truth[z, h, w]`` its mask; ``rules`` the bundle's
+    other post-processing (``min_size``, ``largest_cc``), applied after the presence rule as in
+    ``medseg predict``."""
+    from medseg.evaluation.uwmgi_score import volume_terms
+    from medseg.inference.postprocess import postprocess
+
+    prob = np.asarray(prob, dtype=np.float32)
+    truth = np.asarray(truth) != 0
+    slice_max = prob.reshape(prob.shape[0], -1).max(axis=1)[:, None]  # [z, 1], as the segmenter's slice_max
+    rules = {"min_size": int((rules or {}).get("min_size") or 0), "largest_cc": bool((rules or {}).get("largest_cc"))}
+    out = np.zeros((len(grid), 4), np.float64)
+    for c, (t, p) in enumerate(grid):
+        mask = (prob > t).astype(np.uint8)[:, None]  # [z, 1, h, w]
+        postprocess(mask, slice_max, {"presence": None if p is None else [p], **rules}, spatial_dims)
+        dice, hd = volume_terms(mask[:, 0], truth)
+        out[c] = (float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1)
+    return out
+
+
+def best_combination(tables: Sequence[np.ndarray]) -> tuple[list[int], float]:
+    """The candidate index per class maximising the competition score of the summed tables
+    (``tables[j]``: ``[candidates_j, 4]`` sums of class j), and that score."""
+    from medseg.evaluation.uwmgi_score import combine
+
+    def score(total: np.ndarray) -> np.ndarray:
+        d, nd, h, nh = (total[..., i] for i in range(4))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_dice = np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
+            mean_hd = np.where(nh > 0, h / np.maximum(nh, 1), 0.0)
+        return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
+
+    sizes = [len(t) for t in tables]
+    if math.prod(sizes) <= _MAX_COMBINATIONS:
+        total = np.zeros((4,))
+        for j, t in enumerate(tables):
+            total = total[..., None, :] + t.reshape((1,) * j + (len(t), 4))
+        s = score(total)
+        idx = [int(i) for i in np.unravel_index(int(np.argmax(s)), s.shape)]  # first maximum: earlier candidates win ties
+    else:  # coordinate ascent from the first candidates
+        idx = [0] * len(tables)
+        for _ in range(10):
+            changed = False
+            for j in range(len(tables)):
+                rest = sum(tables[i][idx[i]] for i in range(len(tables)) if i != j)
+                best = int(np.argmax(score(tables[j] + rest)))
+                if score(tables[j][best] + rest) > score(tables[j][idx[j]] + rest):
+                    idx[j], changed = best, True
+            if not changed:
+                break
+    final = sum(t[i] for t, i in zip(tables, idx))
+    return idx, float(combine(*final)[0])
+
+
+# ----------------------------------------------------------------------------------------- the command
+def _fold_dirs(run: Path, folds: str | Sequence[int]) -> list[tuple[int, Path]]:
+    found = {}
+    for d in sorted(run.glob("fold_*")):
+        try:
+            k = int(d.name[len("fold_"):])
+        except ValueError:
+            continue
+        if (d / "model.pt").is_file():
+            found[k] = d
+    if not found:
+        raise MedsegError("not a run directory: no fold_K/model.pt (train first)", run)
+    if isinstance(folds, str) and folds == "all":
+        return sorted(found.items())
+    ks = [int(k) for k in (folds.split(",") if isinstance(folds, str) else folds)]
+    missing = [k for k in ks if k not in found]
+    if missing:
+        raise MedsegError(f"fold {missing[0]} has no model.pt (folds here: {', '.join(map(str, sorted(found)))})", run)
+    return [(k, found[k]) for k in ks]
+
+
+def _dataset_path(run: Path, data: str | Path | None) -> Path:
+    if data is not None:
+        return Path(data)
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        raise MedsegError("no config.yaml in the run (pass --data PREPARED)", run)
+    import yaml
+
+    try:
+        return Path(yaml.safe_load(cfg.read_text())["data"]["prepared"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise MedsegError("config.yaml names no data.prepared (pass --data PREPARED)", cfg) from None
+
+
+def _val_cases(run: Path, fold: int, fold_dir: Path, ds: Any, tta: bool) -> list[str]:
+    """The fold's validation case ids: from its val_predictions (what training scored), or for --tta
+    from the run's splits.json."""
+    from medseg.data.prepared import case_filename
+
+    if tta:
+        sp = run / "splits.json"
+        splits = json.loads(sp.read_text()) if sp.is_file() else ds.splits()
+        try:
+            return list(splits["folds"][fold]["val"])
+        except (KeyError, IndexError):
+            raise MedsegError(f"splits.json has no fold {fold}", sp) from None
+    vp = fold_dir / "val_predictions"
+    files = sorted(vp.glob("*.npz")) if vp.is_dir() else []
+    if not files:
+        raise MedsegError("no validation predictions (val_predictions/*.npz): train this fold first, or use --tta",
+                          fold_dir)
+    by_name = {Path(case_filename(c.id, "x")).name[: -len(".x.npy")]: c.id for c in ds.cases}
+    out = []
+    for f in files:
+        if f.stem not in by_name:
+            raise MedsegError(f"validation prediction of a case that is not in the prepared dataset {ds.root}", f)
+        out.append(by_name[f.stem])
+    return out
+
+
+def _fmt(c: Candidate) -> str:
+    return f"t {c[0]:.2f}, presence {'off' if c[1] is None else f'{c[1]:.2f}'}"
+
+
+def tune(
+    run: str | Path,
+    *,
+    folds: str | Sequence[int] = "all",
+    data: str | Path | None = None,
+    tta: bool | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+    presence: Sequence[float] = PRESENCE,
+    write: bool = True,
+    console: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Choose per-class thresholds and presence thresholds on the validation folds of ``run`` and (with
+    ``write``) store them in each fold's ``model.pt`` ``postprocess``; writes ``RUN/tune.json`` and returns
+    its content. ``tta``: None follows the bundle's ``tta.enabled``; True/False override it (and are
+    stored in the bundles, so that ``medseg predict`` runs as tuned)."""
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.bundle import load_bundle, save_bundle
+
+    run = Path(run)
+    if not run.is_dir():
+        raise MedsegError("run directory not found", run)
+    fold_dirs = _fold_dirs(run, folds)
+    bundles = {k: load_bundle(d / "model.pt") for k, d in fold_dirs}
+    b0 = bundles[fold_dirs[0][0]]
+    use_tta = bool((b0.get("tta") or {}).get("enabled")) if tta is None else bool(tta)
+    if b0["class_kind"] != "multilabel":
+        raise MedsegError("tune chooses per-class sigmoid thresholds: this model is multiclass (softmax, argmax "
+                          "decides); nothing to tune", fold_dirs[0][1] / "model.pt")
+    classes = list(b0["classes"])
+    for k, b in bundles.items():
+        if list(b["classes"]) != classes:
+            raise MedsegError(f"fold {k} has classes {b['classes']}, fold {fold_dirs[0][0]} {classes}", run)
+    ds_path = _dataset_path(run, data)
+    if not ds_path.exists():
+        raise MedsegError("prepared dataset of the run not found (pass --data PREPARED)", ds_path)
+    ds = PreparedDataset.open(ds_path)
+    if ds.classes != classes or any(c.mask is None for c in ds.cases):
+        raise MedsegError(f"the prepared dataset (classes {ds.classes}) does not hold the model's classes {classes} "
+                          "with masks", ds_path)
+    from medseg.inference.postprocess import merge_config, thresholds_for
+
+    pp = merge_config(b0.get("postprocess"), None)
+    k = len(classes)
+    cur_t = thresholds_for(pp, k)
+    cur_p = pp.get("presence")
+    cur_p = [None] * k if cur_p is None else ([float(cur_p)] * k if isinstance(cur_p, (int, float)) else list(cur_p))
+    grids = [candidates(thresholds, presence, (float(cur_t[j]), None if cur_p[j] is None else float(cur_p[j])))
+             for j in range(k)]
+    tables = [np.zeros((len(g), 4)) for g in grids]
+    jobs = [(fk, fd, cid) for fk, fd in fold_dirs for cid in _val_cases(run, fk, fd, ds, use_tta)]
+    if len({cid for _, _, cid in jobs}) != len(jobs):
+        raise MedsegError("a case is validated by two of the chosen folds (not a k-fold run?)", run)
+    seg = {}
+    for n_cases, (fk, fd, cid) in enumerate(jobs, start=1):
+        i = ds.index(cid)
+        if use_tta:
+            if fk not in seg:
+                from medseg.inference.segmenter import Segmenter
+
+                seg[fk] = Segmenter.load(fd / "model.pt", tta=True)
+            prob = seg[fk].predict(np.asarray(ds.image(i)), probabilities=True, spatial_dims=ds.spatial_dims).prob
+        else:
+            from medseg.data.prepared import case_filename
+
+            f = fd / "val_predictions" / (Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz")
+            with np.load(f) as z:
+                prob = z["prob"]
+        truth = np.asarray(ds.mask(i))
+        if prob.shape[0] != truth.shape[0] or prob.shape[1] != k or prob.shape[2:] != truth.shape[2:]:
+            raise MedsegError(f"validation prediction {tuple(prob.shape)} does not fit case {cid} "
+                              f"({truth.shape[0]} slices x {k} classes x {truth.shape[2]}x{truth.shape[3]})",
+                              fd / "val_predictions")
+        for j in range(k):
+            tables[j] += class_terms(prob[:, j], truth[:, j], grids[j], pp, ds.spatial_dims)
+        if progress:
+            progress(n_cases, len(jobs))
+        if console is not None and n_cases % 25 == 0:  # the real data takes minutes: show it moves
+            console.print(f"  {n_cases}/{len(jobs)} case-days", highlight=False)
+    idx, best = best_combination(tables)
+    before = best_combination([t[:1] for t in tables])[1]
+    chosen = [grids[j][idx[j]] for j in range(k)]
+    per_class = []
+    for j, c in enumerate(classes):
+        d, nd, h, nh = tables[j][idx[j]]
+        per_class.append({"class": c, "threshold": chosen[j][0], "presence": chosen[j][1],
+                          "dice": d / nd if nd else None, "hd": h / nh if nh else None,
+                          "before": {"threshold": grids[j][0][0], "presence": grids[j][0][1]}})
+    result = {"run": str(run.resolve()), "dataset": str(ds_path), "folds": [fk for fk, _ in fold_dirs],
+              "case_days": len(jobs), "tta": use_tta, "score_before": before, "score": best,
+              "grid": {"thresholds": sorted({float(v) for v in thresholds}), "presence": sorted({float(v) for v in presence})},
+              "classes": per_class, "written": False}
+    if write:
+        for fk, fd in fold_dirs:
+            b = bundles[fk]
+            b["postprocess"] = {**merge_config(b.get("postprocess"), None),
+                                "thresholds": [c[0] for c in chosen], "presence": [c[1] for c in chosen]}
+            if tta is not None:
+                b["tta"] = {**(b.get("tta") or {}), "enabled": use_tta}
+            b["meta"] = {**(b.get("meta") or {}), "tuned": {"score": best, "score_before": before, "tta": use_tta,
+                                                          "case_days": len(jobs)}}
+            save_bundle(b, fd / "model.pt")
+        result["written"] = True
+        tmp = run / f"tune.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, run / "tune.json")
+    if console is not None:
+        console.print(f"tuned on {len(jobs)} validation case-days of fold{'s' if len(fold_dirs) > 1 else ''} "
+                      f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: competition score "
+                      f"{before:.4f} -> {best:.4f}", highlight=False)
+        for r, c in zip(per_class, chosen):
+            console.print(f"  {r['class']:12s} {_fmt(c)}", highlight=False)
+        if write:
+            console.print(f"written into {len(fold_dirs)} model.pt (postprocess{', tta' if tta is not None else ''}) and {run / 'tune.json'}",
+                          highlight=False)
+    return result
+
+
+__all__ = ["tune", "candidates", "class_terms", "best_combination", "THRESHOLDS", "PRESENCE"]

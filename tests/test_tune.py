@@ -1,0 +1,225 @@
+"""``medseg tune``: per-class thresholds and presence thresholds chosen for the competition score."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medseg.errors import MedsegError
+from medseg.evaluation import tune as tunelib
+from medseg.evaluation.tune import best_combination, candidates, class_terms, tune
+from medseg.evaluation.uwmgi_score import combine, uwmgi_score
+
+
+def test_candidates_grid_current_first_and_presence_only_above_threshold():
+    assert candidates([0.5, 0.3], [0.4, 0.6], current=(0.5, None)) == [
+        (0.5, None), (0.3, None), (0.3, 0.4), (0.3, 0.6), (0.5, 0.6)]
+    assert candidates([0.5], [0.5])[-1] == (0.5, None)  # presence 0.5 at threshold 0.5 changes nothing
+    with pytest.raises(MedsegError, match=r"probabilities in \[0, 1\], got 1.5"):
+        candidates([0.5], [1.5])
+
+
+def test_class_terms_hand_computed():
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[0, 0, :2] = 1  # slice 0: two pixels; slice 1: empty
+    prob = np.full((2, 4, 4), 0.1, np.float32)
+    prob[0, 0, 0], prob[0, 0, 1] = 0.9, 0.6
+    prob[1] = 0.0
+    prob[1, 3, 3] = 0.55  # a false positive on the empty slice
+    t = class_terms(prob, truth, [(0.5, None), (0.5, 0.6), (0.7, None)])
+    # (0.5, off): Dice 1 and 0 (2 scored slices); HD from voxel (1,3,3) -> (0.5,.75,.75) to (0,0,.25)
+    hd = math.sqrt(0.5**2 + 0.75**2 + 0.5**2) / math.sqrt(3)
+    np.testing.assert_allclose(t[0], [1.0, 2, hd, 1])
+    # (0.5, 0.6): slice 1's maximum 0.55 < 0.6 -> zeroed, both empty -> skipped; perfect volume
+    np.testing.assert_allclose(t[1], [1.0, 1, 0.0, 1])
+    # (0.7, off): one of two pixels, Dice 2/3; HD 0.25 (one column of 4) / sqrt(3)
+    np.testing.assert_allclose(t[2], [2 / 3, 1, 0.25 / math.sqrt(3), 1])
+
+
+def test_class_terms_agree_with_the_competition_score():
+    rng = np.random.default_rng(0)
+    prob = rng.random((5, 12, 10)).astype(np.float32) ** 3
+    truth = (rng.random((5, 12, 10)) < 0.2).astype(np.uint8)
+    truth[2] = 0
+    grid = candidates([0.3, 0.5], [0.8, 0.95])
+    terms = class_terms(prob, truth, grid)
+    ids = [f"case1_day1_slice_{z + 1:04d}" for z in range(5)]
+    for (t, p), row in zip(grid, terms):
+        mask = prob > t
+        if p is not None:
+            mask[prob.reshape(5, -1).max(1) < p] = False
+        ref = uwmgi_score({(i, "stomach"): mask[z] for z, i in enumerate(ids)},
+                          {(i, "stomach"): truth[z] for z, i in enumerate(ids)}, {i: (12, 10) for i in ids})
+        assert combine(*row)[0] == pytest.approx(ref.score, abs=1e-12)
+
+
+def test_best_combination_is_the_exhaustive_optimum():
+    rng = np.random.default_rng(1)
+    tables = []
+    for n in (4, 3, 5):
+        t = np.zeros((n, 4))
+        t[:, 1] = rng.integers(5, 20, n)
+        t[:, 0] = t[:, 1] * rng.random(n)
+        t[:, 3] = rng.integers(1, 3, n)
+        t[:, 2] = t[:, 3] * rng.random(n)
+        tables.append(t)
+    brute = max(itertools.product(*[range(len(t)) for t in tables]),
+                key=lambda ix: combine(*sum(t[i] for t, i in zip(tables, ix)))[0])
+    idx, score = best_combination(tables)
+    assert tuple(idx) == brute
+    assert score == pytest.approx(combine(*sum(t[i] for t, i in zip(tables, brute)))[0])
+
+
+def test_best_combination_coordinate_ascent_beyond_the_budget(monkeypatch):
+    # one candidate per class dominates (higher Dice sum, lower Hausdorff): ascent must find it
+    tables = [np.array([[5.0, 10, 0.5, 1], [9.0, 10, 0.1, 1], [6.0, 10, 0.3, 1]]),
+              np.array([[2.0, 10, 0.9, 1], [3.0, 10, 0.8, 1], [8.0, 10, 0.2, 1]])]
+    monkeypatch.setattr(tunelib, "_MAX_COMBINATIONS", 1)
+    assert best_combination(tables)[0] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------ on a run directory
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from medseg.data.prepare import prepare
+    from medseg.data.synthetic import write_uwmgi_synthetic
+
+    tmp = tmp_path_factory.mktemp("tune")
+    data = write_uwmgi_synthetic(tmp / "uw", n_cases=2, days_per_case=1, slices_per_day=6, seed=2)
+    return prepare("uwmgi", data, tmp / "prep", folds=2, workers=1)
+
+
+def _bundle(class_kind: str = "multilabel") -> dict:
+    from medseg.models import create_model
+
+    k = 3 if class_kind == "multilabel" else 4
+    m = create_model("unet", 3, k, spatial_dims=2, base=4, depth=2)
+    return {"arch": {"name": "unet", "in_channels": 3, "out_channels": k, "spatial_dims": 2,
+                     "kwargs": {"base": 4, "depth": 2}},
+            "state_dict": m.state_dict(), "classes": ["large_bowel", "small_bowel", "stomach"],
+            "class_kind": class_kind, "channels": ["MRI"],
+            "input": {"mode": "2.5d", "context": 1, "stride": 2, "size": [64, 64], "resize": False, "divisor": 2},
+            "normalization": {"mode": "zscore_case"},
+            "postprocess": {"thresholds": [0.5, 0.5, 0.5], "presence": None, "min_size": 0, "largest_cc": False},
+            "tta": {"flips": [[-1], [-2]]}, "meta": {}}
+
+
+def _fake_run(tmp: Path, prepared: Path, class_kind: str = "multilabel") -> Path:
+    """A run whose fold-0 validation probabilities are known: 0.8 inside each organ, 0.45 on its first
+    row of pixels (so a threshold < 0.45 is needed), and a 0.55 blob on each slice where the organ is
+    absent (so a presence threshold in 0.6..0.8 is needed)."""
+    from medseg.data.prepared import PreparedDataset, case_filename
+    from medseg.inference.bundle import save_bundle
+
+    ds = PreparedDataset.open(prepared)
+    run = tmp / "run"
+    (run / "fold_0" / "val_predictions").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"prepared": str(prepared)}}))
+    save_bundle(_bundle(class_kind), run / "fold_0" / "model.pt")
+    for cid in ds.fold(0)[1]:
+        truth = np.asarray(ds.mask(cid)).astype(bool)
+        prob = np.where(truth, 0.8, 0.05).astype(np.float32)
+        for z in range(truth.shape[0]):
+            for j in range(truth.shape[1]):
+                if truth[z, j].any():
+                    r = np.flatnonzero(truth[z, j].any(1))[0]
+                    prob[z, j, r][truth[z, j, r]] = 0.45
+                else:
+                    prob[z, j, 10:14, 10:14] = 0.55
+        name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
+        np.savez_compressed(run / "fold_0" / "val_predictions" / f"{name}.npz", prob=prob.astype(np.float16),
+                            mask=(prob > 0.5).astype(np.uint8))
+    return run
+
+
+def test_tune_finds_the_planted_thresholds_and_writes_the_bundle(tmp_path, prepared):
+    from medseg.inference.bundle import load_bundle
+    from medseg.inference.segmenter import Segmenter
+
+    run = _fake_run(tmp_path, prepared)
+    res = tune(run)
+    assert res["score"] == 1.0 and res["score_before"] < 1.0 and res["written"]
+    for c in res["classes"]:
+        # the first perfect candidate in grid order: threshold 0.3 (< 0.45), presence 0.6 (> 0.55, <= 0.8)
+        assert (c["threshold"], c["presence"]) == (0.3, 0.6), c
+        assert c["before"] == {"threshold": 0.5, "presence": None}
+    b = load_bundle(run / "fold_0" / "model.pt")
+    assert b["postprocess"]["thresholds"] == [0.3] * 3 and b["postprocess"]["presence"] == [0.6] * 3
+    assert b["meta"]["tuned"]["score"] == 1.0 and not b["tta"].get("enabled")
+    assert json.loads((run / "tune.json").read_text())["score"] == 1.0
+    seg = Segmenter.load(run)  # what `medseg predict` reads
+    assert seg.spec["postprocess"]["presence"] == [0.6] * 3 and seg.spec["postprocess"]["thresholds"] == [0.3] * 3
+
+
+def test_tune_dry_run_and_custom_grid(tmp_path, prepared):
+    from medseg.inference.bundle import load_bundle
+
+    run = _fake_run(tmp_path, prepared)
+    res = tune(run, thresholds=[0.5], presence=[0.9], write=False)
+    assert not res["written"] and not (run / "tune.json").exists()
+    assert res["score"] == res["score_before"]  # 0.5 loses the 0.45 rows whatever presence does
+    assert load_bundle(run / "fold_0" / "model.pt")["postprocess"]["presence"] is None
+
+
+def test_tune_errors(tmp_path, prepared):
+    with pytest.raises(MedsegError, match=r"not a run directory: no fold_K/model.pt") as e:
+        tune(tmp_path)
+    assert e.value.path == str(tmp_path)
+    run = _fake_run(tmp_path / "a", prepared, class_kind="multiclass")
+    with pytest.raises(MedsegError, match="this model is multiclass"):
+        tune(run)
+    run = _fake_run(tmp_path / "b", prepared)
+    with pytest.raises(MedsegError, match=r"fold 3 has no model.pt \(folds here: 0\)"):
+        tune(run, folds="3")
+    for f in (run / "fold_0" / "val_predictions").glob("*.npz"):
+        f.unlink()
+    with pytest.raises(MedsegError, match=r"no validation predictions \(val_predictions/\*.npz\)") as e:
+        tune(run)
+    assert e.value.path == str(run / "fold_0")
+
+
+def test_cli_tune_prints_and_rejects_bad_grids(tmp_path, prepared):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    run = _fake_run(tmp_path, prepared)
+    r = CliRunner().invoke(app, ["tune", str(run), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "tuned on 1 validation case-days of fold 0" in out and "-> 1.0000" in out
+    assert "large_bowel t 0.30, presence 0.60" in out
+    r = CliRunner().invoke(app, ["tune", str(run), "--thresholds", "0.3,abc"])
+    assert isinstance(r.exception, MedsegError) and "--thresholds must be comma-separated numbers" in str(r.exception)
+
+
+def test_tune_with_tta_scores_what_predict_does(tmp_path, prepared):
+    """With TTA the validation cases are predicted again; the 'before' score is then exactly the score of
+    the masks `medseg predict` makes with the bundle's current settings, and TTA is stored as on."""
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.bundle import load_bundle
+    from medseg.inference.segmenter import Segmenter
+
+    run = _fake_run(tmp_path, prepared)
+    ds = PreparedDataset.open(prepared)
+    seg = Segmenter.load(run, tta=True)
+    pred, truth, shapes = {}, {}, {}
+    for cid in ds.fold(0)[1]:
+        rec = ds.case(cid)
+        m = seg.predict(np.asarray(ds.image(cid)), spatial_dims=2).mask
+        t = np.asarray(ds.mask(cid))
+        for z, sid in enumerate(rec.slices):
+            shapes[sid] = t.shape[2:]
+            for j, c in enumerate(ds.classes):
+                pred[(sid, c)], truth[(sid, c)] = m[z, j], t[z, j]
+    expected = uwmgi_score(pred, truth, shapes).score
+    res = tune(run, tta=True, thresholds=[0.4, 0.5], presence=[0.6])
+    # (tune decides on the float16 probabilities predict returns, predict on float32: a pixel at 0.5 may differ)
+    assert res["tta"] is True and res["score_before"] == pytest.approx(expected, abs=2e-3)
+    assert res["score"] >= res["score_before"]
+    assert load_bundle(run / "fold_0" / "model.pt")["tta"]["enabled"] is True
