@@ -183,7 +183,11 @@ def prepare(
                     if progress:
                         bar.advance(task)
             else:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                # forkserver, not fork: forking a process whose other threads hold locks (torch,
+                # onnxruntime, a test runner) deadlocks the children; seen in the test suite
+                import multiprocessing
+
+                with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
                     futs = {pool.submit(_process_case, fmt, options, spec, c, str(writer.tmp)): c.id for c in spec.cases}
                     from concurrent.futures import as_completed
 

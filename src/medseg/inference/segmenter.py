@@ -622,9 +622,9 @@ class Segmenter:
 
 # 3D inference streams slabs along z through sliding windows: a slab's float32 input, MONAI's output
 # buffer and its weight map together stay near SLAB_BYTES (a 512 x 512 x 200 volume with one channel,
-# three outputs and 32-slice windows runs in three slabs of at most 144 slices; measured peak RSS of the
-# whole `medseg predict` 1.5-1.7 GB with small 3D U-Nets, against 2.3 GB for one whole-volume pass).
-SLAB_BYTES = 768 * 2**20
+# three outputs and 32-slice windows runs in slabs of at most ~100 slices; 768 MB slabs peaked at 2.0 GB
+# RSS in benchmarks/inference.py, too close to the 2 GB target, against 2.3 GB for one whole-volume pass).
+SLAB_BYTES = 512 * 2**20
 _DECIDE_SLICES = 16
 
 
