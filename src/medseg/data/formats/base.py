@@ -9,14 +9,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from medseg.errors import MedsegError
 
 ClassKind = Literal["multiclass", "multilabel"]
+
+
+
+def _split_names(v: Any) -> Any:
+    # the CLI passes "-o classes=a,b" as one string
+    return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
+
+
+# a reader option holding class names: a list, or one comma-separated string from the CLI
+ClassNames = Annotated[Optional[list[str]], BeforeValidator(_split_names)]
 
 
 @dataclass

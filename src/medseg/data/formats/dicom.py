@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import field_validator
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
 from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx, write_volume_nifti
 from medseg.errors import MedsegError
 
@@ -53,12 +52,8 @@ class DicomReader(Reader):
 
     class Options(Reader.Options):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
-        classes: list[str] | None = None  # names of label values 1..K
+        classes: ClassNames = None  # names of label values 1..K
 
-        @field_validator("classes", mode="before")
-        @classmethod
-        def _split(cls, v):  # the CLI passes "-o classes=a,b" as one string
-            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         import pydicom

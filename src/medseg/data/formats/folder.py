@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import field_validator
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
 from medseg.errors import MedsegError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -120,16 +119,12 @@ class FolderReader(Reader):
 
     class Options(Reader.Options):
         mask_mode: Literal["auto", "binary", "labels", "palette"] = "auto"
-        classes: list[str] | None = None
+        classes: ClassNames = None
         palette: str | None = None
         patient_regex: str | None = None
         case_regex: str | None = None
         channels: Literal["auto", "gray", "rgb"] = "auto"
 
-        @field_validator("classes", mode="before")
-        @classmethod
-        def _split(cls, v):  # the CLI passes "-o classes=liver,kidney" as one string
-            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
 
     def _regex(self, key: str) -> re.Pattern | None:
         text = getattr(self.options, key)

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import field_validator
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
 from medseg.errors import MedsegError
 
 _MODALITY = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -126,13 +125,9 @@ class NiftiReader(Reader):
     class Options(Reader.Options):
         images: str = "imagesTr"
         labels: str = "labelsTr"
-        classes: list[str] | None = None  # names of label values 1..K when there is no dataset.json
+        classes: ClassNames = None  # names of label values 1..K when there is no dataset.json
         pairs: str | None = None  # a .csv/.json list of (image, label) pairs (relative to ROOT or absolute)
 
-        @field_validator("classes", mode="before")
-        @classmethod
-        def _split(cls, v):  # the CLI passes "-o classes=a,b" as one string
-            return [c.strip() for c in v.split(",") if c.strip()] if isinstance(v, str) else v
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
