@@ -1,5 +1,6 @@
 """Benchmark ``medseg predict``: one LGG patient from files on disk to masks on disk, eager PyTorch vs
-onnxruntime, with and without flip TTA; and peak memory on a synthetic 512x512x200 volume, through the
+onnxruntime (float, and int8 calibrated on the prepared LGG set), with and without flip TTA; the masks'
+agreement with PyTorch's over every slice of the prepared LGG dataset; and peak memory on a synthetic 512x512x200 volume, through the
 2D path (slices in batches) and the 3D path (Gaussian sliding windows streamed in z slabs).
 
     .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--patient TCGA_DU_5854_19951104]
@@ -124,6 +125,27 @@ def volume_child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": dt, "slices": z, "peak_rss_mb": _rss_mb(), "rss_before_predict_mb": rss_before}))
 
 
+def dev_agreement(model: str, onnx: dict[str, Path], prepared: Path) -> dict:
+    """Share of pixels whose mask equals PyTorch's, over every slice of every case of ``prepared``
+    (the same pipeline from arrays, no TTA)."""
+    from medseg import Segmenter
+    from medseg.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.open(prepared)
+    ref = Segmenter.load(model, tta=False)
+    segs = {k: Segmenter.load(p, tta=False) for k, p in onnx.items()}
+    same = {k: 0 for k in segs}
+    total = slices = 0
+    for c in ds.cases:
+        image = np.asarray(ds.image(c.id))
+        m = ref.predict(image).mask
+        for k, s in segs.items():
+            same[k] += int((s.predict(image).mask == m).sum())
+        total += m.size
+        slices += image.shape[0]
+    return {"cases": len(ds.cases), "slices": slices, "agreement": {k: v / total for k, v in same.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--src", type=Path, default=SHARED / "lgg" / "kaggle_3m")
@@ -132,6 +154,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--volume-slices", type=int, default=200)
+    ap.add_argument("--calibration", type=Path, default=ROOT / "prepared" / "lgg",
+                    help="prepared LGG dataset: int8 calibration and the dev-set mask agreement (prepared from --src when missing)")
     ap.add_argument("--skip-volume", action="store_true")
     ap.add_argument("--skip-volume-3d", action="store_true", help="skip the 3D sliding-window volume run")
     ap.add_argument("--backend", default="onnx", help=argparse.SUPPRESS)
@@ -164,9 +188,21 @@ def main() -> None:
         t0 = time.perf_counter()
         export_onnx(model, onnx_path)
         export_s = time.perf_counter() - t0
+        calib = args.calibration
+        if not (calib / "dataset.json").is_file():
+            from medseg.data.prepare import prepare
+
+            calib = prepare("lgg", args.src, tmp / "prepared")
+        int8_path = tmp / "model_int8.onnx"
+        t0 = time.perf_counter()
+        # a random-weight net gives near-tied logits, so its int8 masks may differ: measured, not required
+        export_onnx(model, int8_path, int8=calib, min_agreement=0.0 if not args.model else 0.999)
+        int8_s = time.perf_counter() - t0
+        int8_rec = json.loads(int8_path.with_suffix(".json").read_text())["onnx"]["int8"]
+        dev = dev_agreement(model, {"onnx": onnx_path, "onnx int8": int8_path}, calib)
         n = len([p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")])
         rows = []
-        for backend, m in (("torch", model), ("onnx", str(onnx_path))):
+        for backend, m in (("torch", model), ("onnx", str(onnx_path)), ("onnx int8", str(int8_path))):
             for tta in (False, True):
                 times = []
                 for r in range(args.runs):
@@ -183,7 +219,9 @@ def main() -> None:
 
         a = np.stack([tifffile.imread(p) for p in sorted((tmp / "out_torch_False").rglob("*_mask.tif"))])
         b = np.stack([tifffile.imread(p) for p in sorted((tmp / "out_onnx_False").rglob("*_mask.tif"))])
+        c = np.stack([tifffile.imread(p) for p in sorted((tmp / "out_onnx int8_False").rglob("*_mask.tif"))])
         agree = float((a == b).mean())
+        agree8 = float((a == c).mean())
         rss_lgg = _rss_mb()
 
         def child(model_path: Path, backend: str) -> dict:
@@ -214,8 +252,14 @@ def main() -> None:
                   " ".join(f"{x:.2f}" for x in r["runs"]))
     console.print(t)
     speedup = rows[0]["seconds_per_patient"] / rows[2]["seconds_per_patient"]
+    speedup8 = rows[0]["seconds_per_patient"] / rows[4]["seconds_per_patient"]
     console.print(f"onnxruntime vs eager PyTorch (no TTA): {speedup:.2f}x faster; masks equal on {agree * 100:.3f}% of pixels; "
                   f"ONNX export {export_s:.1f} s; peak RSS (LGG runs) {rss_lgg:.0f} MB")
+    console.print(f"onnxruntime int8 vs eager PyTorch (no TTA): {speedup8:.2f}x faster; masks equal on {agree8 * 100:.3f}% of "
+                  f"pixels of this patient; int8 export {int8_s:.1f} s ({int8_rec['calibration_slices']} calibration slices, "
+                  f"{100 * int8_rec['mask_agreement']:.3f}% agreement on {int8_rec['checked_slices']} held-out slices)")
+    console.print("masks equal to PyTorch's over every slice of " + f"{dev['cases']} prepared cases ({dev['slices']} slices): "
+                  + ", ".join(f"{k} {100 * v:.3f}%" for k, v in dev["agreement"].items()))
     if vol:
         console.print(f"synthetic 512x512x{vol['slices']} NIfTI volume, 2D path, onnxruntime: {vol['seconds']:.1f} s "
                       f"({vol['slices'] / vol['seconds']:.1f} slices/s), peak RSS {vol['peak_rss_mb']:.0f} MB")
@@ -229,7 +273,11 @@ def main() -> None:
         "patient": args.patient,
         "lgg": rows,
         "onnx_speedup_no_tta": speedup,
+        "onnx_int8_speedup_no_tta": speedup8,
         "backend_mask_agreement": agree,
+        "int8_mask_agreement": agree8,
+        "int8_export": int8_rec,
+        "dev_set_mask_agreement": dev,
         "export_seconds": export_s,
         "peak_rss_lgg_mb": rss_lgg,
         "volume": vol,

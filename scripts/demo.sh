@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: the commands a user types, end to end, on the 6 real LGG patients bundled in tests/fixtures.
 # prepare (patient-level folds) -> train briefly on 4 patients -> predict the 2 held-out patients in
-# their own layout -> evaluate against their masks (metrics + report.html) -> export ONNX -> predict again.
+# their own layout, with that fresh model and with the shipped `lgg-unet` (trained without these 6
+# patients) -> evaluate both against their masks (metrics + report.html) -> export ONNX -> predict again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEDSEG=.venv/bin/medseg
@@ -11,14 +12,13 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 
-step "1/6 prepare the bundled LGG sample (6 patients, 3 patient-level folds)" \
+step "1/8 prepare the bundled LGG sample (6 patients, 3 patient-level folds)" \
   $MEDSEG prepare lgg "$SAMPLE" "$OUT/prepared" --folds 3
 $MEDSEG inspect "$OUT/prepared" --overlay "$OUT/overlay.png"
 
-step "2/6 train the default U-Net briefly on folds 1-2 (about 2 minutes on 2 cores)" \
+step "2/8 train the default U-Net briefly on folds 1-2 (about 2 minutes on 2 cores)" \
   $MEDSEG train configs/lgg_unet.yaml --fold 0 --out "$OUT/run" \
-    --set data.prepared="$PWD/$OUT/prepared" --set data.size=[128,128] --set data.resize=true \
-    --set data.batch_size=16 --set optim.lr=0.002 --set train.epochs=8 --set train.steps_per_epoch=25 \
+    --set data.prepared="$PWD/$OUT/prepared" --set train.epochs=8 --set train.steps_per_epoch=25 \
     --set train.val_every=2
 
 # the held-out patients of fold 0, in their native kaggle_3m layout
@@ -27,16 +27,24 @@ for p in $(.venv/bin/python -c "import json,sys; s=json.load(open('$OUT/prepared
   ln -s "$PWD/$SAMPLE/$(ls "$SAMPLE" | grep "^${p}_")" "$OUT/heldout/"
 done
 
-step "3/6 predict the held-out patients (masks in the input's own layout)" \
+step "3/8 predict the held-out patients with the fresh model (masks in the input's own layout)" \
   $MEDSEG predict "$OUT/run" "$OUT/heldout" "$OUT/pred"
 
-step "4/6 evaluate against their masks (metrics.csv, summary.json, report.html)" \
+step "4/8 evaluate the fresh model against their masks (metrics.csv, summary.json, report.html)" \
   $MEDSEG evaluate "$OUT/pred" "$OUT/heldout" --out "$OUT/eval"
 
-step "5/6 export to ONNX" \
+step "5/8 predict the same patients with the shipped model lgg-unet (nothing to download)" \
+  $MEDSEG predict lgg-unet "$OUT/heldout" "$OUT/pred_shipped"
+
+step "6/8 evaluate the shipped model" \
+  $MEDSEG evaluate "$OUT/pred_shipped" "$OUT/heldout" --out "$OUT/eval_shipped"
+
+step "7/8 export to ONNX" \
   $MEDSEG export "$OUT/run" "$OUT/model.onnx"
 
-step "6/6 predict again with onnxruntime" \
+step "8/8 predict again with onnxruntime" \
   $MEDSEG predict "$OUT/model.onnx" "$OUT/heldout" "$OUT/pred_onnx"
 
-printf '\nreport: %s\n' "$PWD/$OUT/eval/report.html"
+printf '\n'
+.venv/bin/python scripts/demo_summary.py "fresh (2 min, 4 patients)=$OUT/eval" "lgg-unet (shipped)=$OUT/eval_shipped"
+printf 'report: %s\n' "$PWD/$OUT/eval_shipped/report.html"

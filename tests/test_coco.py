@@ -47,14 +47,57 @@ def _decode_uncompressed(counts: list[int], h: int, w: int) -> np.ndarray:
 
 def test_scan_merge_and_classes():
     spec = get_reader("coco").scan(COCO)
-    assert spec.classes == ["foreground"] and spec.class_kind == "multiclass"
+    # merged classes take the used categories' common supercategory ("Tumor" in Roboflow exports)
+    assert spec.classes == ["tumor"] and spec.class_kind == "multiclass"
     assert spec.channels == ["R", "G", "B"] and spec.spatial_dims == 2
     assert len(spec.cases) == 6
     assert all(c.patient == c.id == Path(c.sources["image"]).stem for c in spec.cases)
     sep = get_reader("coco", merge=False).scan(COCO)
     # category id 0 "Tumor" has no annotation: dropped; ids 1, 2 are named "0", "1"
     assert sep.classes == ["0", "1"] and sep.class_kind == "multilabel"
-    assert get_reader("coco", merged_name="tumor").scan(ANN).classes == ["tumor"]  # ROOT may be the JSON
+    assert get_reader("coco", merged_name="lesion").scan(ANN).classes == ["lesion"]  # ROOT may be the JSON
+
+
+def test_merged_name_falls_back_to_foreground_without_a_common_supercategory(copy: Path):
+    doc = _doc()
+    for c in doc["categories"]:
+        c["supercategory"] = f"s{c['id']}"
+    (copy / "_annotations.coco.json").write_text(json.dumps(doc))
+    assert get_reader("coco").scan(copy).classes == ["foreground"]
+
+
+def _export_sides(tmp_path: Path, sides: dict[str, list[int]]) -> Path:
+    """A Roboflow-style export root: one folder per split side, each with its images and JSON."""
+    doc = _doc()
+    root = tmp_path / "export_sides"
+    for side, idx in sides.items():
+        d = root / side
+        d.mkdir(parents=True)
+        ims = [doc["images"][i] for i in idx]
+        ids = {im["id"] for im in ims}
+        for im in ims:
+            shutil.copy(COCO / im["file_name"], d / im["file_name"])
+        sub = dict(doc, images=ims, annotations=[a for a in doc["annotations"] if a["image_id"] in ids])
+        (d / "_annotations.coco.json").write_text(json.dumps(sub))
+    return root
+
+
+def test_prepare_keeps_the_exports_own_train_valid_split(tmp_path: Path):
+    from medseg.data.prepare import prepare
+    from medseg.data.prepared import PreparedDataset
+
+    root = _export_sides(tmp_path, {"train": [0, 1, 2, 3], "valid": [4], "test": [5]})
+    names = {side: sorted(Path(p).stem for p in (root / side).glob("*.jpg")) for side in ("train", "valid", "test")}
+    out = prepare("coco", root, tmp_path / "p", workers=1)
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["k"] == 1 and splits["grouped_by"] == "the dataset's own split"
+    assert splits["source_split"] == {"train": 4, "valid": 1, "test": 1}
+    tr, va = PreparedDataset.open(out).fold(0)
+    assert sorted(tr) == names["train"] and sorted(va) == names["valid"]  # test images in neither side
+    kf = json.loads((prepare("coco", root, tmp_path / "k", workers=1, folds=3, split="kfold") / "splits.json").read_text())
+    assert kf["k"] == 3 and kf["grouped_by"] == "patient"
+    with pytest.raises(MedsegError, match="--split must be"):
+        prepare("coco", root, tmp_path / "x", split="random")
 
 
 def test_image_pixels_and_negative():
@@ -197,7 +240,7 @@ def test_export_root_with_split_folders(tmp_path: Path):
     # same cases, classes and masks as the single-JSON fixture; the split is remembered per case
     assert sorted(c.id for c in spec.cases) == sorted(c.id for c in one.cases)
     assert spec.classes == one.classes
-    assert [c.sources["split"] for c in spec.cases] == ["train"] * 4 + ["valid"] * 2
+    assert [c.split for c in spec.cases] == ["train"] * 4 + ["valid"] * 2
     ref = {c.id: c for c in one.cases}
     for c in spec.cases:
         np.testing.assert_array_equal(r.load(spec, c).mask, r.load(one, ref[c.id]).mask)

@@ -297,3 +297,64 @@ def test_export_size_option(tmp_path):
     r = CliRunner().invoke(app, ["export", str(bp), str(tmp_path / "g.onnx"), "--size", "8,32,32"])
     assert "--size needs 2 values for this 2D model" in str(r.exception)
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_mask_agreement_by_hand():
+    from medseg.inference.quantize import mask_agreement
+
+    a = np.zeros((1, 2, 2, 2), np.float32)
+    a[0, 1, 0, 0] = 1.0  # class 1 wins one pixel of four
+    b = a.copy()
+    b[0, 1, 1, 1] = 2.0  # ... and another one here
+    assert mask_agreement([a], [b], "multiclass", None) == 0.75
+    # multilabel: probability 0.6 is in at threshold 0.5, out at 0.7 (logit(0.6) = 0.405)
+    x = np.full((1, 1, 1, 2), np.log(0.6 / 0.4), np.float32)
+    y = np.full_like(x, -5.0)
+    assert mask_agreement([x], [y], "multilabel", [0.5]) == 0.0
+    assert mask_agreement([x], [y], "multilabel", [0.7]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def lgg_prepared(tmp_path_factory):
+    from conftest import FIXTURES
+    from medseg.data.prepare import prepare
+
+    return prepare("lgg", FIXTURES / "lgg_tiny" / "kaggle_3m", tmp_path_factory.mktemp("q") / "p", workers=1)
+
+
+def test_int8_export_is_calibrated_checked_and_runs_in_the_pipeline(tmp_path, lgg_prepared):
+    import onnx
+
+    from medseg import Segmenter
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16))
+    out = export_onnx(bp, tmp_path / "q.onnx", int8=lgg_prepared, calibration_slices=4, min_agreement=0.9)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    rec = json.loads((tmp_path / "q.json").read_text())["onnx"]["int8"]
+    # 8 slices in 2 cases: the first case (4 slices) calibrates, the other checks
+    assert rec["calibration_slices"] == 4 and rec["checked_slices"] == 4 and rec["held_out"]
+    assert 0.9 <= rec["mask_agreement"] <= 1.0
+    ds = PreparedDataset.open(lgg_prepared)
+    image = np.asarray(ds.image(ds.cases[0].id))
+    t = Segmenter.load(bp, tta=False).predict(image, probabilities=True)
+    q = Segmenter.load(out, tta=False).predict(image, probabilities=True)
+    assert (q.mask == t.mask).mean() >= 0.9
+    assert np.abs(q.prob.astype(np.float32) - t.prob.astype(np.float32)).max() > 0  # really quantized
+
+
+def test_int8_export_refuses_below_the_agreement_and_writes_nothing(tmp_path, lgg_prepared):
+    from medseg.inference.export import export_onnx
+
+    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16))
+    with pytest.raises(MedsegError, match="agree with PyTorch's on only"):
+        export_onnx(bp, tmp_path / "q.onnx", int8=lgg_prepared, calibration_slices=4, min_agreement=1.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    one = make_bundle(tmp_path / "gray.pt", features=(4, 8, 16), channels=("T1",))
+    with pytest.raises(MedsegError, match="calibration data has 3 channels"):
+        export_onnx(one, tmp_path / "g.onnx", int8=lgg_prepared)
+    with pytest.raises(MedsegError, match="prepared dataset not found"):
+        export_onnx(bp, tmp_path / "m.onnx", int8=tmp_path / "nowhere")
+    assert not (tmp_path / "g.onnx").exists() and not (tmp_path / "m.onnx").exists()

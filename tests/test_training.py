@@ -387,3 +387,39 @@ def test_checkpoint_writes_replace_the_old_file_whole_or_not_at_all(tmp_path, mo
     monkeypatch.undo()
     assert torch.load(p, weights_only=False)["epoch"] == 1  # the old checkpoint, whole
     assert [q.name for q in p.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_fold_full_trains_on_every_case_and_keeps_the_final_weights(tmp_path, syn):
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.bundle import load_bundle
+    from medseg.inference.segmenter import Segmenter, resolve_model
+    from medseg.training.run import train
+
+    run = tmp_path / "full"
+    train(_cfg(tmp_path, syn, train__epochs=2, train__steps_per_epoch=2), fold="full", out=run)
+    rows = list(csv.DictReader((run / "full" / "metrics.csv").open()))
+    assert len(rows) == 2 and all(r["val_dice_mean"] == "" for r in rows)  # no validation at all
+    assert not (run / "full" / "checkpoints" / "best.ckpt").exists()
+    b = load_bundle(run / "full" / "model.pt")
+    assert b["meta"]["fold"] == "full" and b["meta"]["epoch"] == 2
+    last = _weights(run / "full" / "checkpoints" / "last.ckpt")
+    for k, v in b["state_dict"].items():  # the final weights, not an earlier epoch's
+        torch.testing.assert_close(v, last["model." + k].to(v.dtype))
+    # every case fed the sampler: a run directory with only full/ predicts with it
+    assert resolve_model(run)[1] == [run / "full" / "model.pt"]
+    ds = PreparedDataset.open(syn)
+    assert Segmenter.load(run).predict(ds.image(ds.cases[0].id)).mask.shape[0] == ds.cases[0].shape[0]
+    with pytest.raises(MedsegError, match="full/model.pt"):
+        resolve_model(tmp_path, "full")
+
+
+def test_max_minutes_stops_training_on_the_clock(tmp_path, syn):
+    from medseg.training.run import train
+
+    run = tmp_path / "clock"
+    t0 = time.perf_counter()
+    # 0.002 min = 0.12 s: Lightning checks the clock after each step, so only a few of the 10000 run
+    train(_cfg(tmp_path, syn, train__epochs=2, train__steps_per_epoch=10000, train__max_minutes=0.002), out=run)
+    assert time.perf_counter() - t0 < 120
+    steps = sum(1 for _ in (run / "fold_0" / "metrics.csv").open())
+    assert steps >= 2  # header + the interrupted epoch's row

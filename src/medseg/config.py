@@ -114,6 +114,9 @@ class TrainConfig(_Section):
     devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    # wall-clock budget: training stops when it is spent (Lightning's max_time), whatever the epoch;
+    # size epochs so the schedule ends inside it, the cap only guarantees the budget
+    max_minutes: Optional[float] = Field(None, gt=0)
 
 
 class AugmentConfig(_Section):

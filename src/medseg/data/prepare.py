@@ -151,12 +151,18 @@ def prepare(
     options: dict[str, Any] | None = None,
     folds: int = 5,
     seed: int = 0,
+    split: str = "auto",
     overwrite: bool = False,
     workers: int | None = None,
     require_masks: bool = True,
     progress: bool = False,
 ) -> Path:
-    """Read ``input`` with the ``fmt`` reader and write a prepared dataset to ``output``."""
+    """Read ``input`` with the ``fmt`` reader and write a prepared dataset to ``output``.
+
+    ``split``: "auto" keeps the dataset's own train/valid split when its reader reports one (a
+    Roboflow export), else makes ``folds`` patient-level folds; "kfold" always makes the folds."""
+    if split not in ("auto", "kfold"):
+        raise MedsegError(f"--split must be 'auto' or 'kfold', got {split!r}")
     options = dict(options or {})
     reader = get_reader(fmt, **options)
     root = Path(input)
@@ -214,7 +220,10 @@ def prepare(
         }
         splits = None
         n_patients = len({c.patient for c in spec.cases})
-        if spec.has_masks and n_patients >= 2:
+        own = own_split(spec.cases) if split == "auto" else None
+        if spec.has_masks and own is not None:
+            splits = own
+        elif spec.has_masks and n_patients >= 2:
             splits = make_splits(
                 ids,
                 [c.patient for c in spec.cases],
@@ -226,6 +235,28 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
+
+
+_TRAIN, _VAL = ("train",), ("valid", "val", "validation")
+
+
+def own_split(cases: list[Any]) -> dict | None:
+    """``splits.json`` with one fold, the dataset's own train/valid split, when the reader reported one
+    with both sides non-empty (test cases are in neither side) and no patient on both sides."""
+    train = [c.id for c in cases if (c.split or "").lower() in _TRAIN]
+    val = [c.id for c in cases if (c.split or "").lower() in _VAL]
+    if not train or not val:
+        return None
+    by_id = {c.id: c.patient for c in cases}
+    shared = sorted({by_id[i] for i in train} & {by_id[i] for i in val})
+    if shared:
+        raise MedsegError(f"the dataset's own split has patient {shared[0]!r} on both sides "
+                          f"(train and valid); use --split kfold for patient-level folds")
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.split or "none"] = counts.get(c.split or "none", 0) + 1
+    return {"k": 1, "seed": None, "grouped_by": "the dataset's own split", "source_split": counts,
+            "folds": [{"train": train, "val": val}]}
 
 
 class _NoBar:

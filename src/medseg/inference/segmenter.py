@@ -53,9 +53,15 @@ class Prediction:
 
 # ----------------------------------------------------------------------------------------- resolving
 def _fold_bundles(run: Path, folds: str | Sequence[int]) -> list[Path]:
-    """The ``model.pt`` files of a run directory chosen by ``folds`` ("best", "all", "0,2" or [0, 2])."""
+    """The ``model.pt`` files of a run directory chosen by ``folds`` ("best", "all", "0,2", [0, 2], or
+    "full": the model trained on every case with ``--fold full``, also taken when it is the only one)."""
     if (run / "model.pt").is_file():  # a fold directory itself
         return [run / "model.pt"]
+    full = run / "full" / "model.pt"
+    if folds == "full" or (full.is_file() and not any(run.glob("fold_*/model.pt"))):
+        if not full.is_file():
+            raise MedsegError("no model trained on every case here (expected full/model.pt; train with --fold full)", run)
+        return [full]
     found = {}
     for p in sorted(run.glob("fold_*/model.pt")):
         try:
@@ -63,7 +69,7 @@ def _fold_bundles(run: Path, folds: str | Sequence[int]) -> list[Path]:
         except ValueError:
             continue
     if not found:
-        raise MedsegError("no trained model in this run directory (expected fold_K/model.pt)", run)
+        raise MedsegError("no trained model in this run directory (expected fold_K/model.pt or full/model.pt)", run)
     if folds == "all":
         return [found[k] for k in sorted(found)]
     if folds == "best":
@@ -509,8 +515,9 @@ class Segmenter:
             return [(0, z)]
         inp = self.spec["input"]
         roi_z, overlap = int(inp["size"][0]), float(inp.get("overlap", 0.5))
-        # bytes per voxel of a slab: float32 input channels, output channels and MONAI's weight map
-        per_voxel = 4 * (c + int(self.spec["arch"]["out_channels"]) + 1) + extra_per_voxel
+        # bytes per voxel of a slab, float32: our input, MONAI's padded copy of it, its output sum, count
+        # map and the final sum / count, plus the Gaussian weights (measured peak ~ this, not c + out + 1)
+        per_voxel = 4 * (2 * c + 2 * int(self.spec["arch"]["out_channels"]) + 2) + extra_per_voxel
         return [(lo, hi) for _, _, lo, hi in z_slabs(z, h * w, roi_z, overlap, SLAB_BYTES // per_voxel)]
 
     def _range_prob(self, image, stats, lo: int, hi: int):
@@ -620,10 +627,10 @@ class Segmenter:
             prob[idx] = pc
 
 
-# 3D inference streams slabs along z through sliding windows: a slab's float32 input, MONAI's output
-# buffer and its weight map together stay near SLAB_BYTES (a 512 x 512 x 200 volume with one channel,
-# three outputs and 32-slice windows runs in slabs of at most ~100 slices; 768 MB slabs peaked at 2.0 GB
-# RSS in benchmarks/inference.py, too close to the 2 GB target, against 2.3 GB for one whole-volume pass).
+# 3D inference streams slabs along z through sliding windows: a slab's float32 buffers (ours and
+# MONAI's, see ``_ranges``) stay near SLAB_BYTES, so peak memory does not grow with the volume's depth
+# beyond the uint8 masks (a 512 x 512 x 200 volume with one channel, three outputs and 32-slice windows
+# runs in slabs of about 50 slices; see docs/inference.md for the measured peak).
 SLAB_BYTES = 512 * 2**20
 _DECIDE_SLICES = 16
 

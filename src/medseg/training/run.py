@@ -129,10 +129,12 @@ def _folds(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
         raise MedsegError("the prepared dataset has no splits.json (fewer than 2 patients?)", ds.root) from None
     if str(fold) == "all":
         return list(range(n))
+    if str(fold) == "full":
+        return ["full"]
     try:
         k = int(fold)
     except ValueError:
-        raise MedsegError(f"--fold must be an index or 'all', got {fold!r}", config_path) from None
+        raise MedsegError(f"--fold must be an index, 'all' or 'full', got {fold!r}", config_path) from None
     if not 0 <= k < n:
         raise MedsegError(f"fold {k} is out of range: the prepared dataset has folds 0..{n - 1}", ds.root)
     return [k]
@@ -244,9 +246,10 @@ def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold
     return write
 
 
-def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fold_dir: Path, resume: bool,
+def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | str, fold_dir: Path, resume: bool,
              console: Any = None, extra_callbacks: list[Any] | None = None):
-    """Train one fold; returns (trainer, module)."""
+    """Train one fold (or ``"full"``: every case, no validation, the final weights kept); returns
+    (trainer, module)."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -264,7 +267,9 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # every --resume
-    train_ids, val_ids = ds.fold(fold)
+    warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")  # --fold full
+    full = fold == "full"
+    train_ids, val_ids = ([c.id for c in ds.cases], []) if full else ds.fold(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = fold_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -288,11 +293,12 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
     callbacks: list[Any] = [ValidationScores(), ValidationSchedule(cfg.train.val_every), runlog]
     # best at validation end; last at every train epoch end, after it, so that last.ckpt holds the
     # updated best-tracking state (written to a temp file, then renamed: see atomic_checkpoint_io)
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
-                                     save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
+    if not full:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
+                                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
     callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                                      every_n_epochs=1, enable_version_counter=False, save_on_train_epoch_end=True))
-    if cfg.train.early_stopping is not None:
+    if cfg.train.early_stopping is not None and not full:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.train.early_stopping.patience,
                                        min_delta=cfg.train.early_stopping.min_delta, check_on_train_epoch_end=False))
     if cfg.train.ema is not None:
@@ -314,7 +320,9 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
         strategy=cfg.train.strategy,
         precision=precision_for(cfg, accel),
         max_epochs=cfg.train.epochs,
+        max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
         limit_train_batches=cfg.train.steps_per_epoch,
+        limit_val_batches=0 if full else None,
         check_val_every_n_epoch=1,  # ValidationSchedule decides per epoch
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.train.clip,
@@ -330,7 +338,7 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
     )
     train_dl, val_dl = make_loaders(cfg, cfg.data.prepared, train_ids, val_ids, task, trainer.world_size)
     try:
-        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+        trainer.fit(module, train_dl, None if full else val_dl, ckpt_path=ckpt_path)
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful teardown then sys.exit(1); say what is left and how to go on
         if not trainer.interrupted:
@@ -343,6 +351,10 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int, fo
             pass
         where = f"{last} (end of epoch {_ckpt_epoch(last)})" if last.is_file() else "no checkpoint yet (nothing to resume)"
         raise TrainingInterrupted(f"interrupted; last checkpoint: {where}; continue with --resume") from None
+    if full and trainer.global_rank == 0:  # no validation picks a best epoch: keep the final weights
+        from medseg.inference.bundle import save_bundle
+
+        save_bundle(bundle_for(module, cfg, task, "full", trainer.current_epoch, {}), fold_dir / "model.pt")
     return trainer, module
 
 
@@ -366,7 +378,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     if resume:
         _check_resume(cfg, run)
     else:
-        busy = [f for f in folds if (run / f"fold_{f}" / "checkpoints" / "last.ckpt").exists()]
+        busy = [f for f in folds if (run / ("full" if f == "full" else f"fold_{f}") / "checkpoints" / "last.ckpt").exists()]
         if busy:
             raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
                               "or choose another --out", run)
@@ -376,7 +388,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
         _atomic_text(run / "splits.json", json.dumps(ds.splits(), indent=1))
     results: dict[str, Any] = {}
     for k in folds:
-        fold_dir = run / f"fold_{k}"
+        fold_dir = run / ("full" if k == "full" else f"fold_{k}")
         trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
         from medseg.training.module import selection_metric
 

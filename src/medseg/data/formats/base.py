@@ -36,6 +36,7 @@ class CaseSpec:
     id: str
     patient: str
     sources: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None  # the dataset's own split ("train", "valid", "test"), when it ships one
 
 
 @dataclass

@@ -4,7 +4,11 @@ Polygons, RLE (compressed or not) and bbox-only annotations are rasterised with 
 image is a case of depth 1; images without annotations are negatives (empty masks). Categories without
 any annotation are dropped. ROOT may also be a Roboflow export root (``train/``, ``valid/``, ``test/``
 each with its ``_annotations.coco.json``): all splits become one dataset (the split is kept per case in
-``sources["split"]``) and ``prepare`` makes its own patient-level folds."""
+``CaseSpec.split``) and ``prepare`` trains on ``train`` and validates on ``valid`` (``--split kfold`` makes
+patient-level folds instead).
+
+Merged classes are named after the used categories' common supercategory (Roboflow writes the
+project's class there, e.g. "Tumor" -> ``tumor``), else ``foreground``; ``merged_name`` overrides."""
 from __future__ import annotations
 
 import json
@@ -32,7 +36,7 @@ class COCOReader(Reader):
         annotations: str | None = None  # JSON path (relative to ROOT or absolute)
         images: str | None = None  # image folder (default: the JSON's folder)
         merge: bool = True  # all used categories -> one class
-        merged_name: str = "foreground"
+        merged_name: str | None = None  # default: the used categories' common supercategory, else "foreground"
         grayscale: bool = False
         patient_regex: str | None = None  # first group (or whole match) of the image stem = patient
 
@@ -72,12 +76,16 @@ class COCOReader(Reader):
         sources = self._paths(root)
         docs = [(ann, img_dir, *_read_coco(ann)) for ann, img_dir in sources]
         cats = docs[0][3]
+        supers = _supercategories(docs[0][0])
         for ann, _, _, other, _ in docs[1:]:
             if other != cats:
                 raise MedsegError(f"categories differ from those of {docs[0][0]}", ann)
         used_ids = sorted({a["category_id"] for *_, anns in docs for per in anns.values() for a in per})
         if self.options.merge:
-            classes = [self.options.merged_name]
+            common = {supers.get(c) for c in used_ids}
+            name = common.pop() if len(common) == 1 else None
+            default = name.strip().lower().replace(" ", "_") if name and name.strip().lower() not in ("none", "") else "foreground"
+            classes = [self.options.merged_name or default]
             class_of = {cid: 0 for cid in used_ids}
         else:
             classes = [cats[c] for c in used_ids]
@@ -104,9 +112,9 @@ class COCOReader(Reader):
                     CaseSpec(
                         id=stem,
                         patient=patient,
+                        split=ann_path.parent.name if len(docs) > 1 else None,
                         sources={
                             "image": str(path),
-                            "split": ann_path.parent.name if len(docs) > 1 else None,
                             "height": im.get("height"),
                             "width": im.get("width"),
                             "annotations": [
@@ -165,6 +173,11 @@ class COCOReader(Reader):
             Image.fromarray((mask[0, j] > 0).astype(np.uint8) * 255).save(p)
             written.append(p)
         return written
+
+
+def _supercategories(ann_path: Path) -> dict[int, str | None]:
+    doc = json.loads(ann_path.read_text())  # already validated by _read_coco
+    return {c["id"]: c.get("supercategory") for c in doc.get("categories", [])}
 
 
 def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[int, list[dict]]]:

@@ -1,0 +1,31 @@
+"""One-screen summary of `make demo`: each model's scores on the held-out bundled patients.
+
+    .venv/bin/python scripts/demo_summary.py NAME=EVAL_DIR [NAME=EVAL_DIR ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def main(args: list[str]) -> None:
+    t = Table(title="make demo: held-out bundled LGG patients (FLAIR abnormality)")
+    for col in ("model", "patients", "Dice (per patient)", "IoU", "precision", "recall", "HD95 mm", "report"):
+        t.add_column(col)
+    for a in args:
+        name, where = a.split("=", 1)
+        s = json.loads((Path(where) / "summary.json").read_text())
+        c = s["per_class"][s["classes"][0]]
+        f = lambda v, nd=3: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
+        report = str(Path(where) / s["files"]["report"]) if "report" in s["files"] else "-"
+        t.add_row(name, str(s["n_patients"]), f"{f(c['dice']['mean'])} ± {f(c['dice']['std'])}", f(c["iou"]["mean"]),
+                  f(c["precision"]["mean"]), f(c["recall"]["mean"]), f(c["hd95"]["mean"], 1), report)
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,34 @@
+"""Turn a trained ``model.pt`` into a shipped model: fp16 weights under ``src/medseg/weights/NAME.pt``.
+
+    .venv/bin/python scripts/ship_model.py runs/lgg_unet_ship/full/model.pt lgg-unet [--card docs/models/lgg-unet.md]
+
+Keeps the architecture, classes and pre/post-processing; drops what only mattered to training
+(validation scores, dataset path); records the source run and the model card.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from medseg.inference.bundle import load_bundle, save_bundle
+from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("name", choices=sorted(SHIPPED))
+    ap.add_argument("--card", default=None, help="the model card (docs path) recorded in the bundle")
+    a = ap.parse_args()
+    b = load_bundle(a.bundle)
+    meta = b.get("meta", {})
+    b["meta"] = {"name": a.name, "card": a.card, "trained_from": str(a.bundle), "epoch": meta.get("epoch"),
+                 "fold": meta.get("fold"), "config": meta.get("config"), "fingerprint": meta.get("fingerprint")}
+    out = save_bundle(b, WEIGHTS_DIR / SHIPPED[a.name], half=True)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB (fp16), sha256 {digest}")
+
+
+if __name__ == "__main__":
+    main()

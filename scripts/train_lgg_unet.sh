@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reproduce the shipped `lgg-unet`: the default recipe (configs/lgg_unet.yaml) trained with --fold full
+# on the LGG patients of ../shared/data/lgg except the 6 bundled in tests/fixtures/lgg (so that
+# `make demo` scores it on patients it never saw), then stored as fp16 in src/medseg/weights/.
+#   bash scripts/train_lgg_unet.sh [/path/to/kaggle_3m]          (about 30 minutes on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${1:-../shared/data/lgg/kaggle_3m}
+MEDSEG=.venv/bin/medseg
+WORK=prepared/lgg_ship_src
+rm -rf "$WORK" prepared/lgg_ship runs/lgg_unet_ship
+mkdir -p "$WORK"
+for d in "$SRC"/TCGA_*; do
+  [ -e "tests/fixtures/lgg/kaggle_3m/$(basename "$d")" ] || ln -s "$(realpath "$d")" "$WORK/"
+done
+$MEDSEG prepare lgg "$WORK" prepared/lgg_ship
+$MEDSEG train configs/lgg_unet.yaml --fold full --out runs/lgg_unet_ship --set data.prepared="$PWD/prepared/lgg_ship"
+.venv/bin/python scripts/ship_model.py runs/lgg_unet_ship/full/model.pt lgg-unet --card docs/models/lgg-unet.md
