@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 from medseg.inference.bundle import load_bundle, save_bundle
@@ -23,8 +24,13 @@ def main() -> None:
     a = ap.parse_args()
     b = load_bundle(a.bundle)
     meta = b.get("meta", {})
+    prepared = Path((meta.get("config") or {}).get("data", {}).get("prepared", ""))
+    info = json.loads((prepared / "dataset.json").read_text()) if (prepared / "dataset.json").is_file() else {}
+    # the patients it learned from, so that anyone can check an evaluation set against them
+    patients = sorted({c["patient"] for c in info.get("cases", [])})
     b["meta"] = {"name": a.name, "card": a.card, "trained_from": str(a.bundle), "epoch": meta.get("epoch"),
-                 "fold": meta.get("fold"), "config": meta.get("config"), "fingerprint": meta.get("fingerprint")}
+                 "fold": meta.get("fold"), "config": meta.get("config"), "fingerprint": meta.get("fingerprint"),
+                 "training_patients": patients}
     out = save_bundle(b, WEIGHTS_DIR / SHIPPED[a.name], half=True)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()[:16]
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB (fp16), sha256 {digest}")

@@ -264,3 +264,42 @@ def test_export_root_errors(tmp_path: Path):
     assert e.value.path == str(root / "valid" / first)
     with pytest.raises(MedsegError, match="no COCO annotation file .* in the folder or its split folders"):
         get_reader("coco").scan(tmp_path)
+
+
+def test_predict_a_coco_folder_and_evaluate_it_back(tmp_path: Path, monkeypatch):
+    """A COCO export folder is predicted as COCO (RGB, as the model was trained), written as
+    ``<stem>_mask.png`` and scored against its own JSON; a plain folder of the same grey-as-RGB JPGs
+    reaches a 3-channel model as 3 channels too."""
+    import medseg.models
+    from test_inference import create_model_shim, make_bundle
+
+    from medseg.evaluation.evaluate import evaluate
+    from medseg.evaluation.sources import guess_format as eval_guess
+    from medseg.inference.predict import guess_format, predict
+
+    monkeypatch.setattr(medseg.models, "create_model", create_model_shim)
+    bp = make_bundle(tmp_path / "m.pt", channels=("R", "G", "B"), features=(4, 8, 16),
+                     input={"mode": "2d", "context": 0, "stride": 1, "size": [64, 64], "resize": True})
+    assert guess_format(COCO) == "coco" and eval_guess(COCO) == "coco"
+    files = predict(bp, COCO, tmp_path / "pred", tta=False)
+    stems = sorted(Path(im["file_name"]).stem for im in _doc()["images"])
+    assert sorted(f.name for f in files) == [f"{s}_mask.png" for s in stems]
+    summary = evaluate(tmp_path / "pred", COCO, out=tmp_path / "eval")
+    assert summary["n_cases"] == 6
+    # the same Dice by hand, for an image with a tumour
+    import csv
+
+    r = get_reader("coco")
+    spec = r.scan(COCO)
+    case = next(c for c in spec.cases if r.load(spec, c).mask.any())
+    truth = r.load(spec, case).mask[0, 0] > 0
+    pred = np.asarray(Image.open(tmp_path / "pred" / f"{case.id}_mask.png")) > 127
+    rows = {row["case_id"]: row for row in csv.DictReader((tmp_path / "eval" / "metrics.csv").open())}
+    assert float(rows[case.id]["dice"]) == pytest.approx(2 * (truth & pred).sum() / (truth.sum() + pred.sum()))
+    plain = tmp_path / "jpgs"
+    plain.mkdir()
+    for f in COCO.glob("*.jpg"):
+        shutil.copy(f, plain / f.name)
+    assert guess_format(plain) == "folder"
+    out = predict(bp, plain, tmp_path / "pred_plain", tta=False)
+    assert sorted(f.name for f in out) == [f"{s}.png" for s in stems]

@@ -80,8 +80,9 @@ def test_one_epoch_lowers_the_loss_and_writes_the_run_dir(tmp_path, syn):
     rows = _rows(run)
     assert [r["epoch"] for r in rows] == ["1"]
     assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "val_dice_disc", "val_dice_square",
-                             "val_dice_mean", "lr", "images_per_s", "seconds"]
+                             "val_dice_mean", "lr", "images_per_s", "seconds", "peak_rss_mb"]
     assert rows[0]["step"] == "12" and float(rows[0]["images_per_s"]) > 0
+    assert 50 < float(rows[0]["peak_rss_mb"]) <= float(rows[-1]["peak_rss_mb"])  # a peak only grows
     for f in ("config.yaml", "splits.json", "fold_0/model.pt", "fold_0/checkpoints/last.ckpt",
               "fold_0/checkpoints/best.ckpt", "fold_0/progress.png"):
         assert (run / f).is_file(), f

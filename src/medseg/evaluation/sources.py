@@ -150,6 +150,10 @@ def guess_format(path: Path) -> str:
         return "lgg"
     if any(p.glob("*.nii.gz")) or any(p.glob("*.nii")):
         return "nifti"
+    from medseg.data.formats.coco import _JSON_NAMES
+
+    if any((p / n).is_file() for n in _JSON_NAMES) or any((d / _JSON_NAMES[0]).is_file() for d in p.iterdir() if d.is_dir()):
+        return "coco"
     raise MedsegError("cannot tell the dataset format; pass --format (see `medseg formats`)", p)
 
 
@@ -245,6 +249,23 @@ def _pred_folder(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, 
             raise MedsegError(f"label {int(lab.max())} in a prediction but only {k} classes", p)
         for j in range(k):
             out[z, j] = lab == j + 1
+    return out
+
+
+@register_pred_layout("coco")
+def _pred_coco(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """``<image stem>[_<class>]_mask.png`` (0/255) per class, as the COCO reader writes them."""
+    from medseg.data.formats.coco import _safe
+    from medseg.data.formats.folder import read_image
+
+    out = np.zeros(shape, np.uint8)
+    for j, name in enumerate(spec.classes):
+        suffix = "" if len(spec.classes) == 1 else f"_{_safe(name)}"
+        p = _expect(root / f"{case.id}{suffix}_mask.png", case.id, "")
+        m = read_image(p)
+        m = m if m.ndim == 2 else m[..., 0]
+        _check_2d(m, shape, p)
+        out[0, j] = m > (127 if m.max() > 1 else 0)
     return out
 
 

@@ -58,6 +58,10 @@ def guess_format(path: str | Path) -> str:
         return "nifti"
     if any(_is_dicom(f) for f in everything[:50]):
         return "dicom"
+    from medseg.data.formats.coco import _JSON_NAMES
+
+    if any((path / n).is_file() for n in _JSON_NAMES):  # a COCO export folder: its images, read as COCO does
+        return "coco"
     return "folder"
 
 
@@ -121,6 +125,20 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
         )
 
 
+def _image_options(fmt: str, model: Any, folds: Any) -> dict[str, Any]:
+    """Image readers' channel mode from the model: a grey scan saved as RGB (three equal channels)
+    reaches a 3-channel model as its three stored channels (the folder reader would make it grey); a
+    file stored with one channel still meets the channel-mismatch error."""
+    from medseg.inference.segmenter import model_channels
+
+    n = model_channels(model, folds) if fmt in ("folder", "coco") else None
+    if fmt == "folder" and n == 3:
+        return {"channels": "stored"}
+    if fmt == "coco" and n == 1:
+        return {"grayscale": True}
+    return {}
+
+
 def predict(
     model: str | Path,
     input: str | Path,
@@ -148,7 +166,7 @@ def predict(
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
-    reader = get_reader(fmt)
+    reader = get_reader(fmt, **_image_options(fmt, model, folds))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
     seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)

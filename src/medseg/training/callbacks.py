@@ -25,12 +25,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (Linux VmHWM), MB; None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 class RunLog(pl.Callback):
     def __init__(self, fold_dir: Path, classes: list[str], console: Any = None):
         self.fold_dir = Path(fold_dir)
         self.classes = list(classes)
         self.columns = ["epoch", "step", "train_loss", "val_loss", *[f"val_dice_{c}" for c in classes], "val_dice_mean",
-                        "lr", "images_per_s", "seconds"]
+                        "lr", "images_per_s", "seconds", "peak_rss_mb"]
         self.rows: list[dict[str, Any]] = []
         self.console = console
         self._t0 = time.perf_counter()
@@ -62,6 +73,7 @@ class RunLog(pl.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             "images_per_s": round(pl_module.images_per_s(), 3),
             "seconds": round(time.perf_counter() - self._t0, 3),
+            "peak_rss_mb": peak_rss_mb(),
         }
         if validated:
             row.update(pl_module.last_scores)

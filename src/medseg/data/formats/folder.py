@@ -123,7 +123,8 @@ class FolderReader(Reader):
         palette: str | None = None
         patient_regex: str | None = None
         case_regex: str | None = None
-        channels: Literal["auto", "gray", "rgb"] = "auto"
+        # auto: grey when the first image is grey, even stored as RGB; stored: as the file stores it
+        channels: Literal["auto", "stored", "gray", "rgb"] = "auto"
 
 
     def _regex(self, key: str) -> re.Pattern | None:
@@ -205,6 +206,8 @@ class FolderReader(Reader):
         chan = self.options.channels
         if chan == "auto":
             chan = "gray" if _is_gray(first) else "rgb"
+        elif chan == "stored":
+            chan = "rgb" if first.ndim == 3 else "gray"
         mode, classes, colours = self._mask_mode(masks if require_masks else {})
         return DatasetSpec(
             format=self.name,
