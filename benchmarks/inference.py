@@ -199,7 +199,8 @@ def main() -> None:
         export_onnx(model, int8_path, int8=calib, min_agreement=0.0 if not args.model else 0.999)
         int8_s = time.perf_counter() - t0
         int8_rec = json.loads(int8_path.with_suffix(".json").read_text())["onnx"]["int8"]
-        dev = dev_agreement(model, {"onnx": onnx_path, "onnx int8": int8_path}, calib)
+        # random weights make masks meaningless: the dev-set agreement is measured for trained models only
+        dev = dev_agreement(model, {"onnx": onnx_path, "onnx int8": int8_path}, calib) if args.model else None
         n = len([p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")])
         rows = []
         for backend, m in (("torch", model), ("onnx", str(onnx_path)), ("onnx int8", str(int8_path))):
@@ -258,8 +259,9 @@ def main() -> None:
     console.print(f"onnxruntime int8 vs eager PyTorch (no TTA): {speedup8:.2f}x faster; masks equal on {agree8 * 100:.3f}% of "
                   f"pixels of this patient; int8 export {int8_s:.1f} s ({int8_rec['calibration_slices']} calibration slices, "
                   f"{100 * int8_rec['mask_agreement']:.3f}% agreement on {int8_rec['checked_slices']} held-out slices)")
-    console.print("masks equal to PyTorch's over every slice of " + f"{dev['cases']} prepared cases ({dev['slices']} slices): "
-                  + ", ".join(f"{k} {100 * v:.3f}%" for k, v in dev["agreement"].items()))
+    if dev:
+        console.print("masks equal to PyTorch's over every slice of " + f"{dev['cases']} prepared cases ({dev['slices']} slices): "
+                      + ", ".join(f"{k} {100 * v:.3f}%" for k, v in dev["agreement"].items()))
     if vol:
         console.print(f"synthetic 512x512x{vol['slices']} NIfTI volume, 2D path, onnxruntime: {vol['seconds']:.1f} s "
                       f"({vol['slices'] / vol['seconds']:.1f} slices/s), peak RSS {vol['peak_rss_mb']:.0f} MB")
