@@ -303,3 +303,7 @@ def test_predict_a_coco_folder_and_evaluate_it_back(tmp_path: Path, monkeypatch)
     assert guess_format(plain) == "folder"
     out = predict(bp, plain, tmp_path / "pred_plain", tta=False)
     assert sorted(f.name for f in out) == [f"{s}.png" for s in stems]
+    from medseg import Segmenter  # the Python API reads image folders the same way
+
+    one = Segmenter.load(bp, tta=False).predict(plain / f"{stems[0]}.jpg")
+    np.testing.assert_array_equal(one.mask[0, 0] * 255, np.asarray(Image.open(tmp_path / "pred_plain" / f"{stems[0]}.png")))

@@ -125,16 +125,13 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
         )
 
 
-def _image_options(fmt: str, model: Any, folds: Any) -> dict[str, Any]:
+def image_reader_options(fmt: str, channels: int) -> dict[str, Any]:
     """Image readers' channel mode from the model: a grey scan saved as RGB (three equal channels)
     reaches a 3-channel model as its three stored channels (the folder reader would make it grey); a
     file stored with one channel still meets the channel-mismatch error."""
-    from medseg.inference.segmenter import model_channels
-
-    n = model_channels(model, folds) if fmt in ("folder", "coco") else None
-    if fmt == "folder" and n == 3:
+    if fmt == "folder" and channels == 3:
         return {"channels": "stored"}
-    if fmt == "coco" and n == 1:
+    if fmt == "coco" and channels == 1:
         return {"grayscale": True}
     return {}
 
@@ -166,10 +163,10 @@ def predict(
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
-    reader = get_reader(fmt, **_image_options(fmt, model, folds))
+    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
+    reader = get_reader(fmt, **image_reader_options(fmt, len(seg.channels)))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
-    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
     output.mkdir(parents=True, exist_ok=True)
     for name in _AGGREGATE.get(fmt, []):
         if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)

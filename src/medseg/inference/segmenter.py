@@ -125,22 +125,6 @@ def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tup
     )
 
 
-def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:
-    """How many image channels ``model`` (or an ensemble's first member) takes, read from its bundle or
-    ONNX sidecar without building the network; None when it cannot be told (loading will say why)."""
-    try:
-        _, files = resolve_model(split_models(model)[0], folds)
-        f = files[0]
-        if f.suffix == ".onnx":
-            return len(json.loads(f.with_suffix(".json").read_text())["channels"])
-        from medseg.inference.bundle import bundle_from_checkpoint, load_bundle
-
-        b = bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f)
-        return len(b["channels"])
-    except (MedsegError, OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
     """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
     inp = dict(bundle["input"])
@@ -457,10 +441,11 @@ class Segmenter:
     ):
         """Yield ``(case_id, Prediction)`` for every case a reader finds under ``path``."""
         from medseg.data.formats import get_reader
-        from medseg.inference.predict import case_path, guess_format
+        from medseg.inference.predict import case_path, guess_format, image_reader_options
 
         path = Path(path)
-        reader = get_reader(fmt or guess_format(path))
+        fmt = fmt or guess_format(path)
+        reader = get_reader(fmt, **image_reader_options(fmt, len(self.channels)))
         spec = reader.scan(path, require_masks=False)
         for case in spec.cases:
             data = reader.load(spec, case)
