@@ -329,7 +329,8 @@ def test_int8_export_is_calibrated_checked_and_runs_in_the_pipeline(tmp_path, lg
     from medseg.data.prepared import PreparedDataset
     from medseg.inference.export import export_onnx
 
-    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16))
+    # flip TTA on by default: calibration still sees each slice once
+    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16), tta={"enabled": True, "flips": [[-1], [-2]]})
     out = export_onnx(bp, tmp_path / "q.onnx", int8=lgg_prepared, calibration_slices=4, min_agreement=0.9)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -358,3 +359,24 @@ def test_int8_export_refuses_below_the_agreement_and_writes_nothing(tmp_path, lg
     with pytest.raises(MedsegError, match="prepared dataset not found"):
         export_onnx(bp, tmp_path / "m.onnx", int8=tmp_path / "nowhere")
     assert not (tmp_path / "g.onnx").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_pipeline_inputs_are_distinct_slices_with_their_logits(tmp_path, lgg_prepared):
+    import torch
+
+    from medseg import Segmenter
+    from medseg.inference.quantize import pipeline_inputs
+
+    bp = make_bundle(tmp_path / "model.pt", features=(4, 8, 16), tta={"enabled": True, "flips": [[-1], [-2]]})
+    seg = Segmenter.load(bp)
+    assert seg.flips  # TTA on for prediction ...
+    got = pipeline_inputs(seg, lgg_prepared, 8)
+    x = np.concatenate([a for a, _ in got])
+    assert len(x) == 8 and seg.flips  # ... off while capturing, and restored
+    for i in range(8):  # eight different slices, no flipped copy among them
+        for j in range(8):
+            assert not np.allclose(x[i], x[j][..., ::-1]) and not np.allclose(x[i], x[j][..., ::-1, :])
+            assert i == j or not np.allclose(x[i], x[j])
+    with torch.inference_mode():
+        ref = seg.models[0](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.concatenate([y for _, y in got]), ref, atol=1e-4)

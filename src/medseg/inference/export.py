@@ -202,7 +202,7 @@ def export_onnx(
                           "nothing written", output)
     if int8 is not None:
         try:
-            spec["onnx"]["int8"] = _quantize(seg, module, output, Path(int8), calibration_slices, min_agreement)
+            spec["onnx"]["int8"] = _quantize(seg, output, Path(int8), calibration_slices, min_agreement)
         except BaseException:
             output.unlink(missing_ok=True)
             raise
@@ -216,11 +216,9 @@ def export_onnx(
     return output
 
 
-def _quantize(seg: Any, module: Any, output: Path, prepared: Path, slices: int, min_agreement: float) -> dict[str, Any]:
+def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement: float) -> dict[str, Any]:
     """Replace the float ``output`` by its int8 version; returns the sidecar's ``onnx.int8`` record."""
     import os
-
-    import torch
 
     from medseg.inference.quantize import mask_agreement, pipeline_inputs, quantize_int8
     from medseg.inference.segmenter import _onnx_net
@@ -229,18 +227,17 @@ def _quantize(seg: Any, module: Any, output: Path, prepared: Path, slices: int, 
         raise MedsegError(f"calibration slices must be at least 1, got {slices}")
     inputs = pipeline_inputs(seg, prepared, 2 * slices)
     calib, check, n = [], [], 0
-    for b in inputs:  # cases come in a seeded random order: the first ones calibrate, the rest check
-        (calib if n < slices else check).append(b)
-        n += len(b)
+    for x, y in inputs:  # cases come in a seeded random order: the first ones calibrate, the rest check
+        (calib if n < slices else check).append((x, y))
+        n += len(x)
     held_out = bool(check)
     check = check or calib
     tmp = output.with_name(output.stem + f".int8-tmp-{os.getpid()}.onnx")
     try:
-        quantize_int8(output, tmp, calib, input_name="input")
+        quantize_int8(output, tmp, [x for x, _ in calib], input_name="input")
         q = _onnx_net(tmp, None)
-        with torch.inference_mode():
-            ref = [module(torch.from_numpy(x)).numpy() for x in check]
-        agree = mask_agreement(ref, [q(x) for x in check], seg.class_kind, seg.spec["postprocess"].get("thresholds"))
+        agree = mask_agreement([y for _, y in check], [q(x) for x, _ in check], seg.class_kind,
+                               seg.spec["postprocess"].get("thresholds"))
         if agree < min_agreement:
             raise MedsegError(f"int8 masks agree with PyTorch's on only {100 * agree:.3f}% of the pixels (needed "
                               f"{100 * min_agreement:.1f}%); nothing written: export without --int8", output)
@@ -248,7 +245,7 @@ def _quantize(seg: Any, module: Any, output: Path, prepared: Path, slices: int, 
     finally:
         tmp.unlink(missing_ok=True)
     return {"format": "QDQ, per-channel int8 weights, uint8 activations (min-max)", "calibration": str(prepared),
-            "calibration_slices": sum(len(b) for b in calib), "checked_slices": sum(len(b) for b in check),
+            "calibration_slices": sum(len(x) for x, _ in calib), "checked_slices": sum(len(x) for x, _ in check),
             "held_out": held_out, "mask_agreement": agree}
 
 

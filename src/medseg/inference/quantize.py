@@ -17,9 +17,10 @@ import numpy as np
 from medseg.errors import MedsegError
 
 
-def pipeline_inputs(seg: Any, prepared: str | Path, slices: int, seed: int = 0) -> list[np.ndarray]:
-    """Up to ``slices`` network inputs (batches ``[b, c, ...]``) that ``seg`` builds from the cases of a
-    prepared dataset, cases taken in a seeded random order, tumour-bearing and empty slices alike."""
+def pipeline_inputs(seg: Any, prepared: str | Path, slices: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``slices`` (network input, PyTorch logits) batches that ``seg`` builds and computes from the
+    cases of a prepared dataset, cases taken in a seeded random order, tumour-bearing and empty slices
+    alike; TTA off, so every batch is a distinct slice."""
     from medseg.data.prepared import PreparedDataset
 
     root = Path(prepared)
@@ -29,29 +30,30 @@ def pipeline_inputs(seg: Any, prepared: str | Path, slices: int, seed: int = 0) 
     if len(ds.channels) != len(seg.channels):
         raise MedsegError(f"calibration data has {len(ds.channels)} channels ({', '.join(ds.channels)}), the model "
                           f"{len(seg.channels)} ({', '.join(seg.channels)})", root)
-    captured: list[np.ndarray] = []
-    net = seg.nets[0]
+    captured: list[tuple[np.ndarray, np.ndarray]] = []
+    net, flips = seg.nets[0], seg.flips
 
     def record(x: np.ndarray) -> np.ndarray:
-        captured.append(np.array(x, np.float32, copy=True))
-        return net(x)
+        y = net(x)
+        captured.append((np.array(x, np.float32, copy=True), y))
+        return y
 
-    seg.nets[0] = record
+    seg.nets[0], seg.flips = record, []
     try:
         ids = [c.id for c in ds.cases]
         random.Random(seed).shuffle(ids)
         for cid in ids:
-            if sum(len(b) for b in captured) >= slices:
+            if sum(len(x) for x, _ in captured) >= slices:
                 break
             seg.predict(np.asarray(ds.image(cid)))
     finally:
-        seg.nets[0] = net
+        seg.nets[0], seg.flips = net, flips
     out, n = [], 0
-    for b in captured:
+    for x, y in captured:
         if n >= slices:
             break
-        out.append(b[: slices - n])
-        n += len(out[-1])
+        out.append((x[: slices - n], y[: slices - n]))
+        n += len(out[-1][0])
     return out
 
 
