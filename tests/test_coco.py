@@ -241,6 +241,10 @@ def test_export_root_with_split_folders(tmp_path: Path):
     assert sorted(c.id for c in spec.cases) == sorted(c.id for c in one.cases)
     assert spec.classes == one.classes
     assert [c.split for c in spec.cases] == ["train"] * 4 + ["valid"] * 2
+    from medseg.evaluation.sources import guess_format as eval_guess
+    from medseg.inference.predict import guess_format
+
+    assert guess_format(root) == eval_guess(root) == "coco"  # the export root as a whole, too
     ref = {c.id: c for c in one.cases}
     for c in spec.cases:
         np.testing.assert_array_equal(r.load(spec, c).mask, r.load(one, ref[c.id]).mask)

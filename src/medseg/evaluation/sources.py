@@ -150,9 +150,9 @@ def guess_format(path: Path) -> str:
         return "lgg"
     if any(p.glob("*.nii.gz")) or any(p.glob("*.nii")):
         return "nifti"
-    from medseg.data.formats.coco import _JSON_NAMES
+    from medseg.data.formats.coco import is_coco_folder
 
-    if any((p / n).is_file() for n in _JSON_NAMES) or any((d / _JSON_NAMES[0]).is_file() for d in p.iterdir() if d.is_dir()):
+    if is_coco_folder(p):
         return "coco"
     raise MedsegError("cannot tell the dataset format; pass --format (see `medseg formats`)", p)
 

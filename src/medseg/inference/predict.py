@@ -58,9 +58,9 @@ def guess_format(path: str | Path) -> str:
         return "nifti"
     if any(_is_dicom(f) for f in everything[:50]):
         return "dicom"
-    from medseg.data.formats.coco import _JSON_NAMES
+    from medseg.data.formats.coco import is_coco_folder
 
-    if any((path / n).is_file() for n in _JSON_NAMES):  # a COCO export folder: its images, read as COCO does
+    if is_coco_folder(path):  # a COCO export: its images, read as training read them
         return "coco"
     return "folder"
 

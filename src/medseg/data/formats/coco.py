@@ -75,9 +75,8 @@ class COCOReader(Reader):
             raise MedsegError("not a folder or a COCO JSON file", root)
         sources = self._paths(root)
         docs = [(ann, img_dir, *_read_coco(ann)) for ann, img_dir in sources]
-        cats = docs[0][3]
-        supers = _supercategories(docs[0][0])
-        for ann, _, _, other, _ in docs[1:]:
+        cats, supers = docs[0][3], docs[0][4]
+        for ann, _, _, other, _, _ in docs[1:]:
             if other != cats:
                 raise MedsegError(f"categories differ from those of {docs[0][0]}", ann)
         used_ids = sorted({a["category_id"] for *_, anns in docs for per in anns.values() for a in per})
@@ -95,7 +94,7 @@ class COCOReader(Reader):
         rx = re.compile(self.options.patient_regex) if self.options.patient_regex else None
         cases = []
         seen: dict[str, Path] = {}
-        for ann_path, img_dir, images, _, anns in docs:
+        for ann_path, img_dir, images, _, _, anns in docs:
             for iid, im in images.items():
                 path = img_dir / im["file_name"]
                 if not path.is_file():
@@ -175,13 +174,17 @@ class COCOReader(Reader):
         return written
 
 
-def _supercategories(ann_path: Path) -> dict[int, str | None]:
-    doc = json.loads(ann_path.read_text())  # already validated by _read_coco
-    return {c["id"]: c.get("supercategory") for c in doc.get("categories", [])}
+def is_coco_folder(path: Path) -> bool:
+    """A folder holding a COCO JSON by one of its usual names, or an export root whose split folders
+    (train/, valid/, ...) each hold ``_annotations.coco.json``."""
+    path = Path(path)
+    return path.is_dir() and (any((path / n).is_file() for n in _JSON_NAMES)
+                              or any((d / _JSON_NAMES[0]).is_file() for d in path.iterdir() if d.is_dir()))
 
 
-def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[int, list[dict]]]:
-    """(images by id, category names by id, annotations by image id) of one COCO JSON, validated."""
+def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[int, str | None], dict[int, list[dict]]]:
+    """(images by id, category names by id, supercategories by id, annotations by image id) of one COCO
+    JSON, validated."""
     try:
         doc = json.loads(ann_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -194,6 +197,7 @@ def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[in
             raise MedsegError(f"malformed COCO JSON: image entry without id/file_name: {im!r}"[:200], ann_path)
         images[im["id"]] = im
     cats = {c["id"]: str(c["name"]) for c in doc.get("categories", [])}
+    supers = {c["id"]: c.get("supercategory") for c in doc.get("categories", [])}
     anns: dict[int, list[dict]] = {i: [] for i in images}
     for a in doc.get("annotations", []):
         if a.get("image_id") not in images:
@@ -206,7 +210,7 @@ def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[in
                 if len(poly) < 6:
                     raise MedsegError(f"annotation {a.get('id')} has a polygon with {len(poly) // 2} points (< 3)", ann_path)
         anns[a["image_id"]].append(a)
-    return images, cats, anns
+    return images, cats, supers, anns
 
 
 def _rasterise(a: dict, h: int, w: int, where: Path) -> np.ndarray:
