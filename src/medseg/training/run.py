@@ -358,6 +358,11 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     return trainer, module
 
 
+def _fold_dir(run: Path, fold: int | str) -> Path:
+    """RUN/fold_K, or RUN/full for --fold full."""
+    return run / ("full" if fold == "full" else f"fold_{fold}")
+
+
 def _ckpt_epoch(path: Path) -> int | None:
     import torch
 
@@ -378,7 +383,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     if resume:
         _check_resume(cfg, run)
     else:
-        busy = [f for f in folds if (run / ("full" if f == "full" else f"fold_{f}") / "checkpoints" / "last.ckpt").exists()]
+        busy = [f for f in folds if (_fold_dir(run, f) / "checkpoints" / "last.ckpt").exists()]
         if busy:
             raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
                               "or choose another --out", run)
@@ -388,7 +393,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
         _atomic_text(run / "splits.json", json.dumps(ds.splits(), indent=1))
     results: dict[str, Any] = {}
     for k in folds:
-        fold_dir = run / ("full" if k == "full" else f"fold_{k}")
+        fold_dir = _fold_dir(run, k)
         trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
         from medseg.training.module import selection_metric
 
