@@ -322,7 +322,6 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         max_epochs=cfg.train.epochs,
         max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
         limit_train_batches=cfg.train.steps_per_epoch,
-        limit_val_batches=0 if full else None,
         check_val_every_n_epoch=1,  # ValidationSchedule decides per epoch
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.train.clip,
