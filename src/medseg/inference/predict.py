@@ -125,7 +125,7 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
         )
 
 
-def image_reader_options(fmt: str, channels: int) -> dict[str, Any]:
+def image_reader_options(fmt: str, channels: int | None) -> dict[str, Any]:
     """Image readers' channel mode from the model: a grey scan saved as RGB (three equal channels)
     reaches a 3-channel model as its three stored channels (the folder reader would make it grey); a
     file stored with one channel still meets the channel-mismatch error."""
@@ -158,15 +158,17 @@ def predict(
     import sys
 
     from medseg.data.formats import get_reader
-    from medseg.inference.segmenter import Segmenter
+    from medseg.inference.segmenter import Segmenter, model_channels
 
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
-    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
-    reader = get_reader(fmt, **image_reader_options(fmt, len(seg.channels)))
+    # the input's errors come before the model's: the channel count is peeked, the model loaded later
+    n = model_channels(model, folds) if fmt in ("folder", "coco") else None
+    reader = get_reader(fmt, **image_reader_options(fmt, n))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
+    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
     output.mkdir(parents=True, exist_ok=True)
     for name in _AGGREGATE.get(fmt, []):
         if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)

@@ -125,6 +125,22 @@ def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tup
     )
 
 
+def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:
+    """How many image channels ``model`` (or an ensemble's first member) takes, from its bundle or ONNX
+    sidecar without building the network; None when it cannot be told (loading it will say why)."""
+    try:
+        _, files = resolve_model(split_models(model)[0], folds)
+        f = files[0]
+        if f.suffix == ".onnx":
+            return len(json.loads(f.with_suffix(".json").read_text())["channels"])
+        from medseg.inference.bundle import bundle_from_checkpoint, load_bundle
+
+        b = bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f)
+        return len(b["channels"])
+    except (MedsegError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
     """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
     inp = dict(bundle["input"])
