@@ -10,7 +10,7 @@ evaluation excluded) and save their weights at every mark:
     with in-training validation switched off so that the budget is all training;
   - peer: MONAI's ``UNet`` (channels 32..512, strides 2, 2 residual units, as in MONAI's tutorials),
     ``DiceLoss(softmax)``, Adam 1e-4, uniform slice sampling (no foreground oversampling), flips, the
-    same input size as the medseg recipe, batch 8.
+    plain 2D slices at the same input size as the medseg recipe, batch 8.
 Every snapshot is then scored the same way: each validation patient's every slice at its native
 256x256, the mean per-patient 3D Dice (a patient without tumour scores 1 if the prediction is empty
 too, else 0). ``--parallel`` runs the two trainings side by side with one thread each (half the wall
@@ -71,23 +71,22 @@ def patient_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if den == 0 else float(2 * (p & t).sum() / den)
 
 
-def evaluate_snapshot(net, prepared: str, val_ids: list[str], size: list[int] | None, head: str) -> dict[str, float]:
-    """Per-patient Dice of ``net`` on whole validation cases (z-scored per case, as both trainings)."""
+def evaluate_snapshot(net, prepared: str, val_ids: list[str], data: dict, head: str) -> dict[str, float]:
+    """Per-patient Dice of ``net`` on whole validation cases, built by medseg's own validation reader
+    (z-scored per case, with neighbouring slices as channels in 2.5D), so both trainings are scored alike."""
     import torch
     from torch.nn import functional as F
 
-    from medseg.data import normalize
-    from medseg.data.prepared import PreparedDataset
+    from medseg.data.sampling import ValCases
 
-    ds = PreparedDataset.open(prepared)
+    cases = ValCases(prepared, val_ids, argparse.Namespace(**data), {"mode": "zscore_case"})
+    size = data["size"] if data.get("resize") else None
     net.eval()
     scores = {}
     with torch.no_grad():
-        for cid in val_ids:
-            i = ds.index(cid)
-            img = np.asarray(ds.image(i))
-            mean, std, clip = normalize.stats_for(img, {"mode": "zscore_case"})
-            x = torch.from_numpy(np.ascontiguousarray(normalize.apply(img, mean, std, clip, channel_axis=1)))
+        for n in range(len(cases)):
+            case = cases[n]
+            x = case["image"]
             h, w = x.shape[-2:]
             preds = []
             for s in range(0, x.shape[0], 16):
@@ -99,9 +98,13 @@ def evaluate_snapshot(net, prepared: str, val_ids: list[str], size: list[int] | 
                 o = F.interpolate(o.float(), size=(h, w), mode="bilinear", align_corners=False) if o.shape[-2:] != (h, w) else o
                 preds.append((o.argmax(1) == 1) if head == "softmax" else (o[:, 0] > 0))
             pred = torch.cat(preds).numpy()
-            truth = np.asarray(ds.mask(i))[:, 0]
-            scores[cid] = patient_dice(pred, truth)
+            scores[case["id"]] = patient_dice(pred, case["mask"].numpy()[:, 0])
     return scores
+
+
+def _data_info(cfg) -> dict:
+    d = cfg.data
+    return {"mode": d.mode, "context": d.context, "stride": d.stride, "size": d.size, "resize": d.resize}
 
 
 # --- the two trainings (each in its own process) --------------------------------------------------
@@ -135,7 +138,7 @@ def run_medseg(args, fold: int, out: Path) -> None:
             clock.next = len(clock.marks)
 
     fit_fold(cfg, task, ds, fold, out / "run", resume=False, extra_callbacks=[Snapshots()])
-    info = {"size": cfg.data.size if cfg.data.resize else None, "arch": cfg.model.model_dump(), "head": "softmax",
+    info = {"data": _data_info(cfg), "arch": cfg.model.model_dump(), "head": "softmax",
             "in_channels": task["in_channels"], "out_channels": task["out_channels"]}
     (out / "info.json").write_text(json.dumps(info))
 
@@ -151,7 +154,7 @@ def run_peer(args, fold: int, out: Path) -> None:
     from medseg.data.sampling import EpochSampler, TrainSamples
 
     cfg = load_config(ROOT / args.config, {"data.prepared": args.prepared, "data.fg_oversample": "0",
-                                           "data.batch_size": "8"})
+                                           "data.batch_size": "8", "data.mode": "2d", "data.context": "0"})
     ds = PreparedDataset.open(args.prepared)
     train_ids, _ = ds.fold(fold)
     torch.manual_seed(0)
@@ -177,7 +180,7 @@ def run_peer(args, fold: int, out: Path) -> None:
             _save(net, out, m, {})
         if clock.over():
             break
-    info = {"size": cfg.data.size if cfg.data.resize else None, "head": "softmax", "peer": True}
+    info = {"data": _data_info(cfg), "head": "softmax", "peer": True}
     (out / "info.json").write_text(json.dumps(info))
 
 
@@ -207,8 +210,9 @@ def score_dir(args, fold: int, out: Path) -> dict[str, float]:
     for snap in sorted(out.glob("snap_*.pt")):
         s = torch.load(snap, map_location="cpu")
         net.load_state_dict(s["state_dict"])
-        per = evaluate_snapshot(net, args.prepared, val_ids, info["size"], info["head"])
+        per = evaluate_snapshot(net, args.prepared, val_ids, info["data"], info["head"])
         res[f"{s['mark']:g}"] = float(np.mean(list(per.values())))
+        res.setdefault("per_patient", {})[f"{s['mark']:g}"] = per
     return res
 
 

@@ -422,5 +422,48 @@ def test_max_minutes_stops_training_on_the_clock(tmp_path, syn):
     # 0.002 min = 0.12 s: Lightning checks the clock after each step, so only a few of the 10000 run
     train(_cfg(tmp_path, syn, train__epochs=2, train__steps_per_epoch=10000, train__max_minutes=0.002), out=run)
     assert time.perf_counter() - t0 < 120
-    steps = sum(1 for _ in (run / "fold_0" / "metrics.csv").open())
-    assert steps >= 2  # header + the interrupted epoch's row
+    rows = _rows(run)
+    assert len(rows) == 1 and int(rows[0]["step"]) < 10000  # stopped inside the first epoch
+    # ... and validated once more before stopping, though epoch 1 of 2 was not a validation epoch
+    assert rows[0]["val_dice_mean"] != ""
+    assert (run / "fold_0" / "model.pt").is_file()
+
+
+def test_time_schedule_runs_over_the_budget(tmp_path, syn):
+    from medseg.training.run import train
+
+    run = tmp_path / "bytime"
+    cfg = _cfg(tmp_path, syn, train__epochs=50, train__steps_per_epoch=10000, train__max_minutes=0.01,
+               schedule={"name": "cosine", "by": "time", "min_lr_ratio": 0.05})
+    train(cfg, out=run)
+    rows = _rows(run)
+    assert len(rows) == 1  # the budget, not the 50 x 10000 steps, ended it
+    # the last step saw the whole budget spent: the LR is at the schedule's floor
+    assert float(rows[0]["lr"]) == pytest.approx(0.003 * 0.05, rel=1e-6)
+
+
+def test_time_schedule_needs_a_budget(tmp_path, syn):
+    from medseg.config import load_config
+
+    with pytest.raises(MedsegError, match="max_minutes"):
+        load_config(_cfg(tmp_path, syn, schedule={"name": "cosine", "by": "time"}))
+
+
+def test_lr_lambda_follows_progress_and_time_budget_survives_resume():
+    from medseg.config import parse_config
+    from medseg.training.callbacks import TimeBudget
+    from medseg.training.module import lr_lambda
+
+    cfg = parse_config({"data": {"prepared": "x"}, "model": {"name": "unet"},
+                        "schedule": {"name": "cosine", "by": "time", "min_lr_ratio": 0.0},
+                        "train": {"max_minutes": 10}}, None)
+    progress = [0.0]
+    f = lr_lambda(cfg, lambda: progress[0])
+    for p, want in [(0.0, 1.0), (0.25, 0.5 * (1 + math.cos(math.pi / 4))), (0.5, 0.5), (1.0, 0.0)]:
+        progress[0] = p
+        assert f(7) == pytest.approx(want)  # the step count no longer matters
+    a = TimeBudget(10)
+    a.offset = 150.0
+    b = TimeBudget(10)
+    b.load_state_dict(a.state_dict())
+    assert b.elapsed() == pytest.approx(150.0) and b.fraction() == pytest.approx(0.25)

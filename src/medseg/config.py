@@ -91,6 +91,9 @@ class ScheduleConfig(_Section):
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     power: float = 0.9  # poly
+    # what the decay runs over: optimizer steps (epochs x steps_per_epoch, reproducible), or the
+    # wall-clock budget train.max_minutes, so that the schedule ends with the budget on any machine
+    by: Literal["steps", "time"] = "steps"
 
 
 class EarlyStopping(_Section):
@@ -114,8 +117,8 @@ class TrainConfig(_Section):
     devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
-    # wall-clock budget: training stops when it is spent (Lightning's max_time), whatever the epoch;
-    # size epochs so the schedule ends inside it, the cap only guarantees the budget
+    # wall-clock budget: training stops after the step that spends it, whatever the epoch, and
+    # validates once more; with schedule.by: time the LR schedule runs over it (epochs is then a cap)
     max_minutes: Optional[float] = Field(None, gt=0)
 
 
@@ -194,6 +197,8 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _tta_axes(self) -> "ExperimentConfig":
+        if self.schedule.by == "time" and self.train.max_minutes is None:
+            raise ValueError("schedule.by: time needs train.max_minutes (the budget the schedule runs over)")
         if self.data.mode != "3d" and any(-3 in g for g in self.inference.tta_flips or []):
             raise ValueError("inference.tta_flips: axis -3 (depth) is for 3D models only")
         return self

@@ -159,6 +159,38 @@ class ValidationSchedule(pl.Callback):
         trainer.check_val_every_n_epoch = 1 if due else 10**9
 
 
+class TimeBudget(pl.Callback):
+    """``train.max_minutes``: stop after the step that spends the budget, validating once more so that
+    the run still ends with a scored bundle (Lightning's ``max_time`` would skip that validation).
+    Elapsed time is kept in checkpoints, so ``--resume`` spends only what is left; ``fraction()``
+    drives the LR schedule when ``schedule.by`` is ``time``."""
+
+    def __init__(self, minutes: float):
+        self.budget = minutes * 60.0
+        self.offset = 0.0
+        self.t0: float | None = None
+
+    def elapsed(self) -> float:
+        return self.offset + (time.monotonic() - self.t0 if self.t0 is not None else 0.0)
+
+    def fraction(self) -> float:
+        return min(1.0, self.elapsed() / self.budget)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t0 = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.strategy.broadcast(self.elapsed() >= self.budget):
+            trainer.should_stop = True
+            trainer.check_val_every_n_epoch = 1  # the epoch loop validates before it stops
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.offset = float(state_dict.get("elapsed_s", 0.0))
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text)

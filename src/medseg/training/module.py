@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,8 +27,9 @@ def selection_metric(task: dict[str, Any]) -> str:
     return "val_uwmgi_score" if task.get("uwmgi") else "val_dice_mean"
 
 
-def lr_lambda(cfg: ExperimentConfig):
-    """Per-optimizer-step multiplier: linear warm-up, then cosine or poly decay to ``min_lr_ratio``."""
+def lr_lambda(cfg: ExperimentConfig, progress: Callable[[], float] | None = None):
+    """Per-optimizer-step multiplier: linear warm-up, then cosine or poly decay to ``min_lr_ratio``,
+    over the steps or, given ``progress`` (the fraction of the time budget spent), over the clock."""
     steps = max(1, cfg.train.steps_per_epoch // cfg.train.accumulate)
     total = max(1, cfg.train.epochs * steps)
     warm = int(cfg.schedule.warmup_epochs * steps)
@@ -40,7 +41,7 @@ def lr_lambda(cfg: ExperimentConfig):
             return (step + 1) / (warm + 1)
         if name == "constant":
             return 1.0
-        t = min(1.0, (step - warm) / max(1, total - warm))
+        t = progress() if progress is not None else min(1.0, (step - warm) / max(1, total - warm))
         if name == "cosine":
             return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
         return lo + (1 - lo) * (1 - t) ** cfg.schedule.power
@@ -134,7 +135,12 @@ class SegModule(pl.LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
+        progress = None
+        if self.cfg.schedule.by == "time":
+            from medseg.training.callbacks import TimeBudget
+
+            progress = next(c for c in self.trainer.callbacks if isinstance(c, TimeBudget)).fraction
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, progress))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- validation on whole cases ----------------------------------------------------------------

@@ -255,7 +255,7 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from medseg.training.callbacks import RunLog, ValidationSchedule, ValidationScores, atomic_checkpoint_io
+    from medseg.training.callbacks import RunLog, TimeBudget, ValidationSchedule, ValidationScores, atomic_checkpoint_io
     from medseg.training.module import SegModule, selection_metric
 
     import logging
@@ -291,6 +291,8 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         i = runlog.columns.index("val_dice_mean") + 1
         runlog.columns[i:i] = ["val_uwmgi_score", "val_uwmgi_dice", "val_uwmgi_hd"]
     callbacks: list[Any] = [ValidationScores(), ValidationSchedule(cfg.train.val_every), runlog]
+    if cfg.train.max_minutes:
+        callbacks.append(TimeBudget(cfg.train.max_minutes))
     # best at validation end; last at every train epoch end, after it, so that last.ckpt holds the
     # updated best-tracking state (written to a temp file, then renamed: see atomic_checkpoint_io)
     if not full:
@@ -320,7 +322,6 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         strategy=cfg.train.strategy,
         precision=precision_for(cfg, accel),
         max_epochs=cfg.train.epochs,
-        max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
         limit_train_batches=cfg.train.steps_per_epoch,
         check_val_every_n_epoch=1,  # ValidationSchedule decides per epoch
         num_sanity_val_steps=0,
