@@ -61,6 +61,32 @@ def test_postprocess_3d_connects_across_slices():
     assert lcc2.sum() == 12  # slice 1 keeps its 4-px square over the 1-px voxel
 
 
+def test_components_volume_joins_a_2d_models_slices():
+    mask = np.zeros((2, 1, 8, 8), np.uint8)
+    mask[0, 0, 0:2, 0:2] = 1  # A: 4 px, alone on slice 0
+    mask[0, 0, 5:7, 5] = 1  # B: 2 px on slice 0 ...
+    mask[1, 0, 5:8, 5:8] = 1  # ... under a 9-px blob on slice 1: one 11-voxel object in 3D
+    per_slice = postprocess(mask.copy(), None, {"largest_cc": True}, spatial_dims=2)
+    assert per_slice[0, 0, 0, 0] == 1 and per_slice[0, 0, 5, 5] == 0  # slice 0 keeps A
+    joined = postprocess(mask.copy(), None, {"largest_cc": True, "components": "volume"}, spatial_dims=2)
+    assert joined[0, 0, 0:2, 0:2].sum() == 0 and joined.sum() == 11  # the 3D object wins, A goes
+    small = postprocess(mask.copy(), None, {"min_size": 5, "components": "volume"}, spatial_dims=2)
+    assert small.sum() == 11  # A (4) goes; B survives as part of an 11-voxel object, not as 2 px
+    # "slice" forces per-slice components on volume data
+    forced = postprocess(mask.copy(), None, {"largest_cc": True, "components": "slice"}, spatial_dims=3)
+    np.testing.assert_array_equal(forced, per_slice)
+
+
+def test_components_value_is_checked():
+    from medseg.errors import MedsegError
+    from medseg.inference.postprocess import check_config
+
+    with pytest.raises(MedsegError, match="components must be one of slice, volume, got 'volumes'"):
+        check_config({"components": "volumes"}, ["tumor"])
+    with pytest.raises(Exception, match="components"):
+        _cfg(postprocess={"components": "3d"})
+
+
 def test_presence_threshold_per_slice_and_per_volume():
     mask = np.ones((3, 2, 2, 2), np.uint8)
     slice_max = np.array([[0.9, 0.2], [0.4, 0.6], [0.7, 0.3]], np.float32)

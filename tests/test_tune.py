@@ -162,7 +162,10 @@ def test_tune_dry_run_and_custom_grid(tmp_path, prepared):
     run = _fake_run(tmp_path, prepared)
     res = tune(run, thresholds=[0.5], presence=[0.9], write=False)
     assert not res["written"] and not (run / "tune.json").exists()
-    assert res["score"] == res["score_before"]  # 0.5 loses the 0.45 rows whatever presence does
+    # presence 0.9 cannot remove the 0.55 blobs of absent organs; keeping each organ's largest component
+    # over the case-day's volume does (the 0.45 rows stay lost at threshold 0.5)
+    assert res["largest_cc"] and res["components"] == "volume"
+    assert res["score_before"] < res["score"] < 1.0 and res["classes"][0]["presence"] is None
     assert load_bundle(run / "fold_0" / "model.pt")["postprocess"]["presence"] is None
 
 
@@ -171,7 +174,7 @@ def test_tune_errors(tmp_path, prepared):
         tune(tmp_path)
     assert e.value.path == str(tmp_path)
     run = _fake_run(tmp_path / "a", prepared, class_kind="multiclass")
-    with pytest.raises(MedsegError, match="this model is multiclass"):
+    with pytest.raises(MedsegError, match="this model is a softmax over 3 classes"):
         tune(run)
     run = _fake_run(tmp_path / "b", prepared)
     with pytest.raises(MedsegError, match=r"fold 3 has no model.pt \(folds here: 0\)"):
@@ -223,3 +226,78 @@ def test_tune_with_tta_scores_what_predict_does(tmp_path, prepared):
     assert res["tta"] is True and res["score_before"] == pytest.approx(expected, abs=2e-3)
     assert res["score"] >= res["score_before"]
     assert load_bundle(run / "fold_0" / "model.pt")["tta"]["enabled"] is True
+
+
+# ------------------------------------------------------------------- one-class softmax, Dice per case (LGG)
+def _one_class_dataset(out: Path) -> Path:
+    """Four 2D-slice cases of one class (``tumor``): a column through slices 1..3, one 3D object."""
+    from medseg.data.prepared import CaseRecord, PreparedWriter
+    from medseg.data.splits import make_splits
+
+    w = PreparedWriter(out, overwrite=True)
+    recs = []
+    for p in range(4):
+        img = np.zeros((5, 1, 16, 16), np.float32)
+        mask = np.zeros((5, 1, 16, 16), np.uint8)
+        mask[1:4, 0, 4 + p : 10 + p, 5:11] = 1
+        ir, sr = w.write_arrays(f"c{p}", img, mask)
+        recs.append(CaseRecord(id=f"c{p}", patient=f"p{p}", shape=list(img.shape), spacing=[1.0, 1.0, 1.0],
+                               image=ir, mask=sr, dtype="float32", foreground=[float(mask.mean())],
+                               fg_slices=[[1, 2, 3]], slices=[str(z) for z in range(5)]))
+    fp = {"intensity": {"c0": {"mean": 0.0, "std": 1.0, "min": 0.0, "max": 0.0, "percentiles": {}}},
+          "classes": {"tumor": {"voxel_fraction": 0.1, "slice_fraction": 0.6, "case_fraction": 1.0}},
+          "n_cases": 4, "n_patients": 4, "n_slices": 20}
+    info = {"name": "one", "source_format": "synthetic", "source": "", "reader_options": {}, "channels": ["c0"],
+            "classes": ["tumor"], "class_kind": "multiclass", "spatial_dims": 2, "has_masks": True, "meta": {},
+            "fingerprint": fp, "cases": recs}
+    return w.finish(info, make_splits([r.id for r in recs], [r.patient for r in recs], [True] * 4, k=2, seed=0))
+
+
+def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_path):
+    """Planted: the tumour's first row has probability 0.4 (threshold 0.3 needed) and a 0.9 blob sits on
+    slice 4, away from it (only the largest component over the volume removes it; per slice it is the
+    largest on its slice). Softmax probabilities are stored with their background channel."""
+    from medseg.data.prepared import PreparedDataset, case_filename
+    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.inference.segmenter import Segmenter
+    from medseg.models import create_model
+
+    prepared = _one_class_dataset(tmp_path / "one")
+    ds = PreparedDataset.open(prepared)
+    run = tmp_path / "run"
+    (run / "fold_0" / "val_predictions").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"prepared": str(prepared)}}))
+    m = create_model("unet", 1, 2, spatial_dims=2, base=4, depth=2)
+    save_bundle({"arch": {"name": "unet", "in_channels": 1, "out_channels": 2, "spatial_dims": 2,
+                          "kwargs": {"base": 4, "depth": 2}}, "state_dict": m.state_dict(), "classes": ["tumor"],
+                 "class_kind": "multiclass", "channels": ["c0"],
+                 "input": {"mode": "2d", "context": 0, "stride": 1, "size": None, "resize": False, "divisor": 4},
+                 "normalization": {"mode": "zscore_case"}, "postprocess": {}, "tta": {}, "meta": {}},
+                run / "fold_0" / "model.pt")
+    val = ds.fold(0)[1]
+    for cid in val:
+        truth = np.asarray(ds.mask(cid))[:, 0].astype(bool)
+        fg = np.where(truth, 0.8, 0.05).astype(np.float32)
+        r = np.flatnonzero(truth.any((0, 2)))[0]
+        fg[:, r][truth[:, r]] = 0.4
+        fg[4, 13:15, 13:15] = 0.9
+        prob = np.stack([1 - fg, fg], axis=1)
+        name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
+        np.savez_compressed(run / "fold_0" / "val_predictions" / f"{name}.npz", prob=prob.astype(np.float16),
+                            mask=(fg > 0.5).astype(np.uint8)[:, None])
+    res = tune(run, presence=[])
+    assert res["objective"] == "dice" and res["written"]
+    # before: argmax misses the first row (6 of 36 px) on each of the 3 tumour slices, adds the 4-px blob
+    tp, t_sum, p_sum = 90, 108, 90 + 4
+    assert res["score_before"] == pytest.approx(2 * tp / (t_sum + p_sum))
+    assert res["score"] == pytest.approx(1.0)
+    assert res["largest_cc"] and res["components"] == "volume" and res["classes"][0]["threshold"] == 0.3
+    pp = load_bundle(run / "fold_0" / "model.pt")["postprocess"]
+    assert pp["thresholds"] == [0.3] and pp["largest_cc"] and pp["components"] == "volume"
+    # the segmenter decides a one-class softmax by its tuned foreground threshold, not by argmax
+    seg = Segmenter.load(run / "fold_0" / "model.pt")
+    x = np.random.default_rng(0).normal(size=(5, 1, 16, 16)).astype(np.float32)
+    p = seg.predict(x, probabilities=True, postprocess_overrides={"largest_cc": False}).prob[:, 0].astype(np.float32)
+    got = seg.predict(x, postprocess_overrides={"largest_cc": False}).mask[:, 0]
+    near = np.abs(p - 0.3) < 1e-3  # fp16 storage of the probabilities
+    np.testing.assert_array_equal(got[~near], (p > 0.3)[~near])

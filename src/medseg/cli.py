@@ -148,15 +148,17 @@ def predict(
     backend: str = typer.Option("auto", help="auto (onnxruntime for .onnx, else PyTorch), torch or onnx"),
     min_size: Optional[int] = typer.Option(None, help="drop components under N pixels (default: the model's)"),
     largest_cc: Optional[bool] = typer.Option(None, help="keep the largest component per class (default: the model's)"),
+    components: Optional[str] = typer.Option(None, help="where --min-size and --largest-cc find components: 'slice' or "
+                                             "'volume' (a 2D model's slices joined in 3D; default: the model's)"),
     presence: Optional[str] = typer.Option(None, help="zero a class whose max probability is below this: "
                                            "one number, or one per class (0.5,0.3,0.4)"),
-    threshold: Optional[str] = typer.Option(None, help="multilabel decision threshold: one number, or one per class"),
+    threshold: Optional[str] = typer.Option(None, help="decision threshold (multilabel or one-class models): one number, or one per class"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
     from medseg.inference.predict import parse_flips, parse_probabilities, predict as run_predict
     from medseg.inference.segmenter import parse_weights
 
-    pp = {"min_size": min_size, "largest_cc": largest_cc,
+    pp = {"min_size": min_size, "largest_cc": largest_cc, "components": components,
           "presence": parse_probabilities(presence, "--presence"),
           "thresholds": parse_probabilities(threshold, "--threshold")}
     if tta_flips is not None:
@@ -170,7 +172,7 @@ def predict(
 
 @app.command()
 def tune(
-    run: Path = typer.Argument(..., help="run directory of a multilabel model (e.g. UW-Madison)"),
+    run: Path = typer.Argument(..., help="run directory of a multilabel or one-class model (UW-Madison, LGG)"),
     folds: str = typer.Option("all", help="'all' or fold indices '0,2': whose validation cases to tune on"),
     data: Optional[Path] = typer.Option(None, help="prepared dataset (default: the run's data.prepared)"),
     tta: Optional[bool] = typer.Option(None, help="tune with flip TTA (re-predicts the validation cases) or without, and store "
@@ -179,8 +181,9 @@ def tune(
     presence: str = typer.Option("0.5,0.6,0.7,0.8,0.9", help="presence thresholds to try (besides none)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the choice, change no model.pt"),
 ) -> None:
-    """Choose per-class thresholds and class-presence thresholds on the validation folds for the best
-    UW-Madison competition score; write them into every fold's model.pt (used by `medseg predict`)."""
+    """Choose per-class thresholds, class-presence thresholds and the largest-component rule on the
+    validation folds (for the UW-Madison competition score, else the mean Dice per case); write them into
+    every fold's model.pt (used by `medseg predict`)."""
     from medseg.evaluation.tune import tune as run_tune
 
     def floats(text: str, what: str) -> list[float]:

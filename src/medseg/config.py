@@ -144,12 +144,17 @@ class AugmentConfig(_Section):
 class PostprocessConfig(_Section):
     """Decision and clean-up rules stored in the bundle; ``medseg predict`` flags override them."""
 
-    thresholds: Optional[list[float]] = None  # multilabel, default 0.5 per class
+    # per class, default 0.5: multilabel models, and a one-class softmax model's foreground probability
+    # (0.5 = argmax); a softmax over several classes decides by argmax
+    thresholds: Optional[list[float]] = None
     # zero class j (per slice in 2D, per volume in 3D) where its max probability is under presence[j];
     # one number for every class, a list per class, None = off
     presence: Union[None, float, list[float]] = None
     min_size: int = Field(0, ge=0)  # drop components under N pixels/voxels
     largest_cc: bool = False
+    # where min_size and largest_cc find components: None = the model's own (slices in 2D, volume in 3D);
+    # "volume" joins a 2D model's slices of one case in 3D (LGG: a tumour spans slices)
+    components: Optional[Literal["slice", "volume"]] = None
 
     @field_validator("thresholds", "presence")
     @classmethod

@@ -1,5 +1,8 @@
-"""``medseg tune RUN``: per-class decision thresholds and the class-presence rule, chosen on the
-validation folds for the best UW-Madison competition score, written into every fold's ``model.pt``.
+"""``medseg tune RUN``: per-class decision thresholds, the class-presence rule and the largest-component
+rule, chosen on the validation folds, written into every fold's ``model.pt``. The objective is the
+UW-Madison competition score on UW-Madison data, else the mean per-case Dice (each case's whole volume,
+as the literature scores LGG). Multilabel models and one-class softmax models (LGG: the threshold
+applies to the foreground probability) are tuned; a softmax over several classes decides by argmax.
 
     medseg tune runs/uwmgi_25d             # with the model's own TTA setting (inference.tta of its config)
     medseg tune runs/uwmgi_25d --no-tta    # from RUN/fold_K/val_predictions/*.npz, and TTA off in the bundles
@@ -21,7 +24,9 @@ found exactly by summing the per-class tables over every combination of candidat
 classes one at a time. Ties keep the bundle's current setting, then the smaller grid value.
 
 A presence threshold at or below the decision threshold changes nothing (a slice whose maximum is
-under ``t`` has no pixel over ``t``), so only ``p > t`` is tried.
+under ``t`` has no pixel over ``t``), so only ``p > t`` is tried. The whole grid is scored twice: with
+the bundle's clean-up rules, and with the largest component kept per class (over the case's volume,
+slices joined, as a tumour or an organ is one object); the better wins, ties keeping the bundle's.
 """
 from __future__ import annotations
 
@@ -63,9 +68,11 @@ def class_terms(
     grid: Sequence[Candidate],
     rules: dict[str, Any] | None = None,
     spatial_dims: int = 2,
+    objective: str = "uwmgi",
 ) -> np.ndarray:
-    """Competition-score sums of one class of one case-day for every candidate of ``grid``:
-    ``[len(grid), 4]`` = (Dice sum, scored slices, Hausdorff sum, scored volumes).
+    """Score sums of one class of one case(-day) for every candidate of ``grid``, ``[len(grid), 4]``:
+    for ``uwmgi`` (Dice sum, scored slices, Hausdorff sum, scored volumes); for ``dice`` (the volume's
+    Dice, 1, 0, 0), a volume with neither truth nor prediction scoring 1.
 
     ``prob[z, h, w]`` is the class's probability, ``truth[z, h, w]`` its mask; ``rules`` the bundle's
     other post-processing (``min_size``, ``largest_cc``), applied after the presence rule as in
@@ -76,27 +83,32 @@ def class_terms(
     prob = np.asarray(prob, dtype=np.float32)
     truth = np.asarray(truth) != 0
     slice_max = prob.reshape(prob.shape[0], -1).max(axis=1)[:, None]  # [z, 1], as the segmenter's slice_max
-    rules = {"min_size": int((rules or {}).get("min_size") or 0), "largest_cc": bool((rules or {}).get("largest_cc"))}
+    rules = {"min_size": int((rules or {}).get("min_size") or 0), "largest_cc": bool((rules or {}).get("largest_cc")),
+             "components": (rules or {}).get("components")}
     out = np.zeros((len(grid), 4), np.float64)
     for c, (t, p) in enumerate(grid):
         mask = (prob > t).astype(np.uint8)[:, None]  # [z, 1, h, w]
         postprocess(mask, slice_max, {"presence": None if p is None else [p], **rules}, spatial_dims)
+        if objective == "dice":
+            m = mask[:, 0].astype(bool)
+            den = int(m.sum()) + int(truth.sum())
+            out[c] = (1.0 if den == 0 else 2.0 * float((m & truth).sum()) / den, 1, 0.0, 0)
+            continue
         dice, hd = volume_terms(mask[:, 0], truth)
         out[c] = (float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1)
     return out
 
 
-def best_combination(tables: Sequence[np.ndarray]) -> tuple[list[int], float]:
-    """The candidate index per class maximising the competition score of the summed tables
-    (``tables[j]``: ``[candidates_j, 4]`` sums of class j), and that score."""
-    from medseg.evaluation.uwmgi_score import combine
+def best_combination(tables: Sequence[np.ndarray], objective: str = "uwmgi") -> tuple[list[int], float]:
+    """The candidate index per class maximising the objective of the summed tables (``tables[j]``:
+    ``[candidates_j, 4]`` sums of class j, see :func:`class_terms`), and that score."""
 
     def score(total: np.ndarray) -> np.ndarray:
         d, nd, h, nh = (total[..., i] for i in range(4))
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_dice = np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
             mean_hd = np.where(nh > 0, h / np.maximum(nh, 1), 0.0)
-        return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
+        return mean_dice if objective == "dice" else 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
 
     sizes = [len(t) for t in tables]
     if math.prod(sizes) <= _MAX_COMBINATIONS:
@@ -117,7 +129,7 @@ def best_combination(tables: Sequence[np.ndarray]) -> tuple[list[int], float]:
             if not changed:
                 break
     final = sum(t[i] for t, i in zip(tables, idx))
-    return idx, float(combine(*final)[0])
+    return idx, float(score(np.asarray(final)))
 
 
 # ----------------------------------------------------------------------------------------- the command
@@ -211,10 +223,11 @@ def tune(
     bundles = {k: load_bundle(d / "model.pt") for k, d in fold_dirs}
     b0 = bundles[fold_dirs[0][0]]
     use_tta = bool((b0.get("tta") or {}).get("enabled")) if tta is None else bool(tta)
-    if b0["class_kind"] != "multilabel":
-        raise MedsegError("tune chooses per-class sigmoid thresholds: this model is multiclass (softmax, argmax "
-                          "decides); nothing to tune", fold_dirs[0][1] / "model.pt")
     classes = list(b0["classes"])
+    multiclass = b0["class_kind"] != "multilabel"
+    if multiclass and len(classes) > 1:
+        raise MedsegError(f"tune chooses per-class thresholds: this model is a softmax over {len(classes)} classes "
+                          "(argmax decides); nothing to tune", fold_dirs[0][1] / "model.pt")
     for k, b in bundles.items():
         if list(b["classes"]) != classes:
             raise MedsegError(f"fold {k} has classes {b['classes']}, fold {fold_dirs[0][0]} {classes}", run)
@@ -226,15 +239,22 @@ def tune(
         raise MedsegError(f"the prepared dataset (classes {ds.classes}) does not hold the model's classes {classes} "
                           "with masks", ds_path)
     from medseg.inference.postprocess import merge_config, thresholds_for
+    from medseg.training.run import is_uwmgi
 
+    objective = "uwmgi" if is_uwmgi(ds) else "dice"
+    unit = "case-days" if objective == "uwmgi" else "cases"
     pp = merge_config(b0.get("postprocess"), None)
+    variants = [pp]  # the bundle's clean-up rules, then the largest component over the case's volume
+    lcc = {**pp, "largest_cc": True, "components": "volume" if ds.spatial_dims == 2 else None}
+    if not (pp.get("largest_cc") and pp.get("components") == lcc["components"]):
+        variants.append(lcc)
     k = len(classes)
     cur_t = thresholds_for(pp, k)
     cur_p = pp.get("presence")
     cur_p = [None] * k if cur_p is None else ([float(cur_p)] * k if isinstance(cur_p, (int, float)) else list(cur_p))
     grids = [candidates(thresholds, presence, (float(cur_t[j]), None if cur_p[j] is None else float(cur_p[j])))
              for j in range(k)]
-    tables = [np.zeros((len(g), 4)) for g in grids]
+    tables = [[np.zeros((len(g), 4)) for g in grids] for _ in variants]
     jobs = [(fk, fd, cid) for fk, fd in fold_dirs for cid in _val_cases(run, fk, fd, ds, use_tta)]
     if len({cid for _, _, cid in jobs}) != len(jobs):
         raise MedsegError("a case is validated by two of the chosen folds (not a k-fold run?)", run)
@@ -253,48 +273,58 @@ def tune(
             f = fd / "val_predictions" / (Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz")
             with np.load(f) as z:
                 prob = z["prob"]
+            if multiclass and prob.shape[1] == k + 1:  # training stores the softmax with its background
+                prob = prob[:, 1:]
         truth = np.asarray(ds.mask(i))
         if prob.shape[0] != truth.shape[0] or prob.shape[1] != k or prob.shape[2:] != truth.shape[2:]:
             raise MedsegError(f"validation prediction {tuple(prob.shape)} does not fit case {cid} "
                               f"({truth.shape[0]} slices x {k} classes x {truth.shape[2]}x{truth.shape[3]})",
                               fd / "val_predictions")
-        for j in range(k):
-            tables[j] += class_terms(prob[:, j], truth[:, j], grids[j], pp, ds.spatial_dims)
+        for v, rules in enumerate(variants):
+            for j in range(k):
+                tables[v][j] += class_terms(prob[:, j], truth[:, j], grids[j], rules, ds.spatial_dims, objective)
         if progress:
             progress(n_cases, len(jobs))
         if console is not None and n_cases % 25 == 0:  # the real data takes minutes: show it moves
-            console.print(f"  {n_cases}/{len(jobs)} case-days", highlight=False)
-    idx, best = best_combination(tables)
-    before = best_combination([t[:1] for t in tables])[1]
+            console.print(f"  {n_cases}/{len(jobs)} {unit}", highlight=False)
+    results = [best_combination(t, objective) for t in tables]
+    v_best = max(range(len(variants)), key=lambda v: (results[v][1], -v))  # ties: the bundle's rules
+    idx, best = results[v_best]
+    rules = variants[v_best]
+    before = best_combination([t[:1] for t in tables[0]], objective)[1]
     chosen = [grids[j][idx[j]] for j in range(k)]
     per_class = []
     for j, c in enumerate(classes):
-        d, nd, h, nh = tables[j][idx[j]]
+        d, nd, h, nh = tables[v_best][j][idx[j]]
         per_class.append({"class": c, "threshold": chosen[j][0], "presence": chosen[j][1],
                           "dice": d / nd if nd else None, "hd": h / nh if nh else None,
                           "before": {"threshold": grids[j][0][0], "presence": grids[j][0][1]}})
     result = {"run": str(run.resolve()), "dataset": str(ds_path), "folds": [fk for fk, _ in fold_dirs],
-              "case_days": len(jobs), "tta": use_tta, "score_before": before, "score": best,
+              "case_days": len(jobs), "tta": use_tta, "objective": objective, "score_before": before, "score": best,
+              "largest_cc": bool(rules.get("largest_cc")), "components": rules.get("components"),
               "grid": {"thresholds": sorted({float(v) for v in thresholds}), "presence": sorted({float(v) for v in presence})},
               "classes": per_class, "written": False}
     if write:
         for fk, fd in fold_dirs:
             b = bundles[fk]
             b["postprocess"] = {**merge_config(b.get("postprocess"), None),
-                                "thresholds": [c[0] for c in chosen], "presence": [c[1] for c in chosen]}
+                                "thresholds": [c[0] for c in chosen], "presence": [c[1] for c in chosen],
+                                "largest_cc": bool(rules.get("largest_cc")), "components": rules.get("components")}
             if tta is not None:
                 b["tta"] = {**(b.get("tta") or {}), "enabled": use_tta}
             b["meta"] = {**(b.get("meta") or {}), "tuned": {"score": best, "score_before": before, "tta": use_tta,
-                                                          "case_days": len(jobs)}}
+                                                          "objective": objective, "case_days": len(jobs)}}
             save_bundle(b, fd / "model.pt")
         result["written"] = True
         tmp = run / f"tune.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, run / "tune.json")
     if console is not None:
-        console.print(f"tuned on {len(jobs)} validation case-days of fold{'s' if len(fold_dirs) > 1 else ''} "
-                      f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: competition score "
-                      f"{before:.4f} -> {best:.4f}", highlight=False)
+        console.print(f"tuned on {len(jobs)} validation {unit} of fold{'s' if len(fold_dirs) > 1 else ''} "
+                      f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: "
+                      f"{'competition score' if objective == 'uwmgi' else 'mean Dice per case'} {before:.4f} -> {best:.4f}"
+                      f"{'; largest component kept' + (' (over the volume)' if rules.get('components') == 'volume' else '') if rules.get('largest_cc') else ''}",
+                      highlight=False)
         for r, c in zip(per_class, chosen):
             console.print(f"  {r['class']:12s} {_fmt(c)}", highlight=False)
         if write:

@@ -9,7 +9,8 @@ are bundles too. It holds no Lightning or pickle of code, only tensors and plain
      "classes": [...], "class_kind": "multiclass" | "multilabel", "channels": [...],
      "input": {"mode": "2d" | "2.5d" | "3d", "context": k, "stride": s, "size": [h, w] | [d, h, w]},
      "normalization": {"mode": ..., ...},       # see medseg.data.normalize
-     "postprocess": {"thresholds": [...], "presence": [...], "min_size": 0, "largest_cc": False},
+     "postprocess": {"thresholds": [...], "presence": [...], "min_size": 0, "largest_cc": False,
+                     "components": None},
      "tta": {"flips": [[-1], [-2]]},
      "meta": {...}}                             # fold, scores, config, dataset fingerprint ...
 

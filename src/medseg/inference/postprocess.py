@@ -4,7 +4,9 @@ Connectivity follows the data: for 2D datasets (``spatial_dims == 2``: LGG, imag
 slices) every rule works per slice, because slices are independent images; for 3D volumes (NIfTI,
 DICOM) the rules work on the whole volume with 3D face connectivity (6-neighbourhood), so a structure
 that continues across slices counts once. 2D components use 4-connectivity (``scipy.ndimage.label``'s
-default structure).
+default structure). ``components: volume`` makes ``min_size`` and ``largest_cc`` of a 2D model work on
+the stack of a case's slices in 3D: when the slices are a volume (LGG), a tumour is one object across
+slices, and a false positive on a few slices is a small object of its own.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-DEFAULTS: dict[str, Any] = {"thresholds": None, "presence": None, "min_size": 0, "largest_cc": False}
+DEFAULTS: dict[str, Any] = {"thresholds": None, "presence": None, "min_size": 0, "largest_cc": False, "components": None}
+COMPONENTS = ("slice", "volume")
 
 
 def _per_class(value: Any, k: int, default: float) -> list[float]:
@@ -65,7 +68,8 @@ def postprocess(
 
     ``slice_max[z, k]`` is each class's maximum probability per slice; with ``presence[j]`` set, class j
     is zeroed where that maximum (per slice in 2D, over the volume in 3D) is below the threshold.
-    Order: presence, then ``min_size``, then ``largest_cc``.
+    Order: presence, then ``min_size``, then ``largest_cc``; components per slice or over the volume as
+    ``cfg["components"]`` says (default: per slice in 2D, over the volume in 3D).
     """
     k = mask.shape[1]
     presence = cfg.get("presence")
@@ -81,8 +85,9 @@ def postprocess(
                 mask[slice_max[:, j] < pres[j], j] = 0
     if min_size <= 1 and not largest:
         return mask
+    volume = cfg.get("components") == "volume" if cfg.get("components") else spatial_dims == 3
     for j in range(k):
-        if spatial_dims == 3:
+        if volume:
             m = mask[:, j]
             if min_size > 1:
                 m = remove_small(m, min_size)
@@ -111,9 +116,12 @@ def merge_config(base: dict[str, Any] | None, overrides: dict[str, Any] | None) 
 
 
 def check_config(cfg: dict[str, Any], classes: Sequence[str], where: Any = None) -> None:
-    """Per-class ``thresholds``/``presence`` lists must have one value per class (MedsegError otherwise)."""
+    """Per-class ``thresholds``/``presence`` lists must have one value per class, and ``components`` be
+    known (MedsegError otherwise)."""
     from medseg.errors import MedsegError
 
+    if cfg.get("components") not in (None, *COMPONENTS):
+        raise MedsegError(f"components must be one of {', '.join(COMPONENTS)}, got {cfg.get('components')!r}", where)
     for key in ("thresholds", "presence"):
         v = cfg.get(key)
         if isinstance(v, (list, tuple)) and len(v) != len(classes):

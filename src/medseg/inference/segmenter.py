@@ -630,7 +630,11 @@ class Segmenter:
     def _decide(self, p: np.ndarray, idx: np.ndarray, thr: list[float], mask, prob, slice_max) -> None:
         """Masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``."""
         k = len(self.classes)
-        if self.class_kind == "multiclass":
+        if self.class_kind == "multiclass" and k == 1:
+            # one class against background: p1 > 0.5 is the argmax, and a tuned threshold moves it
+            mask[idx, 0] = p[:, 1] > thr[0]
+            pc = p[:, 1:]
+        elif self.class_kind == "multiclass":
             am = p.argmax(axis=1)
             for j in range(k):
                 mask[idx, j] = am == j + 1

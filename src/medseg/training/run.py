@@ -211,7 +211,7 @@ def bundle_for(module: Any, cfg: ExperimentConfig, task: dict[str, Any], fold: i
                   "overlap": inf.overlap},
         "normalization": task["norm"],
         "postprocess": {"thresholds": th, "presence": pp.presence, "min_size": pp.min_size,
-                        "largest_cc": pp.largest_cc},
+                        "largest_cc": pp.largest_cc, "components": pp.components},
         "tta": {"enabled": inf.tta, "flips": flips},
         "meta": {"fold": fold, "epoch": epoch, "scores": scores, "config": config_dict(cfg),
                  "fingerprint": task["fingerprint"], "dataset": cfg.data.prepared},
