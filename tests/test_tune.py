@@ -292,6 +292,7 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
     assert res["score_before"] == pytest.approx(2 * tp / (t_sum + p_sum))
     assert res["score"] == pytest.approx(1.0)
     assert res["largest_cc"] and res["components"] == "volume" and res["classes"][0]["threshold"] == 0.3
+    assert res["per_fold"] == {"0": {"score_before": pytest.approx(res["score_before"]), "score": pytest.approx(1.0)}}
     pp = load_bundle(run / "fold_0" / "model.pt")["postprocess"]
     assert pp["thresholds"] == [0.3] and pp["largest_cc"] and pp["components"] == "volume"
     # the segmenter decides a one-class softmax by its tuned foreground threshold, not by argmax

@@ -254,7 +254,9 @@ def tune(
     cur_p = [None] * k if cur_p is None else ([float(cur_p)] * k if isinstance(cur_p, (int, float)) else list(cur_p))
     grids = [candidates(thresholds, presence, (float(cur_t[j]), None if cur_p[j] is None else float(cur_p[j])))
              for j in range(k)]
-    tables = [[np.zeros((len(g), 4)) for g in grids] for _ in variants]
+    fold_ids = [fk for fk, _ in fold_dirs]
+    # per fold, so that the chosen setting can be reported fold by fold (mean ± std over folds)
+    tables = {fk: [[np.zeros((len(g), 4)) for g in grids] for _ in variants] for fk in fold_ids}
     jobs = [(fk, fd, cid) for fk, fd in fold_dirs for cid in _val_cases(run, fk, fd, ds, use_tta)]
     if len({cid for _, _, cid in jobs}) != len(jobs):
         raise MedsegError("a case is validated by two of the chosen folds (not a k-fold run?)", run)
@@ -282,26 +284,30 @@ def tune(
                               fd / "val_predictions")
         for v, rules in enumerate(variants):
             for j in range(k):
-                tables[v][j] += class_terms(prob[:, j], truth[:, j], grids[j], rules, ds.spatial_dims, objective)
+                tables[fk][v][j] += class_terms(prob[:, j], truth[:, j], grids[j], rules, ds.spatial_dims, objective)
         if progress:
             progress(n_cases, len(jobs))
         if console is not None and n_cases % 25 == 0:  # the real data takes minutes: show it moves
             console.print(f"  {n_cases}/{len(jobs)} {unit}", highlight=False)
-    results = [best_combination(t, objective) for t in tables]
+    pooled = [[sum(tables[fk][v][j] for fk in fold_ids) for j in range(k)] for v in range(len(variants))]
+    results = [best_combination(t, objective) for t in pooled]
     v_best = max(range(len(variants)), key=lambda v: (results[v][1], -v))  # ties: the bundle's rules
     idx, best = results[v_best]
     rules = variants[v_best]
-    before = best_combination([t[:1] for t in tables[0]], objective)[1]
+    before = best_combination([t[:1] for t in pooled[0]], objective)[1]
+    per_fold = {str(fk): {"score_before": best_combination([t[:1] for t in tables[fk][0]], objective)[1],
+                          "score": best_combination([t[i : i + 1] for t, i in zip(tables[fk][v_best], idx)], objective)[1]}
+                for fk in fold_ids}
     chosen = [grids[j][idx[j]] for j in range(k)]
     per_class = []
     for j, c in enumerate(classes):
-        d, nd, h, nh = tables[v_best][j][idx[j]]
+        d, nd, h, nh = pooled[v_best][j][idx[j]]
         per_class.append({"class": c, "threshold": chosen[j][0], "presence": chosen[j][1],
                           "dice": d / nd if nd else None, "hd": h / nh if nh else None,
                           "before": {"threshold": grids[j][0][0], "presence": grids[j][0][1]}})
     result = {"run": str(run.resolve()), "dataset": str(ds_path), "folds": [fk for fk, _ in fold_dirs],
               "case_days": len(jobs), "tta": use_tta, "objective": objective, "score_before": before, "score": best,
-              "largest_cc": bool(rules.get("largest_cc")), "components": rules.get("components"),
+              "largest_cc": bool(rules.get("largest_cc")), "components": rules.get("components"), "per_fold": per_fold,
               "grid": {"thresholds": sorted({float(v) for v in thresholds}), "presence": sorted({float(v) for v in presence})},
               "classes": per_class, "written": False}
     if write:
@@ -327,6 +333,10 @@ def tune(
                       highlight=False)
         for r, c in zip(per_class, chosen):
             console.print(f"  {r['class']:12s} {_fmt(c)}", highlight=False)
+        if len(fold_ids) > 1:
+            sc = [per_fold[str(fk)]["score"] for fk in fold_ids]
+            console.print(f"  per fold: {', '.join(f'{v:.4f}' for v in sc)}; mean {np.mean(sc):.4f} ± {np.std(sc):.4f}",
+                          highlight=False)
         if write:
             console.print(f"written into {len(fold_dirs)} model.pt (postprocess{', tta' if tta is not None else ''}) and {run / 'tune.json'}",
                           highlight=False)
