@@ -15,4 +15,6 @@ for d in "$SRC"/TCGA_*; do
 done
 $MEDSEG prepare lgg "$WORK" prepared/lgg_ship
 $MEDSEG train configs/lgg_unet.yaml --fold full --out runs/lgg_unet_ship --set data.prepared="$PWD/prepared/lgg_ship"
-.venv/bin/python scripts/ship_model.py runs/lgg_unet_ship/full/model.pt lgg-unet --card docs/models/lgg-unet.md
+# post-processing: what `medseg tune` chose on the recipe's cross-validation (runs/lgg_unet), if there is one
+PP=(); [ -f runs/lgg_unet/tune.json ] && PP=(--postprocess-from runs/lgg_unet)
+.venv/bin/python scripts/ship_model.py runs/lgg_unet_ship/full/model.pt lgg-unet --card docs/models/lgg-unet.md "${PP[@]}"

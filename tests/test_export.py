@@ -25,7 +25,8 @@ def test_export_writes_onnx_and_sidecar(tmp_path):
     assert side["channels"] == ["pre-contrast", "FLAIR", "post-contrast"]
     assert side["normalization"] == {"mode": "zscore_case"}
     assert side["input"]["mode"] == "2d" and side["input"]["divisor"] == 2
-    assert side["postprocess"] == {"thresholds": [0.5], "presence": [0.3], "min_size": 7, "largest_cc": True}
+    assert side["postprocess"] == {"thresholds": [0.5], "presence": [0.3], "min_size": 7, "largest_cc": True,
+                                  "components": None}
     assert side["tta"] == {"flips": [[-1], [-2]]}
     assert side["onnx"]["opset"] == 17 and side["onnx"]["input"] == "input"
     import onnx
