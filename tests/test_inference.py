@@ -783,7 +783,8 @@ def test_training_config_sets_predict_defaults_and_cli_overrides(tmp_path):
     cfg = cfg_with(postprocess={"presence": pres, "min_size": 0}, inference={"tta": True, "tta_flips": flips})
     module = SimpleNamespace(model=model, divisor=2)
     b = bundle_for(module, cfg, task, fold=0, epoch=3, scores={})
-    assert b["postprocess"] == {"thresholds": [0.5, 0.5], "presence": pres, "min_size": 0, "largest_cc": False}
+    assert b["postprocess"] == {"thresholds": [0.5, 0.5], "presence": pres, "min_size": 0, "largest_cc": False,
+                                "components": None}
     assert b["tta"] == {"enabled": True, "flips": flips} and b["input"]["overlap"] == 0.5
     save_bundle(b, tmp_path / "run" / "fold_0" / "model.pt")
     seg = Segmenter.load(tmp_path / "run")
