@@ -64,13 +64,6 @@ def _save(model, out: Path, mark: float, info: dict) -> None:
     torch.save({"state_dict": sd, "mark": mark, **info}, out / f"snap_{mark:07.2f}.pt")
 
 
-def patient_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """3D Dice of one patient's volume; 1 if both are empty, 0 if exactly one is."""
-    p, t = pred.astype(bool), truth.astype(bool)
-    den = p.sum() + t.sum()
-    return 1.0 if den == 0 else float(2 * (p & t).sum() / den)
-
-
 def evaluate_snapshot(net, prepared: str, val_ids: list[str], data: dict, head: str) -> dict[str, float]:
     """Per-patient Dice of ``net`` on whole validation cases, built by medseg's own validation reader
     (z-scored per case, with neighbouring slices as channels in 2.5D), so both trainings are scored alike."""
@@ -78,6 +71,7 @@ def evaluate_snapshot(net, prepared: str, val_ids: list[str], data: dict, head: 
     from torch.nn import functional as F
 
     from medseg.data.sampling import ValCases
+    from medseg.evaluation.metrics import case_dice
 
     cases = ValCases(prepared, val_ids, argparse.Namespace(**data), {"mode": "zscore_case"})
     size = data["size"] if data.get("resize") else None
@@ -98,7 +92,7 @@ def evaluate_snapshot(net, prepared: str, val_ids: list[str], data: dict, head: 
                 o = F.interpolate(o.float(), size=(h, w), mode="bilinear", align_corners=False) if o.shape[-2:] != (h, w) else o
                 preds.append((o.argmax(1) == 1) if head == "softmax" else (o[:, 0] > 0))
             pred = torch.cat(preds).numpy()
-            scores[case["id"]] = patient_dice(pred, case["mask"].numpy()[:, 0])
+            scores[case["id"]] = case_dice(pred, case["mask"].numpy()[:, 0], empty="one")
     return scores
 
 

@@ -77,6 +77,7 @@ def class_terms(
     ``prob[z, h, w]`` is the class's probability, ``truth[z, h, w]`` its mask; ``rules`` the bundle's
     other post-processing (``min_size``, ``largest_cc``), applied after the presence rule as in
     ``medseg predict``."""
+    from medseg.evaluation.metrics import case_dice
     from medseg.evaluation.uwmgi_score import volume_terms
     from medseg.inference.postprocess import postprocess
 
@@ -90,9 +91,7 @@ def class_terms(
         mask = (prob > t).astype(np.uint8)[:, None]  # [z, 1, h, w]
         postprocess(mask, slice_max, {"presence": None if p is None else [p], **rules}, spatial_dims)
         if objective == "dice":
-            m = mask[:, 0].astype(bool)
-            den = int(m.sum()) + int(truth.sum())
-            out[c] = (1.0 if den == 0 else 2.0 * float((m & truth).sum()) / den, 1, 0.0, 0)
+            out[c] = (case_dice(mask[:, 0], truth, empty="one"), 1, 0.0, 0)
             continue
         dice, hd = volume_terms(mask[:, 0], truth)
         out[c] = (float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1)
@@ -305,7 +304,7 @@ def tune(
         per_class.append({"class": c, "threshold": chosen[j][0], "presence": chosen[j][1],
                           "dice": d / nd if nd else None, "hd": h / nh if nh else None,
                           "before": {"threshold": grids[j][0][0], "presence": grids[j][0][1]}})
-    result = {"run": str(run.resolve()), "dataset": str(ds_path), "folds": [fk for fk, _ in fold_dirs],
+    result = {"run": str(run.resolve()), "dataset": str(ds_path), "folds": fold_ids,
               "case_days": len(jobs), "tta": use_tta, "objective": objective, "score_before": before, "score": best,
               "largest_cc": bool(rules.get("largest_cc")), "components": rules.get("components"), "per_fold": per_fold,
               "grid": {"thresholds": sorted({float(v) for v in thresholds}), "presence": sorted({float(v) for v in presence})},
