@@ -313,6 +313,15 @@ def test_mask_agreement_by_hand():
     y = np.full_like(x, -5.0)
     assert mask_agreement([x], [y], "multilabel", [0.5]) == 0.0
     assert mask_agreement([x], [y], "multilabel", [0.7]) == 1.0
+    # one softmax class with a tuned threshold: p1 = sigmoid(x1 - x0); 0.4 and 0.2 both lose the argmax,
+    # but a threshold of 0.3 puts the first pixel in and leaves the second out
+    u = np.zeros((1, 2, 1, 2), np.float32)
+    u[0, 1] = np.log(0.4 / 0.6), np.log(0.2 / 0.8)
+    v = np.full_like(u, 0.0)
+    v[0, 1] = -5.0
+    assert mask_agreement([u], [v], "multiclass", None) == 1.0
+    assert mask_agreement([u], [v], "multiclass", [0.5]) == 1.0
+    assert mask_agreement([u], [v], "multiclass", [0.3]) == 0.5
 
 
 @pytest.fixture(scope="module")

@@ -84,11 +84,16 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], input_nam
 
 
 def mask_agreement(ref: list[np.ndarray], got: list[np.ndarray], class_kind: str, thresholds: list[float] | None) -> float:
-    """Share of pixels whose mask is the same from two lists of logits (multiclass: argmax; multilabel:
-    each class's probability against its threshold)."""
+    """Share of pixels whose mask is the same from two lists of logits, decided as ``Segmenter`` decides
+    (multiclass: argmax, or for one class its tuned threshold; multilabel: each class's threshold)."""
     same = total = 0
     for a, b in zip(ref, got, strict=True):
-        if class_kind == "multiclass":
+        if class_kind == "multiclass" and a.shape[1] == 2:
+            # softmax p1 > t  <=>  x1 - x0 > logit(t)
+            t = float((thresholds or [0.5])[0])
+            cut = np.log(t / (1 - t))
+            eq = (a[:, 1] - a[:, 0] > cut) == (b[:, 1] - b[:, 0] > cut)
+        elif class_kind == "multiclass":
             eq = a.argmax(1) == b.argmax(1)
         else:
             th = np.asarray(thresholds or [0.5] * a.shape[1], np.float64)
