@@ -189,7 +189,9 @@ def test_bad_inputs_fail_before_training(tmp_path, syn):
 def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
     """End-to-end through the CLI: Ctrl-C (SIGINT), then SIGKILL, each once a last.ckpt exists; the
     checkpoint stays loadable, the run dir stays whole, and --resume goes on to the end."""
-    cfg = _cfg(tmp_path, syn, train__epochs=40, train__steps_per_epoch=10, schedule__name="constant")
+    # a cap far beyond what the signals wait for: on a loaded machine the watcher can be starved for
+    # seconds, and a short run could reach its end before the signal lands
+    cfg = _cfg(tmp_path, syn, train__epochs=400, train__steps_per_epoch=10, schedule__name="constant")
     run = tmp_path / "run"
     last = run / "fold_0" / "checkpoints" / "last.ckpt"
     code = "import sys, torch; torch.set_num_threads(1); from medseg.cli import main; sys.argv[0]='medseg'; main()"
@@ -217,7 +219,7 @@ def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
     def check_whole() -> int:
         ck = torch.load(last, map_location="cpu", weights_only=False)  # loadable
         done = ck["epoch"] + 1  # Lightning stores the 0-based index of the epoch that just ended
-        assert 1 <= done < 40
+        assert 1 <= done < 400
         rows = _rows(run)  # the CSV is whole (atomic rewrite), one row per finished epoch
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
         assert len(rows) in (done, done + 1)  # a row may be written just before its checkpoint
