@@ -1,0 +1,90 @@
+"""Cross-validation Dice of trained LGG runs, segmented as ``medseg predict`` segments them: the
+bundle's TTA and tuned post-processing, and optionally an ensemble of runs trained on the same split.
+
+    .venv/bin/python benchmarks/lgg_cv_dice.py best=runs/lgg_unet_best \\
+        "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
+
+Each ``NAME=RUN[,RUN...]`` is one row. For fold K, the row's model is fold K of each run (several:
+their probabilities averaged, the first run's threshold and post-processing); every run must hold out
+the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
+headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
+volume at its native 256 x 256 (a patient without tumour scores 1 if the prediction is empty too).
+Prints a table (per fold, mean ± std over folds) and writes benchmarks/results/lgg_cv_dice.json with
+every patient's score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _val_ids(run: Path, fold: int) -> list[str]:
+    splits = json.loads((run / "splits.json").read_text())
+    return list(splits["folds"][fold]["val"])
+
+
+def score_row(runs: list[Path], folds: list[int], tta: bool | None) -> dict[str, dict[str, float]]:
+    """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model."""
+    from medseg.data.prepared import PreparedDataset
+    from medseg.evaluation.metrics import case_dice
+    from medseg.inference.segmenter import Segmenter
+
+    prepared = yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["prepared"]
+    ds = PreparedDataset.open(prepared)
+    out: dict[str, dict[str, float]] = {}
+    for k in folds:
+        ids = _val_ids(runs[0], k)
+        for r in runs[1:]:
+            if sorted(_val_ids(r, k)) != sorted(ids):
+                sys.exit(f"{r}: fold {k} holds out other patients than {runs[0]}'s fold {k}: not comparable")
+        seg = Segmenter.load([r / f"fold_{k}" / "model.pt" for r in runs], tta=tta)
+        out[str(k)] = {}
+        for cid in ids:
+            i = ds.index(cid)
+            pred = seg.predict(np.asarray(ds.image(i)), spatial_dims=ds.spatial_dims).mask
+            out[str(k)][cid] = case_dice(pred[:, 0] > 0, np.asarray(ds.mask(i))[:, 0] > 0, empty="one")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...]")
+    ap.add_argument("--folds", default="0,1,2,3,4")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="flip TTA on or off (default: each bundle's own setting)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_cv_dice.json"))
+    args = ap.parse_args()
+    folds = [int(v) for v in args.folds.split(",")]
+    result: dict = {"folds": folds, "tta": args.tta, "rows": {}}
+    for spec in args.rows:
+        name, _, where = spec.partition("=")
+        runs = [Path(p) for p in where.split(",") if p]
+        if not name or not runs:
+            sys.exit(f"row {spec!r}: expected NAME=RUN[,RUN...]")
+        t0 = time.perf_counter()
+        per = score_row(runs, folds, args.tta)
+        fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
+        result["rows"][name] = {"runs": [str(r) for r in runs], "per_fold": fold_means,
+                                "mean": float(np.mean(list(fold_means.values()))),
+                                "std": float(np.std(list(fold_means.values()))),
+                                "per_patient": per, "seconds": time.perf_counter() - t0}
+    head = f"{'row':<24}" + "".join(f"{'fold ' + str(k):>9}" for k in folds) + f"{'mean ± std':>18}"
+    print(head)
+    for name, r in result["rows"].items():
+        print(f"{name:<24}" + "".join(f"{r['per_fold'][str(k)]:>9.3f}" for k in folds)
+              + f"{r['mean']:>11.3f} ± {r['std']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
