@@ -194,14 +194,21 @@ def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
     cfg = _cfg(tmp_path, syn, train__epochs=400, train__steps_per_epoch=10, schedule__name="constant")
     run = tmp_path / "run"
     last = run / "fold_0" / "checkpoints" / "last.ckpt"
-    code = "import sys, torch; torch.set_num_threads(1); from medseg.cli import main; sys.argv[0]='medseg'; main()"
+    # SIGUSR1 dumps every thread's stack (a hang after SIGINT then says where); SIGINT's disposition is
+    # printed at start (a child that inherits SIG_IGN cannot be interrupted)
+    code = ("import sys, signal, faulthandler, torch; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            "print('SIGINT handler:', signal.getsignal(signal.SIGINT), flush=True); torch.set_num_threads(1); "
+            "from medseg.cli import main; sys.argv[0]='medseg'; main()")
     base = [sys.executable, "-c", code, "train", str(cfg), "--out", str(run)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def run_then(sig: int, extra: list[str], min_rows: int) -> tuple[int, str]:
         log = tmp_path / f"log{sig}.txt"
         with log.open("w") as fh:
-            p = subprocess.Popen(base + extra, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            # Ctrl-C as from a terminal: the child starts with SIGINT's default action, whatever this
+            # worker process inherited or had set (an ignored SIGINT is inherited through exec)
+            p = subprocess.Popen(base + extra, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             t0 = time.time()
             try:
                 while (time.time() - t0 < 90 and p.poll() is None
@@ -209,7 +216,13 @@ def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
                     time.sleep(0.05)
                 assert p.poll() is None, "training finished before it could be killed:\n" + log.read_text()
                 p.send_signal(sig)
-                rc = p.wait(timeout=60)
+                try:
+                    rc = p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.send_signal(signal.SIGUSR1)
+                    time.sleep(2)
+                    text = log.read_text()
+                    pytest.fail(f"signal {sig} did not stop training within 60 s:\n{text[:200]}\n...\n{text[-6000:]}")
             finally:
                 if p.poll() is None:
                     p.kill()
