@@ -4,7 +4,8 @@ bundle's TTA and tuned post-processing, and optionally an ensemble of runs train
     .venv/bin/python benchmarks/lgg_cv_dice.py best=runs/lgg_unet_best \\
         "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
 
-Each ``NAME=RUN[,RUN...]`` is one row. For fold K, the row's model is fold K of each run (several:
+Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
+threshold and component rule ``medseg tune`` chose on TUNED_RUN (e.g. a run trained without tuning). For fold K, the row's model is fold K of each run (several:
 their probabilities averaged, the first run's threshold and post-processing); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
@@ -31,7 +32,14 @@ def _val_ids(run: Path, fold: int) -> list[str]:
     return list(splits["folds"][fold]["val"])
 
 
-def score_row(runs: list[Path], folds: list[int], tta: bool | None) -> dict[str, dict[str, float]]:
+def tuned_postprocess(run: Path) -> dict:
+    """The rules ``medseg tune`` wrote into RUN/tune.json, as ``Segmenter.predict`` overrides."""
+    t = json.loads((run / "tune.json").read_text())
+    return {"thresholds": [c["threshold"] for c in t["classes"]], "presence": [c["presence"] for c in t["classes"]],
+            "largest_cc": t["largest_cc"], "components": t["components"]}
+
+
+def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None) -> dict[str, dict[str, float]]:
     """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model."""
     from medseg.data.prepared import PreparedDataset
     from medseg.evaluation.metrics import case_dice
@@ -49,7 +57,7 @@ def score_row(runs: list[Path], folds: list[int], tta: bool | None) -> dict[str,
         out[str(k)] = {}
         for cid in ids:
             i = ds.index(cid)
-            pred = seg.predict(np.asarray(ds.image(i)), spatial_dims=ds.spatial_dims).mask
+            pred = seg.predict(np.asarray(ds.image(i)), spatial_dims=ds.spatial_dims, postprocess_overrides=pp).mask
             out[str(k)][cid] = case_dice(pred[:, 0] > 0, np.asarray(ds.mask(i))[:, 0] > 0, empty="one")
     return out
 
@@ -60,17 +68,19 @@ def main() -> None:
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="flip TTA on or off (default: each bundle's own setting)")
+    ap.add_argument("--postprocess-from", type=Path, default=None, help="a run with tune.json: its rules for every row")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_cv_dice.json"))
     args = ap.parse_args()
     folds = [int(v) for v in args.folds.split(",")]
-    result: dict = {"folds": folds, "tta": args.tta, "rows": {}}
+    pp = tuned_postprocess(args.postprocess_from) if args.postprocess_from else None
+    result: dict = {"folds": folds, "tta": args.tta, "postprocess": pp, "rows": {}}
     for spec in args.rows:
         name, _, where = spec.partition("=")
         runs = [Path(p) for p in where.split(",") if p]
         if not name or not runs:
             sys.exit(f"row {spec!r}: expected NAME=RUN[,RUN...]")
         t0 = time.perf_counter()
-        per = score_row(runs, folds, args.tta)
+        per = score_row(runs, folds, args.tta, pp)
         fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
         result["rows"][name] = {"runs": [str(r) for r in runs], "per_fold": fold_means,
                                 "mean": float(np.mean(list(fold_means.values()))),
