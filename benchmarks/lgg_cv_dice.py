@@ -5,7 +5,8 @@ bundle's TTA and tuned post-processing, and optionally an ensemble of runs train
         "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
 
 Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
-threshold and component rule ``medseg tune`` chose on TUNED_RUN (e.g. a run trained without tuning). For fold K, the row's model is fold K of each run (several:
+threshold and component rule ``medseg tune`` chose on TUNED_RUN (e.g. for a run trained without
+tuning). For fold K, the row's model is fold K of each run (several:
 their probabilities averaged, the first run's threshold and post-processing); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole

@@ -220,6 +220,7 @@ def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement
     """Replace the float ``output`` by its int8 version; returns the sidecar's ``onnx.int8`` record."""
     import os
 
+    from medseg.inference.postprocess import thresholds_for
     from medseg.inference.quantize import mask_agreement, pipeline_inputs, quantize_int8
     from medseg.inference.segmenter import _onnx_net
 
@@ -237,7 +238,7 @@ def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement
         quantize_int8(output, tmp, [x for x, _ in calib], input_name="input")
         q = _onnx_net(tmp, None)
         agree = mask_agreement([y for _, y in check], [q(x) for x, _ in check], seg.class_kind,
-                               seg.spec["postprocess"].get("thresholds"))
+                               thresholds_for(seg.spec["postprocess"], len(seg.classes)))
         if agree < min_agreement:
             raise MedsegError(f"int8 masks agree with PyTorch's on only {100 * agree:.3f}% of the pixels (needed "
                               f"{100 * min_agreement:.1f}%); nothing written: export without --int8", output)
