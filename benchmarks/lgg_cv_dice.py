@@ -80,6 +80,9 @@ def main() -> None:
         runs = [Path(p) for p in where.split(",") if p]
         if not name or not runs:
             sys.exit(f"row {spec!r}: expected NAME=RUN[,RUN...]")
+        for r in runs:
+            if not (r / "splits.json").is_file() or not (r / "config.yaml").is_file():
+                sys.exit(f"{r}: not a training run (no splits.json and config.yaml)")
         t0 = time.perf_counter()
         per = score_row(runs, folds, args.tta, pp)
         fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
