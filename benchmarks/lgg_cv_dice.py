@@ -5,8 +5,8 @@ bundle's TTA and tuned post-processing, and optionally an ensemble of runs train
         "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
 
 Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
-threshold and component rule ``medseg tune`` chose on TUNED_RUN (e.g. for a run trained without
-tuning). For fold K, the row's model is fold K of each run (several:
+threshold and component rule ``medseg tune`` chose on TUNED_RUN, or written in a file laid out as
+its ``tune.json`` (e.g. ``benchmarks/lgg_postprocess.json``, the rules tuned on the 5-fold recipe run). For fold K, the row's model is fold K of each run (several:
 their probabilities averaged, the first run's threshold and post-processing); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
@@ -33,9 +33,13 @@ def _val_ids(run: Path, fold: int) -> list[str]:
     return list(splits["folds"][fold]["val"])
 
 
-def tuned_postprocess(run: Path) -> dict:
-    """The rules ``medseg tune`` wrote into RUN/tune.json, as ``Segmenter.predict`` overrides."""
-    t = json.loads((run / "tune.json").read_text())
+def tuned_postprocess(where: Path) -> dict:
+    """The rules ``medseg tune`` wrote into RUN/tune.json (``where`` is the run or that file), as
+    ``Segmenter.predict`` overrides."""
+    f = where if where.is_file() else where / "tune.json"
+    if not f.is_file():
+        sys.exit(f"{f}: no such file (run `medseg tune {where}` first, or give a tune.json)")
+    t = json.loads(f.read_text())
     return {"thresholds": [c["threshold"] for c in t["classes"]], "presence": [c["presence"] for c in t["classes"]],
             "largest_cc": t["largest_cc"], "components": t["components"]}
 
@@ -69,7 +73,7 @@ def main() -> None:
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="flip TTA on or off (default: each bundle's own setting)")
-    ap.add_argument("--postprocess-from", type=Path, default=None, help="a run with tune.json: its rules for every row")
+    ap.add_argument("--postprocess-from", type=Path, default=None, help="a tuned run (or its tune.json): its rules for every row")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_cv_dice.json"))
     args = ap.parse_args()
     folds = [int(v) for v in args.folds.split(",")]
