@@ -6,8 +6,9 @@ bundle's TTA and tuned post-processing, and optionally an ensemble of runs train
 
 Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
 threshold and component rule ``medseg tune`` chose on TUNED_RUN, or written in a file laid out as
-its ``tune.json`` (e.g. ``benchmarks/lgg_postprocess.json``, the rules tuned on the 5-fold recipe run). For fold K, the row's model is fold K of each run (several:
-their probabilities averaged, the first run's threshold and post-processing); every run must hold out
+its ``tune.json`` (e.g. ``benchmarks/lgg_postprocess.json``, the rules tuned on the 5-fold recipe
+run). For fold K, the row's model is fold K of each run (several: their probabilities averaged, the
+first run's threshold and post-processing); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
 volume at its native 256 x 256 (a patient without tumour scores 1 if the prediction is empty too).
