@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medseg.config import AugmentConfig, DataConfig
-from medseg.data.augment import augment_batch
+from medseg.data.augment import augment_batch, fill_channels
 from medseg.data.sampling import EpochSampler, TrainSamples, ValCases, context_indices, window
 from medseg.training.synthetic import make_synthetic
 
@@ -75,6 +75,37 @@ def test_flip_augmentation_moves_image_and_mask_together():
     xi, mi = augment_batch(img, msk, cfg, torch.Generator().manual_seed(0))
     assert torch.allclose(xi, img.flip(-1), atol=1e-4)
     assert torch.equal(mi, msk.flip(-1))
+
+
+def test_channel_fill_copies_the_source_channel_in_every_slice_of_a_stack():
+    # 2 samples, 2.5D stacks of 2 slices x 3 modalities: channel value = 10 * slice + modality
+    img = (torch.tensor([0.0, 1, 2, 10, 11, 12]).view(1, 6, 1, 1) + torch.zeros(2, 6, 4, 4))
+    always = fill_channels(img, 1.0, 1, 3, torch.Generator())
+    assert always[:, :, 0, 0].tolist() == [[1, 1, 1, 11, 11, 11]] * 2
+    assert torch.equal(fill_channels(img, 0.0, 1, 3, torch.Generator()), img)
+    # at p = 0.5 some channels are filled, and a filled modality is filled in both slices
+    many = fill_channels(img.repeat(20, 1, 1, 1), 0.5, 1, 3, torch.Generator().manual_seed(0))[:, :, 0, 0]
+    filled = many != img[:1, :, 0, 0]
+    assert torch.equal(filled[:, :3], filled[:, 3:]) and not filled[:, 1].any()
+    assert 0.25 < filled[:, [0, 2]].float().mean() < 0.75
+    cfg = AugmentConfig(flip=0, rotate=0, scale=0, gamma=0, contrast=0, noise=0, channel_fill=1.0, channel_fill_source=2)
+    x, _ = augment_batch(img, torch.zeros(2, 1, 4, 4, dtype=torch.uint8), cfg, torch.Generator(), modalities=3)
+    assert x[0, :, 0, 0].tolist() == [2, 2, 2, 12, 12, 12]
+
+
+def test_contrast_scales_channels_together_or_each_on_its_own():
+    img = torch.randn(6, 3, 16, 16)
+    msk = torch.zeros(6, 1, 16, 16, dtype=torch.uint8)
+    ratios = {}
+    for per_channel in (False, True):
+        cfg = AugmentConfig(flip=0, rotate=0, scale=0, gamma=0, noise=0, contrast=1.0, contrast_range=[0.5, 1.5],
+                            intensity_per_channel=per_channel)
+        x, _ = augment_batch(img, msk, cfg, torch.Generator().manual_seed(3))
+        ratios[per_channel] = x.std(dim=(2, 3)) / img.std(dim=(2, 3))  # [b, c]: the contrast factor
+    spread = {k: (r.amax(1) - r.amin(1)).max().item() for k, r in ratios.items()}
+    assert spread[False] < 1e-4  # one factor per sample
+    assert spread[True] > 0.05  # one per channel
+    assert ((ratios[True] > 0.5 - 1e-4) & (ratios[True] < 1.5 + 1e-4)).all()
 
 
 def test_random_augmentation_keeps_masks_binary_and_is_seeded():

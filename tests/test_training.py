@@ -169,6 +169,8 @@ def test_bad_inputs_fail_before_training(tmp_path, syn):
         train(cfg, fold="5", out=tmp_path / "r")
     with pytest.raises(MedsegError, match="'dice_bce' is for multilabel"):
         train(cfg, overrides={"loss.terms": "[{name: dice_bce}]"}, out=tmp_path / "r")
+    with pytest.raises(MedsegError, match=r"augment.channel_fill_source is 5, but the dataset has 1 channels \(c0\): give 0-0"):
+        train(cfg, overrides={"augment.channel_fill": "0.2", "augment.channel_fill_source": "5"}, out=tmp_path / "r")
     with pytest.raises(MedsegError, match=r"data.size \[30, 30\] must be divisible by 4"):
         train(cfg, overrides={"data.size": "[30, 30]"}, out=tmp_path / "r")
     odd = make_synthetic(tmp_path / "odd", n_patients=4, slices=2, size=30)

@@ -1,8 +1,8 @@
 """Vectorised batch augmentation in torch, applied identically to image and mask.
 
 One ``affine_grid`` + ``grid_sample`` per batch does flips, rotation, scaling and a smooth random
-displacement (grid/elastic distortion) for every sample at once, then intensity transforms (gamma,
-contrast, noise) act on the image only. It runs in the training step on the batch (on the GPU when
+displacement (grid/elastic distortion) for every sample at once, then channel filling and intensity
+transforms (gamma, contrast, noise) act on the image only. It runs in the training step on the batch (on the GPU when
 there is one), so loader workers only slice memmaps. Measured against per-sample MONAI dictionary
 transforms in ``benchmarks/loader.py`` (see docs/training.md).
 
@@ -56,8 +56,24 @@ def spatial_matrix(b: int, nd: int, cfg: Any, g: torch.Generator) -> tuple[torch
     return torch.cat([A, torch.zeros(b, nd, 1)], dim=2), moved
 
 
-def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``image`` float [b, c, *spatial], ``mask`` [b, k, *spatial] 0/1 -> augmented (mask same dtype)."""
+def fill_channels(image: torch.Tensor, p: float, source: int, modalities: int, g: torch.Generator) -> torch.Tensor:
+    """Each sample's channels other than ``source`` replaced by ``source`` with probability ``p`` each.
+    ``image`` [b, s * modalities, *spatial] (2.5D stacks are slice-major: each slice's modalities
+    together); the same channels are replaced in every slice of a sample's stack."""
+    b, c = image.shape[:2]
+    on = _p(b * modalities, p, g).view(b, modalities)
+    on[:, source] = False
+    if not bool(on.any()):
+        return image
+    x = image.reshape(b, c // modalities, modalities, *image.shape[2:])
+    keep = ~on.to(image.device).view(b, 1, modalities, *([1] * (image.ndim - 2)))
+    return torch.where(keep, x, x[:, :, source : source + 1]).reshape(image.shape)
+
+
+def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Generator,
+                  modalities: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` float [b, c, *spatial], ``mask`` [b, k, *spatial] 0/1 -> augmented (mask same dtype).
+    ``modalities``: channels per slice in a 2.5D stack (default: all ``c``), for ``channel_fill``."""
     if not cfg.enabled:
         return image, mask
     b, nd = image.shape[0], image.ndim - 2
@@ -80,20 +96,24 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Ge
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         m = F.grid_sample(mask.float(), grid.to(torch.float32), mode="bilinear", padding_mode="zeros", align_corners=False)
         mask = (m > 0.5).to(mask.dtype)
+    if cfg.channel_fill > 0:
+        image = fill_channels(image, cfg.channel_fill, cfg.channel_fill_source, modalities or image.shape[1], g)
     red = tuple(range(2, image.ndim))
+    # one factor per sample, or per sample and channel
+    n, view = (b * image.shape[1], (b, image.shape[1], *([1] * nd))) if cfg.intensity_per_channel else (b, (b, *([1] * (nd + 1))))
     if cfg.gamma > 0:
-        on = _p(b, cfg.gamma, g)
+        on = _p(n, cfg.gamma, g)
         if bool(on.any()):
-            gam = torch.where(on, _u(b, cfg.gamma_range[0], cfg.gamma_range[1], g), torch.ones(b)).to(dev, image.dtype)
+            gam = torch.where(on, _u(n, cfg.gamma_range[0], cfg.gamma_range[1], g), torch.ones(n)).to(dev, image.dtype)
             lo = image.amin(dim=red, keepdim=True)
             rng = (image.amax(dim=red, keepdim=True) - lo).clamp_min(1e-6)
-            image = ((image - lo) / rng).clamp(0, 1).pow(gam.view(b, *([1] * (nd + 1)))) * rng + lo
+            image = ((image - lo) / rng).clamp(0, 1).pow(gam.view(view)) * rng + lo
     if cfg.contrast > 0:
-        on = _p(b, cfg.contrast, g)
+        on = _p(n, cfg.contrast, g)
         if bool(on.any()):
-            c = torch.where(on, _u(b, cfg.contrast_range[0], cfg.contrast_range[1], g), torch.ones(b)).to(dev, image.dtype)
+            c = torch.where(on, _u(n, cfg.contrast_range[0], cfg.contrast_range[1], g), torch.ones(n)).to(dev, image.dtype)
             mu = image.mean(dim=red, keepdim=True)
-            image = (image - mu) * c.view(b, *([1] * (nd + 1))) + mu
+            image = (image - mu) * c.view(view) + mu
     if cfg.noise > 0:
         on = _p(b, cfg.noise, g)
         if bool(on.any()):

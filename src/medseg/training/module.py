@@ -114,7 +114,7 @@ class SegModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int):
         x, y = batch
         with torch.no_grad():
-            x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx))
+            x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx), len(self.task["channels"]))
         loss = self._loss(self(x), y)
         self._images += x.shape[0]
         dt = max(time.perf_counter() - self._t0, 1e-9)

@@ -74,6 +74,9 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
         raise MedsegError("data.mode 3d needs volumes; this prepared dataset holds single 2D images", config_path)
     if cfg.data.size is None and cfg.data.mode != "3d" and len({tuple(c.shape[2:]) for c in ds.cases}) > 1:
         raise MedsegError("cases differ in size: set data.size (training crop) so that slices can be batched", config_path)
+    if cfg.augment.channel_fill > 0 and cfg.augment.channel_fill_source >= len(ds.channels):
+        raise MedsegError(f"augment.channel_fill_source is {cfg.augment.channel_fill_source}, but the dataset has "
+                          f"{len(ds.channels)} channels ({', '.join(ds.channels)}): give 0-{len(ds.channels) - 1}", config_path)
     try:
         MODELS.get(cfg.model.name)
     except MedsegError as e:
