@@ -139,8 +139,8 @@ class AugmentConfig(_Section):
     contrast_range: list[float] = Field(default_factory=lambda: [0.75, 1.25])
     noise: float = Field(0.15, ge=0, le=1)
     noise_std: float = 0.1
-    # gamma and contrast draw their on/off and factor per channel instead of per sample (sequences
-    # whose contrasts vary independently between scanners)
+    # gamma and contrast draw their on/off and factor per channel (each slice's own in a 2.5D stack)
+    # instead of per sample: for sequences whose contrasts vary independently between scanners
     intensity_per_channel: bool = False
     # probability, per sample and per other channel, of replacing that channel with channel
     # ``channel_fill_source``: mimics datasets that fill a missing sequence with another one (the LGG
