@@ -3,8 +3,8 @@
 One ``affine_grid`` + ``grid_sample`` per batch does flips, rotation, scaling and a smooth random
 displacement (grid/elastic distortion) for every sample at once, then channel filling and intensity
 transforms (gamma, contrast, noise) act on the image only. It runs in the training step on the batch
-(on the GPU when there is one), so loader workers only slice memmaps. Measured against per-sample MONAI dictionary
-transforms in ``benchmarks/loader.py`` (see docs/training.md).
+(on the GPU when there is one), so loader workers only slice memmaps. Measured against per-sample
+MONAI dictionary transforms in ``benchmarks/loader.py`` (see docs/training.md).
 
 All randomness comes from the ``torch.Generator`` passed in (seeded per step by the trainer), so a
 resumed run augments exactly as an uninterrupted one.
