@@ -2,8 +2,10 @@
 
 Prints forward and training-step images/s with and without channels_last, parameters and peak memory
 (RSS high-water mark of a child process per model), and writes benchmarks/results/models.json.
+``--precision 32,bf16`` measures each model again under bf16 autocast (what ``train.precision: auto``
+picks on CPUs with AMX), the ratio to fp32 printed per model.
 Step times are the minimum over ``--iters`` (robust to other processes on a shared machine).
-Usage: python benchmarks/models.py [--batch 8] [--size 256] [--iters 3] [--threads 2] [--models unet,...]
+Usage: python benchmarks/models.py [--batch 8] [--size 256] [--iters 3] [--threads 2] [--models unet,...] [--precision 32,bf16]
                                   [--variant unet features="(8,16,32,64,128,256)" norm=instance ...]
 ``--variant NAME KEY=VALUE...`` (repeatable) adds a configuration of a registered model, to compare
 candidate defaults in the same run as the peer.
@@ -46,12 +48,14 @@ def _variant(words: list[str]) -> tuple[str, str, dict]:
     return label, name, kwargs
 
 
-def _measure(label: str, name: str, kwargs: dict, batch: int, size: int, iters: int, threads: int) -> dict:
+def _measure(label: str, name: str, kwargs: dict, batch: int, size: int, iters: int, threads: int,
+             precision: str = "32") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {"name": label, "model": name, "kwargs": kwargs}
+    res = {"name": label, "model": name, "kwargs": kwargs, "precision": precision}
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     for cl in (False, True):
         torch.manual_seed(0)
         m = _build(name, kwargs)
@@ -61,7 +65,7 @@ def _measure(label: str, name: str, kwargs: dict, batch: int, size: int, iters: 
         if cl:
             m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         m.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             m(x)
             ts = []
             for _ in range(iters):
@@ -73,7 +77,9 @@ def _measure(label: str, name: str, kwargs: dict, batch: int, size: int, iters: 
         for i in range(iters + 1):
             t = time.perf_counter()
             opt.zero_grad()
-            torch.nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+            with autocast():
+                out = m(x)
+            torch.nn.functional.binary_cross_entropy_with_logits(out.float(), y).backward()
             opt.step()
             if i:
                 ts.append(time.perf_counter() - t)
@@ -92,25 +98,38 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "models.json")
     ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                     help="also measure this configuration of a registered model (repeatable)")
+    ap.add_argument("--precision", default="32", help="comma-separated: 32, bf16 (bf16 autocast)")
     a = ap.parse_args()
+    precisions = a.precision.split(",")
+    if not set(precisions) <= {"32", "bf16"}:
+        raise SystemExit(f"--precision: expected 32 and/or bf16, got {a.precision!r}")
     from medseg.models import MODELS
 
     runs = [(PEER, PEER, {})] + [(n, n, {}) for n in (a.models.split(",") if a.models else MODELS.names())]
     runs += [_variant(v) for v in a.variant]
     ctx = mp.get_context("spawn")
     rows = []
-    for label, name, kwargs in runs:
+    for (label, name, kwargs), prec in ((r, p) for r in runs for p in precisions):
         with ctx.Pool(1) as pool:
-            rows.append(pool.apply(_measure, (label, name, kwargs, a.batch, a.size, a.iters, a.threads)))
+            rows.append(pool.apply(_measure, (label, name, kwargs, a.batch, a.size, a.iters, a.threads, prec)))
         r = rows[-1]
+        label = label if prec == "32" else f"{label}@bf16"
+        r["name"] = label
         print(f"{label:18s} {r['params'] / 1e6:6.2f} M  fwd {r['forward_img_s']:6.2f} / cl {r['forward_img_s_cl']:6.2f}  "
               f"train {r['train_img_s']:6.2f} / cl {r['train_img_s_cl']:6.2f} img/s  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
-    peer = rows[0]
     best = lambda r: max(r["train_img_s"], r["train_img_s_cl"])  # noqa: E731
-    print("train images/s / peer's (best memory format each; the default unet's target is >= 1.2x):")
+    print("train images/s / peer's at the same precision (best memory format each; the default unet's target is >= 1.2x):")
     for r in rows:
+        peer = next(p for p in rows if p["model"] == PEER and p["precision"] == r["precision"])
         r["train_ratio_vs_peer"] = best(r) / best(peer)
         print(f"  {r['name']:18s} {r['train_ratio_vs_peer']:5.2f}x")
+    if len(precisions) > 1:
+        print("train images/s, bf16 autocast / fp32 (best memory format each):")
+        for r in rows:
+            if r["precision"] == "bf16":
+                fp32 = next(p for p in rows if p["kwargs"] == r["kwargs"] and p["model"] == r["model"] and p["precision"] == "32")
+                r["train_ratio_bf16_vs_fp32"] = best(r) / best(fp32)
+                print(f"  {r['name']:18s} {r['train_ratio_bf16_vs_fp32']:5.2f}x")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                                  "rows": rows}, indent=2))

@@ -38,7 +38,8 @@ def main() -> None:
     # the patients it learned from, so that anyone can check an evaluation set against them
     patients = sorted({c["patient"] for c in info.get("cases", [])})
     b["meta"] = {"name": a.name, "card": a.card, "trained_from": str(a.bundle), "epoch": meta.get("epoch"),
-                 "fold": meta.get("fold"), "config": meta.get("config"), "fingerprint": meta.get("fingerprint"),
+                 "fold": meta.get("fold"), "config": meta.get("config"), "precision": meta.get("precision"),
+                 "fingerprint": meta.get("fingerprint"),
                  "training_patients": patients,
                  "postprocess_tuned_on": None if tuned is None else {"run": tuned["run"], "folds": tuned["folds"],
                                                                      "score_before": tuned["score_before"],

@@ -27,4 +27,8 @@ def _quiet_threads(monkeypatch):
         torch.set_num_threads(1)
     except Exception:
         pass
+    # precision "auto" picks bf16 on CPUs with AMX: the suite's numbers must not depend on the CI machine
+    import medseg.training.run
+
+    monkeypatch.setattr(medseg.training.run, "cpu_has_bf16_units", lambda: False)
     yield

@@ -359,6 +359,37 @@ def test_accumulation_counts_optimizer_steps_and_poly_warmup_reaches_the_floor(t
     assert precision_for(load_config(cfg, {"train.precision": "bf16-mixed"}), "cpu") == "bf16-mixed"
 
 
+def test_auto_precision_is_bf16_on_cpus_with_amx_and_the_bundle_records_it(tmp_path, syn, monkeypatch):
+    import torch
+
+    import medseg.training.run as run_mod
+    from medseg.config import load_config
+    from medseg.inference.bundle import load_bundle
+
+    cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=2)
+    monkeypatch.setattr(run_mod, "cpu_has_bf16_units", lambda: True)
+    assert run_mod.precision_for(load_config(cfg), "cpu") == "bf16-mixed"
+    assert run_mod.precision_for(load_config(cfg, {"train.precision": "32"}), "cpu") == "32-true"
+    run_mod.train(cfg, out=tmp_path / "bf16")
+    b = load_bundle(tmp_path / "bf16" / "fold_0" / "model.pt")
+    assert b["meta"]["precision"] == "bf16-mixed" and b["meta"]["config"]["train"]["precision"] == "auto"
+    assert all(t.dtype == torch.float32 for t in b["state_dict"].values() if t.is_floating_point())
+    # validation ran the network in fp32, as predict does: the bundle reproduces the stored probabilities
+    from medseg.data import normalize
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.bundle import build_model
+
+    f = sorted((tmp_path / "bf16" / "fold_0" / "val_predictions").glob("*.npz"))[0]
+    img = np.asarray(PreparedDataset.open(syn).image(f.stem))
+    m, s, c = normalize.stats_for(img, b["normalization"])
+    with torch.no_grad():
+        prob = torch.softmax(build_model(b)(torch.from_numpy(normalize.apply(img, m, s, c, 1))), 1).numpy()
+    err = np.abs(prob - np.load(f)["prob"].astype(np.float32)).max()
+    assert err < 5e-4, err  # float16 storage: half a unit in the last place is 2.4e-4
+    monkeypatch.setattr(run_mod, "cpu_has_bf16_units", lambda: False)
+    assert run_mod.precision_for(load_config(cfg), "cpu") == "32-true"
+
+
 def test_cli_reports_config_errors_on_one_line_and_exits_2(tmp_path, syn, capsys, monkeypatch):
     from medseg.cli import main
 

@@ -121,6 +121,11 @@ class TrainConfig(_Section):
     # validates once more; with schedule.by: time the LR schedule runs over it (epochs is then a cap)
     max_minutes: Optional[float] = Field(None, gt=0)
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_number(cls, v: Any) -> Any:
+        return "32" if v == 32 and not isinstance(v, bool) else v  # YAML and --set read 32 as a number
+
 
 class AugmentConfig(_Section):
     enabled: bool = True

@@ -147,7 +147,13 @@ class SegModule(pl.LightningModule):
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor) -> torch.Tensor:
         """Logits of a whole case: image [z, C', h, w] (2D, batched by slices, padded to the model's
-        divisor and cropped back) or [C, d, h, w] (3D, sliding window over the patch size)."""
+        divisor and cropped back) or [C, d, h, w] (3D, sliding window over the patch size). In fp32
+        whatever the training precision, as ``medseg predict`` runs the network: the validation scores
+        and the predictions ``medseg tune`` chooses on are what users get."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self._predict_case(image)
+
+    def _predict_case(self, image: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if self.nd == 3:
             from monai.inferers import sliding_window_inference
