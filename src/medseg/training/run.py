@@ -161,7 +161,7 @@ def _check_resume(cfg: ExperimentConfig, run: Path) -> None:
 
 def cpu_has_bf16_units() -> bool:
     """True on CPUs with AMX tiles (Intel Xeon 4th generation and later), where oneDNN's bf16 convolutions
-    train the LGG U-Net about 1.5x faster than fp32 (``benchmarks/models.py --precision 32,bf16``);
+    train the LGG U-Net about 1.6x faster than fp32 (``benchmarks/models.py --precision 32,bf16``);
     elsewhere bf16 autocast is emulated, 10-40x slower."""
     try:
         import torch
