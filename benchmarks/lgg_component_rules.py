@@ -82,22 +82,23 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lgg_component_rules.json")
     a = ap.parse_args()
-    import yaml
-
     from medseg.data.prepared import PreparedDataset, case_filename
+    from medseg.errors import MedsegError
+    from medseg.evaluation.tune import _dataset_path, _fold_dirs, _val_cases  # the run layout, as medseg tune reads it
 
-    ds = PreparedDataset.open(Path(yaml.safe_load((a.run / "config.yaml").read_text())["data"]["prepared"]))
-    stem = {Path(case_filename(c.id, "x")).name[: -len(".x.npy")]: c.id for c in ds.cases}
-    cases = []
-    for fd in sorted(a.run.glob("fold_*")):
-        for f in sorted((fd / "val_predictions").glob("*.npz")):
-            with np.load(f) as z:
-                prob = z["prob"][:, -1].astype(np.float32)  # the tumour: softmax's last channel, or the one sigmoid
-            truth = np.asarray(ds.mask(ds.index(stem[f.stem])))[:, 0] != 0
-            cases.append({"case": stem[f.stem], "fold": int(fd.name[len("fold_"):]), "truth": float(truth.sum()),
-                          "components": components(prob, truth, a.threshold)})
-    if not cases:
-        raise SystemExit(f"{a.run}: no fold_K/val_predictions/*.npz")
+    try:
+        fold_dirs = _fold_dirs(a.run, "all")
+        ds = PreparedDataset.open(_dataset_path(a.run, None))
+        cases = []
+        for k, fd in fold_dirs:
+            for cid in _val_cases(a.run, k, fd, ds, tta=False):
+                with np.load(fd / "val_predictions" / (Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz")) as z:
+                    prob = z["prob"][:, -1].astype(np.float32)  # the tumour: softmax's last channel, or the one sigmoid
+                truth = np.asarray(ds.mask(ds.index(cid)))[:, 0] != 0
+                cases.append({"case": cid, "fold": k, "truth": float(truth.sum()),
+                              "components": components(prob, truth, a.threshold)})
+    except MedsegError as e:
+        raise SystemExit(f"error: {e}") from None
     folds = sorted({c["fold"] for c in cases})
     rows = []
     print(f"{'rule':20s} {'mean':>6s}  " + "  ".join(f"fold {k}" for k in folds))
