@@ -7,7 +7,8 @@ same wall-clock budget, same evaluation.
 For each fold, two trainings run for ``--budget`` minutes of wall clock each (data loading included,
 evaluation excluded) and save their weights at every mark:
   - medseg: ``configs/lgg_unet.yaml`` through medseg's own engine (``medseg train``'s ``fit_fold``),
-    with in-training validation switched off so that the budget is all training;
+    with in-training validation switched off so that the budget is all training, and one of its
+    ``train.members`` (a member's share of the machine with ``--parallel``: one thread);
   - peer: MONAI's ``UNet`` (channels 32..512, strides 2, 2 residual units, as in MONAI's tutorials),
     ``DiceLoss(softmax)``, Adam 1e-4, uniform slice sampling (no foreground oversampling), flips, the
     plain 2D slices at the same input size as the medseg recipe, batch 8.
@@ -109,7 +110,8 @@ def run_medseg(args, fold: int, out: Path) -> None:
     from medseg.config import load_config
     from medseg.training.run import check_task, fit_fold
 
-    overrides = {"data.prepared": args.prepared, "train.val_every": "1000000", "data.workers": "0"}
+    # one network: with --parallel it has one thread, as each of the recipe's train.members does
+    overrides = {"data.prepared": args.prepared, "train.val_every": "1000000", "data.workers": "0", "train.members": "1"}
     cfg = load_config(ROOT / args.config, overrides)
     if cfg.schedule.by == "time":  # the recipe's schedule runs over this benchmark's budget
         cfg = load_config(ROOT / args.config, {**overrides, "train.max_minutes": str(args.budget)})

@@ -39,7 +39,7 @@ def main() -> None:
     patients = sorted({c["patient"] for c in info.get("cases", [])})
     b["meta"] = {"name": a.name, "card": a.card, "trained_from": str(a.bundle), "epoch": meta.get("epoch"),
                  "fold": meta.get("fold"), "config": meta.get("config"), "precision": meta.get("precision"),
-                 "fingerprint": meta.get("fingerprint"),
+                 "members": meta.get("members"), "fingerprint": meta.get("fingerprint"),
                  "training_patients": patients,
                  "postprocess_tuned_on": None if tuned is None else {"run": tuned["run"], "folds": tuned["folds"],
                                                                      "score_before": tuned["score_before"],

@@ -403,19 +403,19 @@ def test_cli_reports_config_errors_on_one_line_and_exits_2(tmp_path, syn, capsys
 
 
 def test_patient_dice_pools_each_patients_cases_and_skips_empty_pairs():
-    from types import SimpleNamespace
-
-    from medseg.training.module import SegModule
+    from medseg.training.module import dice_scores, patient_dice
 
     a = np.array
     stats = [("p1", a([2, 0]), a([3, 0]), a([3, 0])),  # (patient, intersection, |pred|, |truth|) per class
              ("p1", a([1, 0]), a([1, 0]), a([2, 0])),
              ("p2", a([0, 1]), a([2, 1]), a([0, 1]))]
-    d = SegModule.patient_dice(SimpleNamespace(_val_stats=stats))
+    d = patient_dice(stats)
     # p1 class 0 over both cases: 2*3 / (4 + 5); class 1 empty in truth and prediction: skipped (NaN)
     assert d.shape == (2, 2)
     assert d[0, 0] == pytest.approx(6 / 9) and math.isnan(d[0, 1])
     assert d[1].tolist() == [0.0, 1.0]
+    # per class, the mean over patients of the defined ones
+    assert dice_scores(stats, ["a", "b"]) == pytest.approx({"val_dice_a": 3 / 9, "val_dice_b": 1.0, "val_dice_mean": 2 / 3})
 
 
 def test_checkpoint_writes_replace_the_old_file_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -515,3 +515,112 @@ def test_lr_lambda_follows_progress_and_time_budget_survives_resume():
     b = TimeBudget(10)
     b.load_state_dict(a.state_dict())
     assert b.elapsed() == pytest.approx(150.0) and b.fraction() == pytest.approx(0.25)
+
+
+def test_members_train_side_by_side_and_bundle_as_one_model_averaging_them(tmp_path, syn):
+    from medseg.config import load_config
+    from medseg.data.prepared import PreparedDataset
+    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.inference.export import export_onnx
+    from medseg.inference.member_mean import MemberMean
+    from medseg.inference.segmenter import Segmenter
+    from medseg.training.run import check_task, merge_members, train
+
+    run = tmp_path / "m"
+    # precision 32: each member trains in its own process, where conftest's pin of the AMX check does not reach
+    res = train(_cfg(tmp_path, syn, train__epochs=2, train__steps_per_epoch=3, train__members=2, train__precision="32"),
+                out=run)
+    fold = run / "fold_0"
+    b = load_bundle(fold / "model.pt")
+    m0, m1 = (load_bundle(fold / f"member_{i}" / "model.pt") for i in (0, 1))
+    assert [m["seed"] for m in b["meta"]["members"]] == [1, 2]  # the config's seed, then the next
+    assert [yaml.safe_load((fold / f"member_{i}" / "config.yaml").read_text())["train"]["seed"] for i in (0, 1)] == [1, 2]
+    assert b["meta"]["config"]["train"]["members"] == 2 and len(b["members"]) == 1
+    for k, v in b["state_dict"].items():
+        torch.testing.assert_close(v, m0["state_dict"][k])
+        torch.testing.assert_close(b["members"][0][k], m1["state_dict"][k])
+    assert any(not torch.equal(v, m1["state_dict"][k]) for k, v in m0["state_dict"].items())  # two trainings
+    # one network whose activation is the mean of the members' probabilities
+    net = build_model(b)
+    assert isinstance(net, MemberMean)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        want = (torch.softmax(build_model(m0)(x), 1) + torch.softmax(build_model(m1)(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(net(x), 1), want, atol=1e-6, rtol=0)
+    # the fold's validation predictions are the members' mean, and the run predicts them as one model
+    ds = PreparedDataset.open(syn)
+    files = sorted((fold / "val_predictions").glob("*.npz"))
+    assert [f.stem for f in files] == sorted(ds.fold(0)[1])
+    for f in files:
+        mean = sum(np.load(fold / f"member_{i}" / "val_predictions" / f.name)["prob"].astype(np.float32) for i in (0, 1)) / 2
+        stored = np.load(f)["prob"].astype(np.float32)
+        assert np.abs(stored - mean).max() < 1e-3 and not np.allclose(stored[:, 1:], 0, atol=0.05)
+    seg = Segmenter.load(run)
+    p = seg.predict(np.asarray(ds.image(files[0].stem)), probabilities=True)
+    assert np.abs(p.prob.astype(np.float32) - np.load(files[0])["prob"][:, 1:].astype(np.float32)).max() < 3e-3
+    export_onnx(run, tmp_path / "m.onnx")  # one graph holding both members (it checks its logits against PyTorch's)
+    q = Segmenter.load(tmp_path / "m.onnx").predict(np.asarray(ds.image(files[0].stem)), probabilities=True)
+    assert np.abs(q.prob.astype(np.float32) - p.prob.astype(np.float32)).max() < 2e-3
+    # the fold's score is the ensemble's: Dice of the argmax of the averaged probabilities, pooled per
+    # patient. Members given the truth plus independent noise: the average beats either member
+    cfg = load_config(run / "config.yaml")
+    _, task = check_task(cfg, run / "config.yaml")
+    rng = np.random.default_rng(0)
+    probs = {}
+    for f in files:
+        shape = np.load(f)["prob"].shape
+        truth = np.asarray(ds.mask(ds.index(f.stem)))
+        onehot = np.concatenate([1 - truth.max(1, keepdims=True), truth], axis=1).astype(np.float32)
+        for i in (0, 1):
+            r = np.exp(2 * onehot + rng.normal(0, 1.5, shape)).astype(np.float32)
+            probs[f.stem, i] = r / r.sum(1, keepdims=True)
+            np.savez_compressed(fold / f"member_{i}" / "val_predictions" / f.name, prob=probs[f.stem, i].astype(np.float16),
+                                mask=np.zeros((shape[0], 2, *shape[2:]), np.uint8))
+    scores = merge_members(cfg, task, ds, 0, fold)
+
+    def by_hand(pick) -> float:
+        pooled: dict[str, np.ndarray] = {}
+        for f in files:
+            lab = pick(f.stem).argmax(1)
+            truth = np.asarray(ds.mask(ds.index(f.stem)))
+            for c in (0, 1):
+                pred = lab == c + 1
+                t = truth[:, c].astype(bool)
+                acc = pooled.setdefault((task["patients"][f.stem], c), np.zeros(3))
+                acc += [(pred & t).sum(), pred.sum(), t.sum()]
+        per_class = [np.nanmean([2 * a[0] / (a[1] + a[2]) if a[1] + a[2] else np.nan
+                                 for (p, cc), a in pooled.items() if cc == c]) for c in (0, 1)]
+        return float(np.mean(per_class))
+
+    def mean_of(stem):
+        return (probs[stem, 0].astype(np.float16).astype(np.float32) + probs[stem, 1].astype(np.float16).astype(np.float32)) / 2
+
+    expected = by_hand(mean_of)
+    assert scores["val_dice_mean"] == pytest.approx(expected, abs=1e-9)
+    assert expected > max(by_hand(lambda s, i=i: probs[s, i]) for i in (0, 1)) + 0.02
+    assert load_bundle(fold / "model.pt")["meta"]["scores"] == scores
+    assert res["0"]["val_dice_mean"] == b["meta"]["scores"]["val_dice_mean"]
+    # a second start refuses (the members hold checkpoints); --resume extends every member
+    with pytest.raises(MedsegError, match="already has checkpoints"):
+        train(run / "config.yaml", out=run)
+    before = (fold / "model.pt").stat().st_mtime_ns
+    train(run / "config.yaml", out=run, overrides={"train.epochs": "3"}, resume=True)
+    assert [len(list(csv.DictReader((fold / f"member_{i}" / "metrics.csv").open()))) for i in (0, 1)] == [3, 3]
+    assert (fold / "model.pt").stat().st_mtime_ns > before  # merged again
+
+
+def test_members_refuse_ddp_and_a_failed_member_is_named(tmp_path, syn):
+    from medseg.training.run import train
+
+    cfg = _cfg(tmp_path, syn, train__members=2, train__precision="32")
+    with pytest.raises(MedsegError, match=r"train.members > 1 trains the members side by side on one device"):
+        train(cfg, overrides={"train.devices": "2"}, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    # member 1 cannot write its checkpoints (a file where its folder goes): it fails, the run says which
+    blocked = tmp_path / "r" / "fold_0" / "member_1" / "checkpoints"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("")
+    with pytest.raises(MedsegError, match="member 1 of fold 0 failed") as e:
+        train(cfg, out=tmp_path / "r")
+    assert e.value.path == str(blocked.parent)
+    assert not (tmp_path / "r" / "fold_0" / "model.pt").exists()

@@ -112,6 +112,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
     channels_last: Union[Literal["auto"], bool] = "auto"
     seed: int = 0
+    # N networks per fold, seeds seed..seed+N-1, trained side by side (separate processes, the CPU
+    # threads split between them) and bundled as one model averaging their probabilities
+    members: int = Field(1, ge=1)
     deterministic: bool = True
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
@@ -125,6 +128,13 @@ class TrainConfig(_Section):
     @classmethod
     def _precision_number(cls, v: Any) -> Any:
         return "32" if v == 32 and not isinstance(v, bool) else v  # YAML and --set read 32 as a number
+
+    @model_validator(mode="after")
+    def _members_alone(self) -> "TrainConfig":
+        if self.members > 1 and (self.devices != 1 or self.num_nodes > 1 or self.strategy != "auto"):
+            raise ValueError("train.members > 1 trains the members side by side on one device; "
+                             "it does not combine with devices, num_nodes or strategy (DDP)")
+        return self
 
 
 class AugmentConfig(_Section):

@@ -347,6 +347,8 @@ def run_predictions(run: Path) -> tuple[Predictions, Path]:
             files[f.stem] = f
         if (fold / "metrics.csv").is_file():
             curves[fold.name] = fold / "metrics.csv"
+        for m in sorted(fold.glob("member_*/metrics.csv")):  # train.members: each member's own curves
+            curves[f"{fold.name}/{m.parent.name}"] = m
     if not files:
         raise MedsegError("no validation predictions (fold_K/val_predictions/<case>.npz)", run)
 

@@ -6,6 +6,9 @@ are bundles too. It holds no Lightning or pickle of code, only tensors and plain
     {"format": "medseg.bundle/1",
      "arch": {"name", "in_channels", "out_channels", "spatial_dims", "kwargs"},
      "state_dict": {...},                      # fp32, or fp16 for shipped weights
+     "members": [{...}, ...],                  # optional: further weights of the same network (seeds
+                                               # trained side by side, ``train.members``); one model
+                                               # that averages every member's probabilities
      "classes": [...], "class_kind": "multiclass" | "multilabel", "channels": [...],
      "input": {"mode": "2d" | "2.5d" | "3d", "context": k, "stride": s, "size": [h, w] | [d, h, w]},
      "normalization": {"mode": ..., ...},       # see medseg.data.normalize
@@ -38,7 +41,9 @@ def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) ->
         raise ValueError(f"bundle lacks {missing}")
     b = dict(bundle, format=BUNDLE_FORMAT)
     if half:
-        b["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in b["state_dict"].items()}
+        b["state_dict"] = _cast(b["state_dict"], torch.float16)
+        if b.get("members"):
+            b["members"] = [_cast(sd, torch.float16) for sd in b["members"]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -59,8 +64,14 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
         raise MedsegError(f"cannot read model bundle ({type(e).__name__}: {e})", path) from None
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise MedsegError(f"not a medseg model bundle (format {b.get('format') if isinstance(b, dict) else None!r})", path)
-    b["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in b["state_dict"].items()}
+    b["state_dict"] = _cast(b["state_dict"], torch.float32)
+    if b.get("members"):
+        b["members"] = [_cast(sd, torch.float32) for sd in b["members"]]
     return b
+
+
+def _cast(sd: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def bundle_from_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -95,10 +106,18 @@ def bundle_from_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def build_model(bundle: dict[str, Any]):
-    """The bundle's network with its weights, in eval mode."""
+    """The bundle's network with its weights, in eval mode; with ``members``, one module averaging
+    the members' probabilities (``MemberMean``)."""
     from medseg.models import create_model
 
     a = bundle["arch"]
-    model = create_model(a["name"], a["in_channels"], a["out_channels"], spatial_dims=a["spatial_dims"], **a.get("kwargs", {}))
-    model.load_state_dict(bundle["state_dict"])
-    return model.eval()
+    nets = []
+    for sd in [bundle["state_dict"], *(bundle.get("members") or [])]:
+        model = create_model(a["name"], a["in_channels"], a["out_channels"], spatial_dims=a["spatial_dims"], **a.get("kwargs", {}))
+        model.load_state_dict(sd)
+        nets.append(model.eval())
+    if len(nets) == 1:
+        return nets[0]
+    from medseg.inference.member_mean import MemberMean
+
+    return MemberMean(nets, bundle["class_kind"]).eval()

@@ -182,7 +182,8 @@ def _torch_net(model: Any) -> Callable[[np.ndarray], np.ndarray]:
 
     # models that measured faster in channels_last on CPU say so (medseg.models contract)
     # (2D only; a copy, so the module kept for export stays in the default layout)
-    cl = bool(getattr(type(model), "channels_last", False)) and getattr(model, "spatial_dims", 2) == 2
+    # (MemberMean, an instance, answers for its members)
+    cl = bool(getattr(model, "channels_last", False)) and getattr(model, "spatial_dims", 2) == 2
     if cl:
         import copy
 

@@ -37,8 +37,9 @@ def peak_rss_mb() -> float | None:
 
 
 class RunLog(pl.Callback):
-    def __init__(self, fold_dir: Path, classes: list[str], console: Any = None):
+    def __init__(self, fold_dir: Path, classes: list[str], console: Any = None, prefix: str = ""):
         self.fold_dir = Path(fold_dir)
+        self.prefix = prefix  # before each printed line (a member's name)
         self.classes = list(classes)
         self.columns = ["epoch", "step", "train_loss", "val_loss", *[f"val_dice_{c}" for c in classes], "val_dice_mean",
                         "lr", "images_per_s", "seconds", "peak_rss_mb"]
@@ -89,7 +90,7 @@ class RunLog(pl.Callback):
                 con.print(self.summary(row, trainer.max_epochs), highlight=False, soft_wrap=True)
 
     def summary(self, row: dict[str, Any], max_epochs: int | None) -> str:
-        s = f"epoch {row['epoch']}/{max_epochs} loss {_fmt(row['train_loss'])}"
+        s = f"{self.prefix}epoch {row['epoch']}/{max_epochs} loss {_fmt(row['train_loss'])}"
         if row.get("val_dice_mean") is not None:
             per = " ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in self.classes)
             s += f" | val loss {_fmt(row['val_loss'])} dice {row['val_dice_mean']:.4f} ({per})"

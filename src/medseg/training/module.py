@@ -60,6 +60,49 @@ def to_masks(prob: torch.Tensor, class_kind: str, thresholds: list[float] | None
     return torch.stack([(lab == j + 1) for j in range(k)], dim=1).to(torch.uint8)
 
 
+def patient_dice(stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[patients, k] Dice over each patient's whole volume(s), from (patient, intersection, predicted,
+    true) voxel counts per class and case; NaN where truth and prediction are both empty (skipped in
+    the means, as in the literature)."""
+    per: dict[str, list[np.ndarray]] = {}
+    for p, i, ps, ts in stats:
+        acc = per.setdefault(p, [np.zeros_like(i), np.zeros_like(ps), np.zeros_like(ts)])
+        acc[0] += i
+        acc[1] += ps
+        acc[2] += ts
+    rows = []
+    for i, ps, ts in per.values():
+        den = (ps + ts).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows.append(np.where(den > 0, 2 * i / den, np.nan))
+    return np.array(rows).reshape(len(rows), -1)
+
+
+def dice_scores(stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], classes: list[str]) -> dict[str, float]:
+    """``val_dice_<class>`` (mean per-patient Dice) and ``val_dice_mean`` (their mean)."""
+    d = patient_dice(stats)
+    with np.errstate(all="ignore"):
+        per_class = np.nanmean(d, axis=0) if len(d) else np.full(len(classes), np.nan)
+    scores = {f"val_dice_{c}": float(np.nan_to_num(v)) for c, v in zip(classes, per_class)}
+    scores["val_dice_mean"] = float(np.mean([scores[f"val_dice_{c}"] for c in classes]))
+    return scores
+
+
+def add_uwmgi_terms(sums: list[Any], pred: np.ndarray, truth: np.ndarray) -> None:
+    """One validation case = one case-day: adds its competition 2D Dice and 3D Hausdorff terms per class to
+    ``sums`` (dice sum, dice count, hd sum, hd count), from the function ``medseg evaluate`` scores
+    submissions with."""
+    from medseg.evaluation.uwmgi_score import volume_terms
+
+    for k in range(pred.shape[1]):
+        dice, hd = volume_terms(pred[:, k], truth[:, k])
+        sums[0] += float(dice.sum())
+        sums[1] += int(dice.size)
+        if hd is not None:
+            sums[2] += hd
+            sums[3] += 1
+
+
 class SegModule(pl.LightningModule):
     def __init__(self, cfg: ExperimentConfig, task: dict[str, Any]):
         super().__init__()
@@ -198,38 +241,9 @@ class SegModule(pl.LightningModule):
         tsum = mask.sum(dim=red, dtype=torch.int64).cpu().numpy()
         self._val_stats.append((self.task["patients"][batch["id"]], inter, psum, tsum))
         if self.uwmgi:
-            self._add_uwmgi_terms(pred.cpu().numpy(), mask.cpu().numpy())
+            add_uwmgi_terms(self._uw_sums, pred.cpu().numpy(), mask.cpu().numpy())
         if self.global_rank == 0:
             self.val_store[batch["id"]] = {"prob": prob.cpu().numpy().astype(np.float16), "mask": pred.cpu().numpy()}
-
-    def _add_uwmgi_terms(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        """One validation case = one case-day: the competition's 2D Dice and 3D Hausdorff terms per class,
-        from the same function ``medseg evaluate`` scores submissions with."""
-        from medseg.evaluation.uwmgi_score import volume_terms
-
-        for k in range(pred.shape[1]):
-            dice, hd = volume_terms(pred[:, k], truth[:, k])
-            self._uw_sums[0] += float(dice.sum())
-            self._uw_sums[1] += int(dice.size)
-            if hd is not None:
-                self._uw_sums[2] += hd
-                self._uw_sums[3] += 1
-
-    def patient_dice(self) -> np.ndarray:
-        """[patients, k] Dice over each patient's whole volume(s); NaN where truth and prediction are
-        both empty (skipped in the means, as in the literature)."""
-        per: dict[str, list[np.ndarray]] = {}
-        for p, i, ps, ts in self._val_stats:
-            acc = per.setdefault(p, [np.zeros_like(i), np.zeros_like(ps), np.zeros_like(ts)])
-            acc[0] += i
-            acc[1] += ps
-            acc[2] += ts
-        rows = []
-        for i, ps, ts in per.values():
-            den = (ps + ts).astype(np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rows.append(np.where(den > 0, 2 * i / den, np.nan))
-        return np.array(rows).reshape(len(rows), -1)
 
     def score_validation(self) -> None:
         """Per-patient Dice, logging and the best-model write. Called by ``ValidationScores`` (a callback,
@@ -238,13 +252,7 @@ class SegModule(pl.LightningModule):
         bundle would not hold the weights that were scored."""
         if not self._val_stats:
             return
-        d = self.patient_dice()
-        scores: dict[str, float] = {}
-        with np.errstate(all="ignore"):
-            per_class = np.nanmean(d, axis=0) if len(d) else np.full(len(self.task["classes"]), np.nan)
-        for c, v in zip(self.task["classes"], per_class):
-            scores[f"val_dice_{c}"] = float(np.nan_to_num(v))
-        scores["val_dice_mean"] = float(np.mean([scores[f"val_dice_{c}"] for c in self.task["classes"]]))
+        scores = dice_scores(self._val_stats, self.task["classes"])
         scores["val_loss"] = float(np.mean(self._val_losses))
         if self.uwmgi:
             from medseg.evaluation.uwmgi_score import combine

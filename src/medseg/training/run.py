@@ -4,6 +4,7 @@ Run directory (see docs/dev/CONTRACTS.md)::
 
     RUN/config.yaml  RUN/splits.json  RUN/cv_summary.json (--fold all)
     RUN/fold_K/{model.pt, checkpoints/{last,best}.ckpt, metrics.csv, progress.png, tb/, val_predictions/}
+    RUN/fold_K/{model.pt, val_predictions/, member_I/...}    (train.members > 1: each member as a fold above)
 """
 from __future__ import annotations
 
@@ -234,38 +235,43 @@ def bundle_for(module: Any, cfg: ExperimentConfig, task: dict[str, Any], fold: i
     }
 
 
-def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold_dir: Path):
+def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -> None:
+    """``fold_dir/val_predictions/<case>.npz`` (prob, mask) for {case id: arrays}: written to a fresh
+    folder that replaces the old one whole."""
     import numpy as np
 
+    from medseg.data.prepared import case_filename
+
+    tmp = fold_dir / f"val_predictions.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for cid, v in store.items():
+        name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
+        np.savez_compressed(tmp / f"{name}.npz", prob=v["prob"], mask=v["mask"])
+    final = fold_dir / "val_predictions"
+    old = fold_dir / f"val_predictions.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold_dir: Path):
     from medseg.inference.bundle import save_bundle
 
     def write(module: Any) -> None:
         scores = dict(module.last_scores)
         save_bundle(bundle_for(module, cfg, task, fold, module.current_epoch + 1, scores), fold_dir / "model.pt")
-        # predictions go to a fresh folder that replaces the old one whole
-        tmp = fold_dir / f"val_predictions.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for cid, v in module.val_store.items():
-            from medseg.data.prepared import case_filename
-
-            name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
-            np.savez_compressed(tmp / f"{name}.npz", prob=v["prob"], mask=v["mask"])
-        final = fold_dir / "val_predictions"
-        old = fold_dir / f"val_predictions.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_val_predictions(fold_dir, module.val_store)
 
     return write
 
 
 def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | str, fold_dir: Path, resume: bool,
-             console: Any = None, extra_callbacks: list[Any] | None = None):
+             console: Any = None, extra_callbacks: list[Any] | None = None, label: str | None = None):
     """Train one fold (or ``"full"``: every case, no validation, the final weights kept); returns
-    (trainer, module)."""
+    (trainer, module). ``label`` (a member's name) prefixes every printed line."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -302,10 +308,10 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     module = SegModule(cfg, task)
     module.precision_used = precision_for(cfg, accel)  # recorded in the bundle: "auto" depends on the machine
     if console is not None and _rank() == 0:
-        console.print(f"fold {fold}: {accel}, {module.precision_used} precision", highlight=False)
+        console.print(f"{label or f'fold {fold}'}: {accel}, {module.precision_used} precision", highlight=False)
     module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
     monitor = selection_metric(task)
-    runlog = RunLog(fold_dir, task["classes"], console)
+    runlog = RunLog(fold_dir, task["classes"], console, prefix=f"{label}: " if label else "")
     if task.get("uwmgi"):  # competition score columns in metrics.csv, after val_dice_mean
         i = runlog.columns.index("val_dice_mean") + 1
         runlog.columns[i:i] = ["val_uwmgi_score", "val_uwmgi_dice", "val_uwmgi_hd"]
@@ -377,6 +383,139 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     return trainer, module
 
 
+def fit_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | str, fold_dir: Path, resume: bool,
+                console: Any = None) -> dict[str, float]:
+    """``train.members`` > 1: the fold's members (seeds seed, seed+1, ...) trained side by side, one
+    process each with an equal share of the CPU threads, in ``fold_dir/member_i`` (each with its own
+    config.yaml); then one bundle holding them all (``fold_dir/model.pt``) and the ensemble's
+    validation predictions and scores."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    n = cfg.train.members
+    threads = max(1, torch.get_num_threads() // n)
+    procs = []
+    for i in range(n):
+        mdir = fold_dir / f"member_{i}"
+        mdir.mkdir(parents=True, exist_ok=True)
+        mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + i, "members": 1})})
+        _atomic_text(mdir / "config.yaml", dump_config(mcfg))
+        # a fresh interpreter (not fork: this process may hold torch threads; not multiprocessing's
+        # spawn: it re-imports the caller's script)
+        args = [str(mdir / "config.yaml"), str(fold), str(mdir), str(threads), f"fold {fold} member {i}",
+                "1" if resume else "0", "1" if console is not None else "0"]
+        # own session: a Ctrl-C reaches this process only, which passes it on once (below)
+        procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from medseg.training.run import _member_main; "
+                                       "_member_main(sys.argv[1:])", *args], start_new_session=True))
+    if console is not None:
+        console.print(f"fold {fold}: {n} members side by side, {threads} thread{'s' if threads > 1 else ''} each",
+                      highlight=False)
+
+    def stop_all() -> None:  # SIGINT: each member checkpoints and exits as on Ctrl-C
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):  # one failed: the ensemble cannot be made
+                stop_all()
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stop_all()
+        raise TrainingInterrupted(f"interrupted; the members' last checkpoints are in {fold_dir}/member_*/checkpoints; "
+                                  "continue with --resume") from None
+    codes = [p.returncode for p in procs]
+    failed = sorted((c == 130, i) for i, c in enumerate(codes) if c != 0)  # the cause first, not a member stopped for it
+    if failed:
+        i = failed[0][1]
+        raise MedsegError(f"member {i} of fold {fold} failed (exit code {codes[i]}; its error is printed above)",
+                          fold_dir / f"member_{i}")
+    return merge_members(cfg, task, ds, fold, fold_dir)
+
+
+def _member_main(argv: list[str]) -> None:
+    """The process of one member (``fit_members``): CONFIG FOLD MEMBER_DIR THREADS LABEL RESUME SHOW."""
+    import sys
+
+    import torch
+
+    config, fold, member_dir, threads, label, resume, show = argv
+    torch.set_num_threads(int(threads))
+    console = None
+    if show == "1":  # plain lines, no live progress bar: several processes share the terminal
+        from rich.console import Console
+
+        console = Console(force_terminal=False, soft_wrap=True)
+    try:
+        cfg = load_config(config)
+        ds, task = check_task(cfg, Path(config))
+        fit_fold(cfg, task, ds, fold if fold == "full" else int(fold), Path(member_dir), resume == "1", console, label=label)
+    except TrainingInterrupted:
+        sys.exit(130)
+    except MedsegError as e:
+        print(f"error: {label}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | str, fold_dir: Path) -> dict[str, float]:
+    """One bundle of the fold's trained members (member 0's, with the others' weights in ``members``)
+    and, for a validated fold, the ensemble's validation predictions (the members' probabilities
+    averaged, as inference averages them) and scores, which it returns."""
+    import numpy as np
+    import torch
+
+    from medseg.data.prepared import case_filename
+    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.training.module import add_uwmgi_terms, dice_scores, to_masks
+
+    members = [fold_dir / f"member_{i}" for i in range(cfg.train.members)]
+    bundles = [load_bundle(m / "model.pt") for m in members]
+    scores: dict[str, float] = {}
+    if fold != "full":
+        store: dict[str, dict[str, Any]] = {}
+        stats: list[Any] = []
+        uw = [0.0, 0, 0.0, 0]
+        for cid in ds.fold(fold)[1]:
+            name = Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz"
+            probs = []
+            for m in members:
+                with np.load(m / "val_predictions" / name) as z:
+                    probs.append(z["prob"].astype(np.float32))
+            prob = np.mean(probs, axis=0)
+            pred = to_masks(torch.from_numpy(prob), task["class_kind"], cfg.postprocess.thresholds).numpy()
+            truth = np.asarray(ds.mask(ds.index(cid)))
+            red = (0, 2, 3)
+            stats.append((task["patients"][cid], (pred.astype(bool) & truth.astype(bool)).sum(axis=red),
+                          pred.sum(axis=red, dtype=np.int64), truth.sum(axis=red, dtype=np.int64)))
+            if task.get("uwmgi"):
+                add_uwmgi_terms(uw, pred, truth)
+            store[cid] = {"prob": prob.astype(np.float16), "mask": pred}
+        scores = dice_scores(stats, task["classes"])
+        if task.get("uwmgi"):
+            from medseg.evaluation.uwmgi_score import combine
+
+            scores["val_uwmgi_score"], scores["val_uwmgi_dice"], scores["val_uwmgi_hd"] = combine(*uw)
+        _replace_val_predictions(fold_dir, store)
+    bundle = dict(bundles[0], members=[b["state_dict"] for b in bundles[1:]])
+    bundle["meta"] = {**bundles[0]["meta"], "config": config_dict(cfg), "scores": scores,
+                      "members": [{"seed": b["meta"]["config"]["train"]["seed"], "epoch": b["meta"]["epoch"],
+                                   "scores": b["meta"]["scores"], "precision": b["meta"].get("precision")} for b in bundles]}
+    save_bundle(bundle, fold_dir / "model.pt")
+    return scores
+
+
 def _fold_dir(run: Path, fold: int | str) -> Path:
     """RUN/fold_K, or RUN/full for --fold full."""
     return run / ("full" if fold == "full" else f"fold_{fold}")
@@ -402,7 +541,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     if resume:
         _check_resume(cfg, run)
     else:
-        busy = [f for f in folds if (_fold_dir(run, f) / "checkpoints" / "last.ckpt").exists()]
+        busy = [f for f in folds if any(_fold_dir(run, f).glob("**/checkpoints/last.ckpt"))]  # members' too
         if busy:
             raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
                               "or choose another --out", run)
@@ -413,11 +552,16 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     results: dict[str, Any] = {}
     for k in folds:
         fold_dir = _fold_dir(run, k)
-        trainer, module = fit_fold(cfg, task, ds, k, fold_dir, resume, console)
         from medseg.training.module import selection_metric
 
-        best = _best_scores(fold_dir, selection_metric(task))
-        results[str(k)] = best
+        if cfg.train.members > 1:
+            results[str(k)] = fit_members(cfg, task, ds, k, fold_dir, resume, console)
+            if console is not None and results[str(k)]:
+                console.print(f"fold {k}: the {cfg.train.members} members averaged: "
+                              f"per-patient Dice {results[str(k)]['val_dice_mean']:.4f}", highlight=False)
+        else:
+            fit_fold(cfg, task, ds, k, fold_dir, resume, console)
+            results[str(k)] = _best_scores(fold_dir, selection_metric(task))
     if str(fold) == "all" and _rank() == 0:
         summary = _cv_summary(results, task["classes"], selection_metric(task))
         _atomic_text(run / "cv_summary.json", json.dumps(summary, indent=1))
