@@ -555,6 +555,9 @@ def test_members_train_side_by_side_and_bundle_as_one_model_averaging_them(tmp_p
         mean = sum(np.load(fold / f"member_{i}" / "val_predictions" / f.name)["prob"].astype(np.float32) for i in (0, 1)) / 2
         stored = np.load(f)["prob"].astype(np.float32)
         assert np.abs(stored - mean).max() < 1e-3 and not np.allclose(stored[:, 1:], 0, atol=0.05)
+    from medseg.evaluation.sources import run_predictions
+
+    assert sorted(run_predictions(run)[0].curves) == ["fold_0/member_0", "fold_0/member_1"]  # evaluate's report
     seg = Segmenter.load(run)
     p = seg.predict(np.asarray(ds.image(files[0].stem)), probabilities=True)
     assert np.abs(p.prob.astype(np.float32) - np.load(files[0])["prob"][:, 1:].astype(np.float32)).max() < 3e-3
