@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lgg_component_rules.json")
     a = ap.parse_args()
-    from medseg.data.prepared import PreparedDataset, case_filename
+    from medseg.data.prepared import PreparedDataset, case_stem
     from medseg.errors import MedsegError
     from medseg.evaluation.tune import _dataset_path, _fold_dirs, _val_cases  # the run layout, as medseg tune reads it
 
@@ -92,7 +92,7 @@ def main() -> None:
         cases = []
         for k, fd in fold_dirs:
             for cid in _val_cases(a.run, k, fd, ds, tta=False):
-                with np.load(fd / "val_predictions" / (Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz")) as z:
+                with np.load(fd / "val_predictions" / (case_stem(cid) + ".npz")) as z:
                     prob = z["prob"][:, -1].astype(np.float32)  # the tumour: softmax's last channel, or the one sigmoid
                 truth = np.asarray(ds.mask(ds.index(cid)))[:, 0] != 0
                 cases.append({"case": cid, "fold": k, "truth": float(truth.sum()),

@@ -48,9 +48,14 @@ class CaseRecord:
         return bool(self.foreground) and any(f > 0 for f in self.foreground)
 
 
+def case_stem(case_id: str) -> str:
+    """The case id made safe for a file name: its arrays are ``cases/<stem>.<what>.npy``, its validation
+    predictions ``val_predictions/<stem>.npz``."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case_id)
+
+
 def case_filename(case_id: str, what: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case_id)
-    return f"cases/{safe}.{what}.npy"
+    return f"cases/{case_stem(case_id)}.{what}.npy"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -169,7 +169,7 @@ def _dataset_path(run: Path, data: str | Path | None) -> Path:
 def _val_cases(run: Path, fold: int, fold_dir: Path, ds: Any, tta: bool) -> list[str]:
     """The fold's validation case ids: from its val_predictions (what training scored), or for --tta
     from the run's splits.json."""
-    from medseg.data.prepared import case_filename
+    from medseg.data.prepared import case_stem
 
     if tta:
         sp = run / "splits.json"
@@ -183,7 +183,7 @@ def _val_cases(run: Path, fold: int, fold_dir: Path, ds: Any, tta: bool) -> list
     if not files:
         raise MedsegError("no validation predictions (val_predictions/*.npz): train this fold first, or use --tta",
                           fold_dir)
-    by_name = {Path(case_filename(c.id, "x")).name[: -len(".x.npy")]: c.id for c in ds.cases}
+    by_name = {case_stem(c.id): c.id for c in ds.cases}
     out = []
     for f in files:
         if f.stem not in by_name:
@@ -269,9 +269,9 @@ def tune(
                 seg[fk] = Segmenter.load(fd / "model.pt", tta=True)
             prob = seg[fk].predict(np.asarray(ds.image(i)), probabilities=True, spatial_dims=ds.spatial_dims).prob
         else:
-            from medseg.data.prepared import case_filename
+            from medseg.data.prepared import case_stem
 
-            f = fd / "val_predictions" / (Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz")
+            f = fd / "val_predictions" / (case_stem(cid) + ".npz")
             with np.load(f) as z:
                 prob = z["prob"]
             if multiclass and prob.shape[1] == k + 1:  # training stores the softmax with its background

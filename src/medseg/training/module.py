@@ -60,6 +60,13 @@ def to_masks(prob: torch.Tensor, class_kind: str, thresholds: list[float] | None
     return torch.stack([(lab == j + 1) for j in range(k)], dim=1).to(torch.uint8)
 
 
+def overlap_counts(pred: torch.Tensor, truth: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, over a case's slices [z, k, h, w]: (intersection, predicted, true) voxel counts."""
+    red = (0, 2, 3)
+    return ((pred.bool() & truth.bool()).sum(dim=red).cpu().numpy(), pred.sum(dim=red, dtype=torch.int64).cpu().numpy(),
+            truth.sum(dim=red, dtype=torch.int64).cpu().numpy())
+
+
 def patient_dice(stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
     """[patients, k] Dice over each patient's whole volume(s), from (patient, intersection, predicted,
     true) voxel counts per class and case; NaN where truth and prediction are both empty (skipped in
@@ -235,11 +242,7 @@ class SegModule(pl.LightningModule):
                                                 mask.movedim(0, 1)[None] if self.nd == 3 else mask)))
         prob = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         pred = to_masks(prob, self.task["class_kind"], self.cfg.postprocess.thresholds)
-        red = (0, 2, 3)
-        inter = (pred.bool() & mask.bool()).sum(dim=red).cpu().numpy()
-        psum = pred.sum(dim=red, dtype=torch.int64).cpu().numpy()
-        tsum = mask.sum(dim=red, dtype=torch.int64).cpu().numpy()
-        self._val_stats.append((self.task["patients"][batch["id"]], inter, psum, tsum))
+        self._val_stats.append((self.task["patients"][batch["id"]], *overlap_counts(pred, mask)))
         if self.uwmgi:
             add_uwmgi_terms(self._uw_sums, pred.cpu().numpy(), mask.cpu().numpy())
         if self.global_rank == 0:

@@ -240,15 +240,14 @@ def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -
     folder that replaces the old one whole."""
     import numpy as np
 
-    from medseg.data.prepared import case_filename
+    from medseg.data.prepared import case_stem
 
     tmp = fold_dir / f"val_predictions.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for cid, v in store.items():
-        name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
-        np.savez_compressed(tmp / f"{name}.npz", prob=v["prob"], mask=v["mask"])
+        np.savez_compressed(tmp / f"{case_stem(cid)}.npz", prob=v["prob"], mask=v["mask"])
     final = fold_dir / "val_predictions"
     old = fold_dir / f"val_predictions.old-{os.getpid()}"
     if final.exists():
@@ -476,9 +475,9 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
     import numpy as np
     import torch
 
-    from medseg.data.prepared import case_filename
+    from medseg.data.prepared import case_stem
     from medseg.inference.bundle import load_bundle, save_bundle
-    from medseg.training.module import add_uwmgi_terms, dice_scores, to_masks
+    from medseg.training.module import add_uwmgi_terms, dice_scores, overlap_counts, to_masks
 
     members = [fold_dir / f"member_{i}" for i in range(cfg.train.members)]
     bundles = [load_bundle(m / "model.pt") for m in members]
@@ -488,20 +487,17 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
         stats: list[Any] = []
         uw = [0.0, 0, 0.0, 0]
         for cid in ds.fold(fold)[1]:
-            name = Path(case_filename(cid, "x")).name[: -len(".x.npy")] + ".npz"
             probs = []
             for m in members:
-                with np.load(m / "val_predictions" / name) as z:
+                with np.load(m / "val_predictions" / f"{case_stem(cid)}.npz") as z:
                     probs.append(z["prob"].astype(np.float32))
             prob = np.mean(probs, axis=0)
-            pred = to_masks(torch.from_numpy(prob), task["class_kind"], cfg.postprocess.thresholds).numpy()
-            truth = np.asarray(ds.mask(ds.index(cid)))
-            red = (0, 2, 3)
-            stats.append((task["patients"][cid], (pred.astype(bool) & truth.astype(bool)).sum(axis=red),
-                          pred.sum(axis=red, dtype=np.int64), truth.sum(axis=red, dtype=np.int64)))
+            pred = to_masks(torch.from_numpy(prob), task["class_kind"], cfg.postprocess.thresholds)
+            truth = torch.from_numpy(np.array(ds.mask(ds.index(cid))))  # a copy: the memory map is read-only
+            stats.append((task["patients"][cid], *overlap_counts(pred, truth)))
             if task.get("uwmgi"):
-                add_uwmgi_terms(uw, pred, truth)
-            store[cid] = {"prob": prob.astype(np.float16), "mask": pred}
+                add_uwmgi_terms(uw, pred.numpy(), truth.numpy())
+            store[cid] = {"prob": prob.astype(np.float16), "mask": pred.numpy()}
         scores = dice_scores(stats, task["classes"])
         if task.get("uwmgi"):
             from medseg.evaluation.uwmgi_score import combine
