@@ -17,6 +17,10 @@ Every snapshot is then scored the same way: each validation patient's every slic
 too, else 0). ``--parallel`` runs the two trainings side by side with one thread each (half the wall
 time, and a harder condition than 2 threads each); otherwise each runs alone with ``--threads``.
 Prints a table (Dice at every mark, per fold and mean) and writes benchmarks/results/lgg_time_to_dice.json.
+
+    .venv/bin/python benchmarks/lgg_time_to_dice.py --combine RESULT.json [RESULT.json ...] --out ALL.json
+
+pools results of earlier runs (one fold a run, say) into one table and JSON, without training.
 """
 from __future__ import annotations
 
@@ -240,7 +244,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_time_to_dice.json"))
     ap.add_argument("--worker", choices=["medseg", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--combine", nargs="+", metavar="RESULT", help="pool earlier results into --out; no training")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out)
     args.marks = [float(m) for m in str(args.marks).split(",")] if isinstance(args.marks, str) else args.marks
     if args.worker:
         return worker(args)
@@ -259,13 +266,17 @@ def main() -> None:
                                   env=env) for w, k in jobs[n : n + step]]
         if any(p.wait() for p in procs):
             sys.exit("a training failed")
-    rows = {}
-    for w in workers:
-        rows[w] = {str(k): json.loads((Path(args.work) / f"{w}_fold{k}" / "scores.json").read_text()) for k in folds}
-    marks = [f"{m:g}" for m in args.marks if m <= args.budget]
+    rows = {w: {str(k): json.loads((Path(args.work) / f"{w}_fold{k}" / "scores.json").read_text()) for k in folds}
+            for w in workers}
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "budget_min": args.budget,
               "parallel_one_thread_each": args.parallel, "threads": 1 if args.parallel else args.threads,
               "folds": folds, "config": args.config, "dice": rows, "wall_s": time.time() - t0}
+    _write(summarise(result, [f"{m:g}" for m in args.marks if m <= args.budget]), args.out)
+
+
+def summarise(result: dict, marks: list[str]) -> dict:
+    """Print Dice at every mark (mean ± std over folds, and each fold) and add the summary to ``result``."""
+    rows, folds = result["dice"], result["folds"]
     summary = {}
     print(f"{'minutes':>8} | " + " | ".join(f"{w} mean (per fold)" for w in rows))
     for m in marks:
@@ -276,12 +287,42 @@ def main() -> None:
             cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f} ({', '.join(f'{x:.3f}' for x in v)})")
         print(f"{m:>8} | " + " | ".join(cells))
     result["summary"] = summary
-    if len(workers) == 2:
+    if {"medseg", "peer"} <= set(rows):
+        per_fold = all(rows["medseg"][str(k)].get(m, np.nan) > rows["peer"][str(k)].get(m, np.nan) for k in folds for m in marks)
         result["medseg_ahead_at_every_mark"] = all(summary["medseg"][m]["mean"] > summary["peer"][m]["mean"] for m in marks)
-        print(f"medseg ahead at every mark: {result['medseg_ahead_at_every_mark']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+        result["medseg_ahead_at_every_mark_every_fold"] = per_fold
+        print(f"medseg ahead at every mark: {result['medseg_ahead_at_every_mark']} (on every fold: {per_fold})")
+    return result
+
+
+def combine(paths: list[str], out: str) -> None:
+    """Pool the folds of several results (each fold once, under the same conditions) into one result."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("budget_min", "parallel_one_thread_each", "threads", "config")
+    for key in same:
+        if len({json.dumps(r.get(key)) for r in parts}) != 1:
+            sys.exit(f"--combine: {key} differs ({', '.join(f'{p}: {r.get(key)}' for p, r in zip(paths, parts))})")
+    rows: dict[str, dict] = {}
+    for p, r in zip(paths, parts):
+        for w, by_fold in r["dice"].items():
+            for k, scores in by_fold.items():
+                if k in rows.get(w, {}):
+                    sys.exit(f"--combine: fold {k} of {w} appears twice (again in {p})")
+                rows.setdefault(w, {})[k] = scores
+    folds = sorted({int(k) for by_fold in rows.values() for k in by_fold})
+    missing = [f"{w} fold {k}" for w in rows for k in folds if str(k) not in rows[w]]
+    if missing:
+        sys.exit(f"--combine: not every training has every fold ({', '.join(missing)})")
+    marks = list(next(iter(parts[0]["summary"].values())))
+    result = {"combined_from": paths, "machine": parts[0]["machine"], **{key: parts[0].get(key) for key in same},
+              "folds": folds, "dice": rows, "wall_s": sum(r["wall_s"] for r in parts)}
+    _write(summarise(result, marks), out)
+
+
+def _write(result: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

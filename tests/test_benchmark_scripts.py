@@ -1,0 +1,53 @@
+"""The benchmark scripts' bookkeeping (no training): pooling time-to-Dice results run one fold at a time."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(path: Path, fold: int, medseg: list[float], peer: list[float], budget: float = 30.0) -> str:
+    marks = ["5", "10"]
+    dice = {"medseg": {str(fold): dict(zip(marks, medseg))}, "peer": {str(fold): dict(zip(marks, peer))}}
+    path.write_text(json.dumps({"machine": {"cpus": 2}, "budget_min": budget, "parallel_one_thread_each": True,
+                                "threads": 1, "folds": [fold], "config": "configs/lgg_unet.yaml", "dice": dice,
+                                "wall_s": 100.0, "summary": {w: {m: {} for m in marks} for w in dice}}))
+    return str(path)
+
+
+def test_time_to_dice_combine_pools_folds(tmp_path):
+    ttd = _load("lgg_time_to_dice")
+    a = _result(tmp_path / "a.json", 0, medseg=[0.70, 0.80], peer=[0.10, 0.60])
+    b = _result(tmp_path / "b.json", 3, medseg=[0.50, 0.90], peer=[0.20, 0.95])
+    ttd.combine([a, b], str(tmp_path / "all.json"))
+    out = json.loads((tmp_path / "all.json").read_text())
+    assert out["folds"] == [0, 3] and out["wall_s"] == 200.0 and out["combined_from"] == [a, b]
+    assert out["summary"]["medseg"]["5"]["mean"] == pytest.approx(0.60)
+    assert out["summary"]["medseg"]["5"]["std"] == pytest.approx(0.10)
+    assert out["summary"]["peer"]["10"]["mean"] == pytest.approx(0.775)
+    # ahead on the mean at both marks (0.60 > 0.15, 0.85 > 0.775), but not on fold 3 at 10 minutes
+    assert out["medseg_ahead_at_every_mark"] is True
+    assert out["medseg_ahead_at_every_mark_every_fold"] is False
+
+
+def test_time_to_dice_combine_refuses_mixed_results(tmp_path):
+    ttd = _load("lgg_time_to_dice")
+    a = _result(tmp_path / "a.json", 0, [0.7, 0.8], [0.1, 0.6])
+    twice = _result(tmp_path / "twice.json", 0, [0.7, 0.8], [0.1, 0.6])
+    with pytest.raises(SystemExit, match=r"fold 0 of medseg appears twice \(again in .*twice.json\)"):
+        ttd.combine([a, twice], str(tmp_path / "all.json"))
+    short = _result(tmp_path / "short.json", 1, [0.7, 0.8], [0.1, 0.6], budget=10.0)
+    with pytest.raises(SystemExit, match=r"budget_min differs .*short.json: 10"):
+        ttd.combine([a, short], str(tmp_path / "all.json"))
+    assert not (tmp_path / "all.json").exists()
