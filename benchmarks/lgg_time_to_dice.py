@@ -297,6 +297,8 @@ def summarise(result: dict, marks: list[str]) -> dict:
 
 def combine(paths: list[str], out: str) -> None:
     """Pool the folds of several results (each fold once, under the same conditions) into one result."""
+    if Path(out).resolve() in {Path(p).resolve() for p in paths}:
+        sys.exit(f"--combine: --out {out} is one of the results to pool; give another --out")
     parts = [json.loads(Path(p).read_text()) for p in paths]
     same = ("budget_min", "parallel_one_thread_each", "threads", "config")
     for key in same:

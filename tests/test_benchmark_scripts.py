@@ -51,3 +51,6 @@ def test_time_to_dice_combine_refuses_mixed_results(tmp_path):
     with pytest.raises(SystemExit, match=r"budget_min differs .*short.json: 10"):
         ttd.combine([a, short], str(tmp_path / "all.json"))
     assert not (tmp_path / "all.json").exists()
+    with pytest.raises(SystemExit, match=r"--out .*a.json is one of the results to pool"):
+        ttd.combine([a, _result(tmp_path / "b.json", 1, [0.7, 0.8], [0.1, 0.6])], a)
+    assert json.loads(Path(a).read_text())["folds"] == [0]
