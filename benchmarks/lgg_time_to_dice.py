@@ -299,7 +299,7 @@ def combine(paths: list[str], out: str) -> None:
     """Pool the folds of several results (each fold once, under the same conditions) into one result."""
     if Path(out).resolve() in {Path(p).resolve() for p in paths}:
         sys.exit(f"--combine: --out {out} is one of the results to pool; give another --out")
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [_read_result(p) for p in paths]
     same = ("budget_min", "parallel_one_thread_each", "threads", "config")
     for key in same:
         if len({json.dumps(r.get(key)) for r in parts}) != 1:
@@ -319,6 +319,20 @@ def combine(paths: list[str], out: str) -> None:
     result = {"combined_from": paths, "machine": parts[0]["machine"], **{key: parts[0].get(key) for key in same},
               "folds": folds, "dice": rows, "wall_s": sum(r["wall_s"] for r in parts)}
     _write(summarise(result, marks), out)
+
+
+def _read_result(path: str) -> dict:
+    """One earlier result of this script, or an exit that names the file and what is wrong with it."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except OSError as e:
+        sys.exit(f"--combine: cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        sys.exit(f"--combine: {path} is not valid JSON ({e})")
+    lacking = [key for key in ("dice", "summary", "budget_min", "wall_s") if not isinstance(result, dict) or key not in result]
+    if lacking:
+        sys.exit(f"--combine: {path} is not a result of lgg_time_to_dice.py (no {', '.join(lacking)})")
+    return result
 
 
 def _write(result: dict, out: str) -> None:

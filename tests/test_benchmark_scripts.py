@@ -54,3 +54,17 @@ def test_time_to_dice_combine_refuses_mixed_results(tmp_path):
     with pytest.raises(SystemExit, match=r"--out .*a.json is one of the results to pool"):
         ttd.combine([a, _result(tmp_path / "b.json", 1, [0.7, 0.8], [0.1, 0.6])], a)
     assert json.loads(Path(a).read_text())["folds"] == [0]
+
+
+def test_time_to_dice_combine_names_unreadable_inputs(tmp_path):
+    ttd = _load("lgg_time_to_dice")
+    a = _result(tmp_path / "a.json", 0, [0.7, 0.8], [0.1, 0.6])
+    with pytest.raises(SystemExit, match=r"cannot read .*missing.json: No such file"):
+        ttd.combine([a, str(tmp_path / "missing.json")], str(tmp_path / "all.json"))
+    (tmp_path / "cut.json").write_text('{"dice": ')
+    with pytest.raises(SystemExit, match=r"cut.json is not valid JSON"):
+        ttd.combine([a, str(tmp_path / "cut.json")], str(tmp_path / "all.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"folds": [1], "rows": {}}))
+    with pytest.raises(SystemExit, match=r"other.json is not a result of lgg_time_to_dice.py \(no dice, summary, budget_min, wall_s\)"):
+        ttd.combine([a, str(tmp_path / "other.json")], str(tmp_path / "all.json"))
+    assert not (tmp_path / "all.json").exists()
