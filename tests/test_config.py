@@ -34,6 +34,17 @@ def test_prepared_override_resolves_against_the_current_folder(tmp_path, monkeyp
     assert cfg.data.prepared == str(tmp_path / "data" / "prep")
 
 
+def test_init_path_resolves_as_data_prepared_does_and_a_shipped_name_stays_a_name(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    monkeypatch.chdir(tmp_path)
+    p = _write(sub, {**BASE, "train": {"init": "../runs/stage1"}})
+    assert load_config(p).train.init == str(tmp_path / "runs" / "stage1")  # against the config's folder
+    assert load_config(p, {"train.init": "runs/other"}).train.init == str(tmp_path / "runs" / "other")  # against cwd
+    assert load_config(p, {"train.init": "lgg-unet"}).train.init == "lgg-unet"
+    assert load_config(_write(sub, {**BASE, "train": {"init": "lgg-unet"}}, "b.yaml")).train.init == "lgg-unet"
+
+
 def test_unknown_key_is_an_error_naming_the_key_and_the_file(tmp_path):
     p = _write(tmp_path, {**BASE, "train": {"epohcs": 3}})
     with pytest.raises(MedsegError) as e:

@@ -631,3 +631,48 @@ def test_members_refuse_ddp_and_a_failed_member_is_named(tmp_path, syn):
         train(cfg, out=tmp_path / "r")
     assert e.value.path == str(blocked.parent)
     assert not (tmp_path / "r" / "fold_0" / "model.pt").exists()
+
+
+def test_init_starts_each_fold_and_member_from_the_source_runs_own(tmp_path, syn):
+    """``train.init``: fold K of a run starts from the source run's fold K, member i from its member i;
+    a wrong source stops before any training, naming the file and the problem."""
+    import json
+
+    from medseg.inference.bundle import load_bundle
+    from medseg.training.run import train
+
+    def learnt(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # BatchNorm's running statistics move at any lr
+        return {k: v for k, v in sd.items() if "running_" not in k and "num_batches" not in k}
+
+    src = tmp_path / "src"
+    train(_cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=2, train__members=2, train__precision="32"),
+          fold="1", out=src)
+    a = load_bundle(src / "fold_1" / "model.pt")
+    # an lr of 1e-12: AdamW moves each weight by about the lr, so the weights are the ones the run started from
+    cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=1, train__members=2, train__precision="32",
+               train__init=str(src), optim={"lr": 1e-12})
+    train(cfg, fold="1", out=tmp_path / "ft")
+    b = load_bundle(tmp_path / "ft" / "fold_1" / "model.pt")
+    for got, want in ((b["state_dict"], a["state_dict"]), (b["members"][0], a["members"][0])):
+        for k, v in learnt(want).items():
+            torch.testing.assert_close(got[k], v, atol=1e-8, rtol=0)
+    assert any(not torch.equal(v, a["members"][0][k]) for k, v in learnt(a["state_dict"]).items())  # two networks
+
+    def fails(match: str, fold: str = "1", **over) -> None:
+        out = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
+        with pytest.raises(MedsegError, match=match):
+            train(_cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=1, train__precision="32", **over),
+                  fold=fold, out=out)
+        assert not list(out.glob("fold_*/**/*.ckpt"))  # nothing trained
+
+    fails(r"train\.init: fold\(s\) \[0\] not trained", train__init=str(src), fold="0")
+    fails(r"fold_1/model.pt: train\.init: the network does not match the config's \(kwargs",
+          train__init=str(src), model={"name": "unet", "kwargs": {"base": 4, "depth": 3}})
+    fails(r"train\.init: model file or folder not found", train__init=str(tmp_path / "nope"))
+    splits = json.loads((src / "splits.json").read_text())
+    pf = splits["patient_fold"]
+    p0 = next(p for p, f in pf.items() if f == 1)
+    p1 = next(p for p, f in pf.items() if f != 1)
+    pf[p0], pf[p1] = pf[p1], pf[p0]  # one patient of fold 1 swapped with one of another fold
+    (src / "splits.json").write_text(json.dumps(splits))
+    fails(r"train\.init: this run's folds differ from the dataset's", train__init=str(src))

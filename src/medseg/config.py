@@ -2,7 +2,7 @@
 
     cfg = load_config("configs/lgg_unet.yaml", overrides={"train.epochs": "3"})
 
-Relative paths (``data.prepared``) resolve against the config file's folder, so a config travels with
+Relative paths (``data.prepared``, ``train.init``) resolve against the config file's folder, so a config travels with
 its data; a ``--set data.prepared=...`` override resolves against the current folder, like any path
 typed on a command line. ``dump_config`` writes the fully resolved config (absolute paths, every default spelled
 out) that a run stores and that reproduces the run.
@@ -123,6 +123,9 @@ class TrainConfig(_Section):
     # wall-clock budget: training stops after the step that spends it, whatever the epoch, and
     # validates once more; with schedule.by: time the LR schedule runs over it (epochs is then a cap)
     max_minutes: Optional[float] = Field(None, gt=0)
+    # start from trained weights (fine-tuning, a resolution schedule): a run directory (fold K starts from
+    # its fold K), a model.pt or checkpoint, or a shipped model's name; the network must match model
+    init: Optional[str] = None
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -283,11 +286,21 @@ def parse_config(doc: Any, path: Path | None = None, base: Path | None = None) -
             msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
         raise MedsegError(msg, path) from None
     if base is not None:
-        p = Path(cfg.data.prepared).expanduser()
-        if not p.is_absolute():
-            p = (base / p).resolve()
-        cfg.data.prepared = str(p)
+        cfg.data.prepared = _resolved(cfg.data.prepared, base)
+        if cfg.train.init and not _is_shipped(cfg.train.init):
+            cfg.train.init = _resolved(cfg.train.init, base)
     return cfg
+
+
+def _resolved(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _is_shipped(name: str) -> bool:
+    from medseg.inference.segmenter import SHIPPED
+
+    return name in SHIPPED and not Path(name).exists()
 
 
 def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> ExperimentConfig:
@@ -302,9 +315,11 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
     if isinstance(doc, dict):
         apply_overrides(doc, overrides, path)
         # a path typed on the command line is relative to where it was typed, not to the config file
-        given = (overrides or {}).get("data.prepared")
-        if isinstance(given, str) and isinstance(doc.get("data"), dict) and given.strip():
-            doc["data"]["prepared"] = str(Path(given).expanduser().resolve())
+        for key in ("data.prepared", "train.init"):
+            given = (overrides or {}).get(key)
+            sec, name = key.split(".")
+            if isinstance(given, str) and isinstance(doc.get(sec), dict) and given.strip() and not _is_shipped(given):
+                doc[sec][name] = str(Path(given).expanduser().resolve())
     return parse_config(doc, path, base=path.resolve().parent)
 
 

@@ -268,9 +268,10 @@ def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold
 
 
 def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | str, fold_dir: Path, resume: bool,
-             console: Any = None, extra_callbacks: list[Any] | None = None, label: str | None = None):
+             console: Any = None, extra_callbacks: list[Any] | None = None, label: str | None = None, member: int = 0):
     """Train one fold (or ``"full"``: every case, no validation, the final weights kept); returns
-    (trainer, module). ``label`` (a member's name) prefixes every printed line."""
+    (trainer, module). ``label`` (a member's name) prefixes every printed line; ``member`` picks the
+    ``train.init`` network a member starts from."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -306,6 +307,10 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         accel = "gpu" if torch.cuda.is_available() else "cpu"
     module = SegModule(cfg, task)
     module.precision_used = precision_for(cfg, accel)  # recorded in the bundle: "auto" depends on the machine
+    if cfg.train.init and ckpt_path is None:  # a resumed run restores its own weights
+        from medseg.training.warm_start import warm_start_weights
+
+        module.model.load_state_dict(warm_start_weights(cfg, task, ds, fold, member))
     if console is not None and _rank() == 0:
         console.print(f"{label or f'fold {fold}'}: {accel}, {module.precision_used} precision", highlight=False)
     module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
@@ -406,7 +411,7 @@ def fit_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int 
         # a fresh interpreter (not fork: this process may hold torch threads; not multiprocessing's
         # spawn: it re-imports the caller's script)
         args = [str(mdir / "config.yaml"), str(fold), str(mdir), str(threads), f"fold {fold} member {i}",
-                "1" if resume else "0", "1" if console is not None else "0"]
+                "1" if resume else "0", "1" if console is not None else "0", str(i)]
         # own session: a Ctrl-C reaches this process only, which passes it on once (below)
         procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from medseg.training.run import _member_main; "
                                        "_member_main(sys.argv[1:])", *args], start_new_session=True))
@@ -445,12 +450,12 @@ def fit_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int 
 
 
 def _member_main(argv: list[str]) -> None:
-    """The process of one member (``fit_members``): CONFIG FOLD MEMBER_DIR THREADS LABEL RESUME SHOW."""
+    """The process of one member (``fit_members``): CONFIG FOLD MEMBER_DIR THREADS LABEL RESUME SHOW MEMBER."""
     import sys
 
     import torch
 
-    config, fold, member_dir, threads, label, resume, show = argv
+    config, fold, member_dir, threads, label, resume, show, member = argv
     torch.set_num_threads(int(threads))
     console = None
     if show == "1":  # plain lines, no live progress bar: several processes share the terminal
@@ -460,7 +465,8 @@ def _member_main(argv: list[str]) -> None:
     try:
         cfg = load_config(config)
         ds, task = check_task(cfg, Path(config))
-        fit_fold(cfg, task, ds, fold if fold == "full" else int(fold), Path(member_dir), resume == "1", console, label=label)
+        fit_fold(cfg, task, ds, fold if fold == "full" else int(fold), Path(member_dir), resume == "1", console, label=label,
+                 member=int(member))
     except TrainingInterrupted:
         sys.exit(130)
     except MedsegError as e:
@@ -534,6 +540,11 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     ds, task = check_task(cfg, config_path)
     folds = _folds(ds, fold, config_path)
     run = Path(out) if out is not None else Path("runs") / config_path.stem
+    if cfg.train.init and not resume:  # a wrong path or network fails now, not after the first fold
+        from medseg.training.warm_start import warm_start_weights
+
+        for k in folds:
+            warm_start_weights(cfg, task, ds, k)
     if resume:
         _check_resume(cfg, run)
     else:
