@@ -466,8 +466,14 @@ def test_missing_model_file_and_bad_bundle(tmp_path):
     assert e.value.path == str(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(MedsegError, match="cannot read model bundle"):
+    with pytest.raises(MedsegError, match="cannot read model bundle: damaged, or not a medseg model.pt") as e:
         Segmenter.load(bad)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)  # not torch's page of advice
+    torch.save({"w": torch.zeros(1000)}, bad)
+    bad.write_bytes(bad.read_bytes()[:-200])  # cut short, as by a full disk
+    with pytest.raises(MedsegError, match=r"cannot read model bundle: damaged, or not a medseg model.pt \((RuntimeError|OSError): ") as e:
+        Segmenter.load(bad)
+    assert "\n" not in str(e.value)
     (tmp_path / "emptyrun").mkdir()
     with pytest.raises(MedsegError, match=r"no trained model in this run directory"):
         Segmenter.load(tmp_path / "emptyrun")

@@ -669,6 +669,8 @@ def test_init_starts_each_fold_and_member_from_the_source_runs_own(tmp_path, syn
     fails(r"fold_1/model.pt: train\.init: the network does not match the config's \(kwargs",
           train__init=str(src), model={"name": "unet", "kwargs": {"base": 4, "depth": 3}})
     fails(r"train\.init: model file or folder not found", train__init=str(tmp_path / "nope"))
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    fails(r"bad\.pt: train\.init: cannot read model bundle: damaged", train__init=str(tmp_path / "bad.pt"))
     splits = json.loads((src / "splits.json").read_text())
     pf = splits["patient_fold"]
     p0 = next(p for p, f in pf.items() if f == 1)

@@ -14,15 +14,6 @@ from medseg.errors import MedsegError
 def _source(spec: str, fold: int | str, ds: Any) -> Path:
     """The bundle to start fold ``fold`` from. A run directory gives its own fold ``fold`` (so a fold's
     validation patients stay unseen), after checking the run was split as this dataset is."""
-    try:
-        return _resolve(spec, fold, ds)
-    except MedsegError as e:
-        if e.problem.startswith("train.init"):
-            raise
-        raise MedsegError(f"train.init: {e.problem}", e.path, e.hint) from None
-
-
-def _resolve(spec: str, fold: int | str, ds: Any) -> Path:
     from medseg.inference.segmenter import resolve_model
 
     run = Path(spec).expanduser()
@@ -34,7 +25,7 @@ def _resolve(spec: str, fold: int | str, ds: Any) -> Path:
             except ValueError:
                 theirs = None
             if theirs != ds.splits().get("patient_fold"):
-                raise MedsegError(f"train.init: this run's folds differ from the dataset's (its splits.json); fold {fold} "
+                raise MedsegError(f"this run's folds differ from the dataset's (its splits.json); fold {fold} "
                                   "would start from weights trained on its own validation patients", run)
         return resolve_model(run, [int(fold)])[1][0]
     return resolve_model(spec, "best")[1][0]
@@ -43,11 +34,18 @@ def _resolve(spec: str, fold: int | str, ds: Any) -> Path:
 def warm_start_weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: int = 0) -> dict[str, Any]:
     """The weights ``train.init`` names for ``fold``, checked against the config's network; member ``i``
     of a ``train.members`` run starts from the source's member ``i`` (cycling when it has fewer)."""
+    try:
+        return _weights(cfg, task, ds, fold, member)
+    except MedsegError as e:  # say which setting led to the file
+        raise MedsegError(f"train.init: {e.problem}", e.path, e.hint) from None
+
+
+def _weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: int) -> dict[str, Any]:
     from medseg.inference.bundle import bundle_from_checkpoint, load_bundle
 
     path = _source(str(cfg.train.init), fold, ds)
     if path.suffix == ".onnx":
-        raise MedsegError("train.init: an ONNX file cannot be trained; give the run directory or model.pt it was exported from", path)
+        raise MedsegError("an ONNX file cannot be trained; give the run directory or model.pt it was exported from", path)
     b = bundle_from_checkpoint(path) if path.suffix == ".ckpt" else load_bundle(path)
     a = b["arch"]
     want = {"name": cfg.model.name, "in_channels": task["in_channels"], "out_channels": task["out_channels"],
@@ -55,6 +53,6 @@ def warm_start_weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str,
     got = {k: a.get(k, {} if k == "kwargs" else None) for k in want}
     if got != want:
         diff = "; ".join(f"{k} {got[k]!r} here, {want[k]!r} in the config" for k in want if got[k] != want[k])
-        raise MedsegError(f"train.init: the network does not match the config's ({diff})", path)
+        raise MedsegError(f"the network does not match the config's ({diff})", path)
     nets = [b["state_dict"], *(b.get("members") or [])]
     return nets[member % len(nets)]
