@@ -64,7 +64,9 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
         # for a file that is not a plain pickle of tensors torch prints a page of advice about
         # weights_only that does not apply here: keep only the first sentence of anything else
         text = str(e).strip()
-        why = type(e).__name__ if not text or text.startswith("Weights only load failed") else f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0][:120]}"
+        why = type(e).__name__
+        if text and not text.startswith("Weights only load failed"):
+            why += f": {text.splitlines()[0].split('. ')[0][:120]}"
         raise MedsegError(f"cannot read model bundle: damaged, or not a medseg model.pt ({why})", path) from None
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise MedsegError(f"not a medseg model bundle (format {b.get('format') if isinstance(b, dict) else None!r})", path)

@@ -545,6 +545,9 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
 
         for k in folds:
             warm_start_weights(cfg, task, ds, k)
+        if console is not None and not Path(cfg.train.init).is_dir() and any(k != "full" for k in folds):
+            console.print(f"train.init: every fold starts from the same weights ({cfg.train.init}); if they were "
+                          "trained on any of this dataset's patients, the validation scores are optimistic", highlight=False)
     if resume:
         _check_resume(cfg, run)
     else:
