@@ -3,12 +3,14 @@ bundle's TTA and tuned post-processing, and optionally an ensemble of runs train
 
     .venv/bin/python benchmarks/lgg_cv_dice.py best=runs/lgg_unet_best \\
         "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
+    .venv/bin/python benchmarks/lgg_cv_dice.py "scales=runs/lgg_unet,runs/lgg_unet@96,runs/lgg_unet@160"
 
 Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
 threshold and component rule ``medseg tune`` chose on TUNED_RUN, or written in a file laid out as
 its ``tune.json`` (e.g. ``benchmarks/lgg_postprocess.json``, the rules tuned on the 5-fold recipe
 run). For fold K, the row's model is fold K of each run (several: their probabilities averaged, the
-first run's threshold and post-processing); every run must hold out
+first run's threshold and post-processing); ``RUN@SIZE`` is the run's model fed slices resized to
+SIZE x SIZE instead of its training size (scale test-time augmentation); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
 volume at its native 256 x 256 (a patient without tumour scores 1 if the prediction is empty too).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,12 +48,39 @@ def tuned_postprocess(where: Path) -> dict:
             "largest_cc": t["largest_cc"], "components": t["components"]}
 
 
-def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None) -> dict[str, dict[str, float]]:
-    """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model."""
+def _bundle(run: Path, fold: int, size: int | None, tmp: Path) -> Path:
+    """RUN/fold_K/model.pt, or a copy of it that resizes slices to ``size`` (a scale TTA member)."""
+    src = run / f"fold_{fold}" / "model.pt"
+    if size is None:
+        return src
+    from medseg.inference.bundle import load_bundle, save_bundle
+
+    b = load_bundle(src)
+    if not b["input"].get("resize"):
+        sys.exit(f"{src}: @{size} needs a model trained on resized slices (data.resize: true)")
+    if size % b["input"]["divisor"]:
+        sys.exit(f"{src}: @{size}: this network takes sizes divisible by {b['input']['divisor']}")
+    b["input"]["size"] = [size] * len(b["input"]["size"])
+    return save_bundle(b, tmp / f"{len(list(tmp.iterdir()))}" / "model.pt")
+
+
+def parse_run(text: str) -> tuple[Path, int | None]:
+    """RUN or RUN@SIZE."""
+    where, at, size = text.rpartition("@") if "@" in text else (text, "", "")
+    if at and not size.isdigit():
+        sys.exit(f"{text!r}: expected RUN@SIZE with SIZE a number of pixels")
+    return Path(where), int(size) if at else None
+
+
+def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None,
+              sizes: list[int | None] | None = None) -> dict[str, dict[str, float]]:
+    """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model; ``sizes``
+    (one per run, None: the run's own) feeds a run's model slices of another size."""
     from medseg.data.prepared import PreparedDataset
     from medseg.evaluation.metrics import case_dice
     from medseg.inference.segmenter import Segmenter
 
+    sizes = sizes or [None] * len(runs)
     prepared = yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["prepared"]
     ds = PreparedDataset.open(prepared)
     out: dict[str, dict[str, float]] = {}
@@ -59,7 +89,8 @@ def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | N
         for r in runs[1:]:
             if sorted(_val_ids(r, k)) != sorted(ids):
                 sys.exit(f"{r}: fold {k} holds out other patients than {runs[0]}'s fold {k}: not comparable")
-        seg = Segmenter.load([r / f"fold_{k}" / "model.pt" for r in runs], tta=tta)
+        with tempfile.TemporaryDirectory() as tmp:
+            seg = Segmenter.load([_bundle(r, k, z, Path(tmp)) for r, z in zip(runs, sizes)], tta=tta)
         out[str(k)] = {}
         for cid in ids:
             i = ds.index(cid)
@@ -70,7 +101,7 @@ def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...]")
+    ap.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...], each RUN optionally RUN@SIZE")
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="flip TTA on or off (default: each bundle's own setting)")
@@ -82,16 +113,16 @@ def main() -> None:
     result: dict = {"folds": folds, "tta": args.tta, "postprocess": pp, "rows": {}}
     for spec in args.rows:
         name, _, where = spec.partition("=")
-        runs = [Path(p) for p in where.split(",") if p]
+        runs, sizes = zip(*[parse_run(p) for p in where.split(",") if p]) if where else ((), ())
         if not name or not runs:
             sys.exit(f"row {spec!r}: expected NAME=RUN[,RUN...]")
         for r in runs:
             if not (r / "splits.json").is_file() or not (r / "config.yaml").is_file():
                 sys.exit(f"{r}: not a training run (no splits.json and config.yaml)")
         t0 = time.perf_counter()
-        per = score_row(runs, folds, args.tta, pp)
+        per = score_row(list(runs), folds, args.tta, pp, list(sizes))
         fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
-        result["rows"][name] = {"runs": [str(r) for r in runs], "per_fold": fold_means,
+        result["rows"][name] = {"runs": [str(r) + (f"@{z}" if z else "") for r, z in zip(runs, sizes)], "per_fold": fold_means,
                                 "mean": float(np.mean(list(fold_means.values()))),
                                 "std": float(np.std(list(fold_means.values()))),
                                 "per_patient": per, "seconds": time.perf_counter() - t0}

@@ -68,3 +68,34 @@ def test_time_to_dice_combine_names_unreadable_inputs(tmp_path):
     with pytest.raises(SystemExit, match=r"other.json is not a result of lgg_time_to_dice.py \(no dice, summary, budget_min, wall_s\)"):
         ttd.combine([a, str(tmp_path / "other.json")], str(tmp_path / "all.json"))
     assert not (tmp_path / "all.json").exists()
+
+
+def test_cv_dice_scale_members_are_the_same_weights_fed_another_size(tmp_path):
+    """``RUN@SIZE`` in lgg_cv_dice rows: the run's fold model, resizing slices to SIZE instead."""
+    import shutil
+
+    import torch
+
+    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR
+
+    cv = _load("lgg_cv_dice")
+    assert cv.parse_run("runs/a") == (Path("runs/a"), None)
+    assert cv.parse_run("runs/a@160") == (Path("runs/a"), 160)
+    with pytest.raises(SystemExit, match="expected RUN@SIZE"):
+        cv.parse_run("runs/a@big")
+    (tmp_path / "run" / "fold_0").mkdir(parents=True)
+    shutil.copy(WEIGHTS_DIR / SHIPPED["lgg-unet"], tmp_path / "run" / "fold_0" / "model.pt")
+    (tmp_path / "tmp").mkdir()
+    assert cv._bundle(tmp_path / "run", 0, None, tmp_path / "tmp") == tmp_path / "run" / "fold_0" / "model.pt"
+    orig = load_bundle(tmp_path / "run" / "fold_0" / "model.pt")
+    got = load_bundle(cv._bundle(tmp_path / "run", 0, 160, tmp_path / "tmp"))
+    assert orig["input"]["size"] == [128, 128] and got["input"]["size"] == [160, 160]
+    assert all(torch.equal(v, got["state_dict"][k]) for k, v in orig["state_dict"].items())
+    assert len(got["members"]) == len(orig["members"]) == 1
+    with pytest.raises(SystemExit, match="divisible by 32"):
+        cv._bundle(tmp_path / "run", 0, 100, tmp_path / "tmp")
+    orig["input"]["resize"] = False
+    save_bundle(orig, tmp_path / "run" / "fold_0" / "model.pt")
+    with pytest.raises(SystemExit, match="trained on resized slices"):
+        cv._bundle(tmp_path / "run", 0, 160, tmp_path / "tmp")
