@@ -113,14 +113,15 @@ def main() -> None:
     result: dict = {"folds": folds, "tta": args.tta, "postprocess": pp, "rows": {}}
     for spec in args.rows:
         name, _, where = spec.partition("=")
-        runs, sizes = zip(*[parse_run(p) for p in where.split(",") if p]) if where else ((), ())
-        if not name or not runs:
+        pairs = [parse_run(p) for p in where.split(",") if p]
+        if not name or not pairs:
             sys.exit(f"row {spec!r}: expected NAME=RUN[,RUN...]")
+        runs, sizes = [r for r, _ in pairs], [z for _, z in pairs]
         for r in runs:
             if not (r / "splits.json").is_file() or not (r / "config.yaml").is_file():
                 sys.exit(f"{r}: not a training run (no splits.json and config.yaml)")
         t0 = time.perf_counter()
-        per = score_row(list(runs), folds, args.tta, pp, list(sizes))
+        per = score_row(runs, folds, args.tta, pp, sizes)
         fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
         result["rows"][name] = {"runs": [str(r) + (f"@{z}" if z else "") for r, z in zip(runs, sizes)], "per_fold": fold_means,
                                 "mean": float(np.mean(list(fold_means.values()))),
