@@ -72,18 +72,17 @@ def parse_run(text: str) -> tuple[Path, int | None]:
     return Path(where), int(size) if at else None
 
 
-def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None,
-              sizes: list[int | None] | None = None) -> dict[str, dict[str, float]]:
-    """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model; ``sizes``
-    (one per run, None: the run's own) feeds a run's model slices of another size."""
+def out_of_fold(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None,
+                sizes: list[int | None] | None = None, probabilities: bool = False):
+    """Yield ``(fold, patient id, Prediction, truth [z, h, w] bool)`` for every validation patient of
+    each fold, segmented by the (ensembled) runs' fold-K model; ``sizes`` (one per run, None: the run's
+    own) feeds a run's model slices of another size."""
     from medseg.data.prepared import PreparedDataset
-    from medseg.evaluation.metrics import case_dice
     from medseg.inference.segmenter import Segmenter
 
     sizes = sizes or [None] * len(runs)
     prepared = yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["prepared"]
     ds = PreparedDataset.open(prepared)
-    out: dict[str, dict[str, float]] = {}
     for k in folds:
         ids = _val_ids(runs[0], k)
         for r in runs[1:]:
@@ -91,11 +90,21 @@ def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | N
                 sys.exit(f"{r}: fold {k} holds out other patients than {runs[0]}'s fold {k}: not comparable")
         with tempfile.TemporaryDirectory() as tmp:
             seg = Segmenter.load([_bundle(r, k, z, Path(tmp)) for r, z in zip(runs, sizes)], tta=tta)
-        out[str(k)] = {}
         for cid in ids:
             i = ds.index(cid)
-            pred = seg.predict(np.asarray(ds.image(i)), spatial_dims=ds.spatial_dims, postprocess_overrides=pp).mask
-            out[str(k)][cid] = case_dice(pred[:, 0] > 0, np.asarray(ds.mask(i))[:, 0] > 0, empty="one")
+            pred = seg.predict(np.asarray(ds.image(i)), probabilities=probabilities, spatial_dims=ds.spatial_dims,
+                               postprocess_overrides=pp)
+            yield k, cid, pred, np.asarray(ds.mask(i))[:, 0] > 0
+
+
+def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | None = None,
+              sizes: list[int | None] | None = None) -> dict[str, dict[str, float]]:
+    """Per fold, per validation patient: the 3D Dice of the (ensembled) runs' fold-K model."""
+    from medseg.evaluation.metrics import case_dice
+
+    out: dict[str, dict[str, float]] = {str(k): {} for k in folds}
+    for k, cid, pred, truth in out_of_fold(runs, folds, tta, pp, sizes):
+        out[str(k)][cid] = case_dice(pred.mask[:, 0] > 0, truth, empty="one")
     return out
 
 

@@ -1,10 +1,12 @@
-"""The benchmark scripts' bookkeeping (no training): pooling time-to-Dice results run one fold at a time."""
+"""The benchmark scripts' bookkeeping and analysis (no training): pooling time-to-Dice results, scale TTA
+members, the LGG error split."""
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,84 @@ def test_cv_dice_scale_members_are_the_same_weights_fed_another_size(tmp_path):
     save_bundle(orig, tmp_path / "run" / "fold_0" / "model.pt")
     with pytest.raises(SystemExit, match="trained on resized slices"):
         cv._bundle(tmp_path / "run", 0, 160, tmp_path / "tmp")
+
+
+def test_lgg_errors_splits_errors_into_rim_and_region_by_hand():
+    """A 10 x 10 tumour predicted one pixel to the right, plus a 3 x 3 false region on its slice and a
+    2 x 2 one on the next slice right above it (in-plane distance only: a region error)."""
+    err = _load("lgg_errors")
+    truth = np.zeros((2, 40, 40), bool)
+    truth[0, 10:20, 10:20] = True
+    pred = np.zeros_like(truth)
+    pred[0, 10:20, 11:21] = True
+    pred[0, 30:33, 30:33] = True
+    pred[1, 12:14, 12:14] = True
+    e = err.rim_region(pred, truth, 1)
+    assert e == {"tp": 90, "fp_rim": 10, "fp_region": 13, "fn_rim": 10, "fn_region": 0}
+    assert err.dice(pred, truth) == pytest.approx(180 / (113 + 100))
+    assert err.corrected(e, "rim") == pytest.approx(200 / 213)   # outline right, false regions stay
+    assert err.corrected(e, "region") == pytest.approx(180 / 200)  # false regions gone, outline off by one
+    wide = err.rim_region(pred, truth, 20)  # everything on slice 0 is near; slice 1's blob still is not
+    assert (wide["fp_rim"], wide["fp_region"]) == (19, 4)
+    empty = np.zeros_like(truth)
+    assert err.rim_region(empty, empty, 2) == {"tp": 0, "fp_rim": 0, "fp_region": 0, "fn_rim": 0, "fn_region": 0}
+    assert err.corrected(err.rim_region(empty, empty, 2), "rim") == 1.0
+
+
+def test_lgg_errors_hysteresis_keeps_components_that_reach_the_high_threshold():
+    err = _load("lgg_errors")
+    prob = np.zeros((3, 20, 20), np.float32)
+    prob[0:2, 2:6, 2:6] = 0.4   # a halo over two slices around one confident voxel
+    prob[1, 3, 3] = 0.95
+    prob[1, 12:15, 12:15] = 0.6  # never confident
+    strict = err.hysteresis(prob, 0.3, 0.9)
+    assert strict.sum() == 32 and strict[0:2, 2:6, 2:6].all()
+    assert err.hysteresis(prob, 0.3, 0.5).sum() == 32 + 9
+    assert err.hysteresis(prob, 0.5, 0.9).sum() == 1
+    assert not err.hysteresis(np.zeros_like(prob), 0.1, 0.5).any()
+
+
+def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, capsys):
+    """The shipped model as fold 0 of a run holding out both tiny-sample patients: the script's
+    per-patient Dice is the Segmenter's, and rim + region corrections are consistent."""
+    import shutil
+    import sys
+
+    import yaml
+
+    from medseg.data.prepare import prepare
+    from medseg.data.prepared import PreparedDataset
+    from medseg.evaluation.metrics import case_dice
+    from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR, Segmenter
+
+    src = ROOT / "tests" / "fixtures" / "lgg_tiny" / "kaggle_3m"
+    if not src.is_dir():
+        pytest.skip("tests/fixtures/lgg_tiny is missing (python scripts/make_fixtures.py)")
+    ds = PreparedDataset.open(prepare("lgg", src, tmp_path / "prepared", workers=1))
+    run = tmp_path / "run"
+    (run / "fold_0").mkdir(parents=True)
+    shutil.copy(WEIGHTS_DIR / SHIPPED["lgg-unet"], run / "fold_0" / "model.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"prepared": str(tmp_path / "prepared")}}))
+    ids = [c.id for c in ds.cases]
+    (run / "splits.json").write_text(json.dumps({"folds": [{"train": [], "val": ids}]}))
+    out = tmp_path / "errors.json"
+    monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(run), "--folds", "0", "--no-tta", "--threshold", "0.4",
+                                      "--small", "400", "--rim", "2", "--out", str(out)])
+    _load("lgg_errors").main()
+    got = json.loads(out.read_text())
+    seg = Segmenter.load(run / "fold_0" / "model.pt", tta=False)
+    for i, cid in enumerate(ids):
+        truth = np.asarray(ds.mask(i))[:, 0] > 0
+        prob = seg.predict(np.asarray(ds.image(i)), probabilities=True).prob[:, 0].astype(np.float32)
+        p = got["patients"][cid]
+        assert p["dice"] == pytest.approx(case_dice(prob > 0.4, truth, empty="one"))
+        assert p["tumour_voxels"] == int(truth.sum())
+        e = p["errors"]["2"]
+        assert e["tp"] + e["fn_rim"] + e["fn_region"] == int(truth.sum())
+        assert e["tp"] + e["fp_rim"] + e["fp_region"] == int((prob > 0.4).sum())
+    assert got["threshold"] == 0.4 and got["n_patients"] == 2
+    assert got["rules"]["threshold 0.4"]["mean"] == pytest.approx(got["at_threshold"]["mean"])
+    assert "voxel-level rules" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="nowhere: not a training run"):
+        _load("lgg_errors").main()
