@@ -43,14 +43,20 @@ def tuned_postprocess(where: Path) -> dict:
     f = where if where.is_file() else where / "tune.json"
     if not f.is_file():
         sys.exit(f"{f}: no such file (run `medseg tune {where}` first, or give a tune.json)")
-    t = json.loads(f.read_text())
-    return {"thresholds": [c["threshold"] for c in t["classes"]], "presence": [c["presence"] for c in t["classes"]],
-            "largest_cc": t["largest_cc"], "components": t["components"]}
+    try:
+        t = json.loads(f.read_text())
+        return {"thresholds": [c["threshold"] for c in t["classes"]], "presence": [c["presence"] for c in t["classes"]],
+                "largest_cc": t["largest_cc"], "components": t["components"]}
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{f}: not a tune.json written by `medseg tune` ({type(e).__name__}: {e})")
 
 
 def _bundle(run: Path, fold: int, size: int | None, tmp: Path) -> Path:
     """RUN/fold_K/model.pt, or a copy of it that resizes slices to ``size`` (a scale TTA member)."""
     src = run / f"fold_{fold}" / "model.pt"
+    if not src.is_file():
+        trained = sorted(d.name for d in run.glob("fold_*") if (d / "model.pt").is_file())
+        sys.exit(f"{src}: no such file: fold {fold} of {run} was not trained (trained: {', '.join(trained) or 'none'})")
     if size is None:
         return src
     from medseg.inference.bundle import load_bundle, save_bundle

@@ -95,6 +95,8 @@ def test_cv_dice_scale_members_are_the_same_weights_fed_another_size(tmp_path):
     assert orig["input"]["size"] == [128, 128] and got["input"]["size"] == [160, 160]
     assert all(torch.equal(v, got["state_dict"][k]) for k, v in orig["state_dict"].items())
     assert len(got["members"]) == len(orig["members"]) == 1
+    with pytest.raises(SystemExit, match=r"fold_1/model.pt: no such file: fold 1 of .*run was not trained \(trained: fold_0\)"):
+        cv._bundle(tmp_path / "run", 1, None, tmp_path / "tmp")
     with pytest.raises(SystemExit, match="divisible by 32"):
         cv._bundle(tmp_path / "run", 0, 100, tmp_path / "tmp")
     orig["input"]["resize"] = False
@@ -182,3 +184,17 @@ def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, cap
     monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(tmp_path / "nowhere"), "--out", str(out)])
     with pytest.raises(SystemExit, match="nowhere: not a training run"):
         _load("lgg_errors").main()
+
+
+def test_cv_dice_names_a_damaged_tune_json(tmp_path):
+    cv = _load("lgg_cv_dice")
+    (tmp_path / "tune.json").write_text('{"classes": [{"threshold": 0.3')
+    with pytest.raises(SystemExit, match=r"tune.json: not a tune.json written by `medseg tune` \(JSONDecodeError"):
+        cv.tuned_postprocess(tmp_path)
+    (tmp_path / "tune.json").write_text('{"classes": []}')
+    with pytest.raises(SystemExit, match=r"not a tune.json .*KeyError: 'largest_cc'"):
+        cv.tuned_postprocess(tmp_path / "tune.json")
+    (tmp_path / "tune.json").write_text(json.dumps({"classes": [{"threshold": 0.3, "presence": None}],
+                                                    "largest_cc": False, "components": None}))
+    assert cv.tuned_postprocess(tmp_path) == {"thresholds": [0.3], "presence": [None], "largest_cc": False,
+                                              "components": None}
