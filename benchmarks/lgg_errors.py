@@ -35,11 +35,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 Rule = Callable[[np.ndarray], np.ndarray]
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    s = int(pred.sum()) + int(truth.sum())
-    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
-
-
 def rim_region(pred: np.ndarray, truth: np.ndarray, r: int) -> dict[str, int]:
     """False positives and negatives of ``pred`` against ``truth`` (``[z, h, w]`` bool), split into rim
     errors (within ``r`` pixels in-plane of the other mask, 8-connected steps) and region errors."""
@@ -106,6 +101,8 @@ def _fold_mean(per: dict[str, float], fold_of: dict[str, int]) -> tuple[float, f
 def main() -> None:
     from lgg_cv_dice import out_of_fold, parse_run, tuned_postprocess
 
+    from medseg.evaluation.metrics import case_dice
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="RUN[,RUN...]: a run, or runs trained on the same split (probabilities averaged)")
     ap.add_argument("--folds", default="0,1,2,3,4")
@@ -136,11 +133,11 @@ def main() -> None:
         m = prob > t
         tp = int((m & truth).sum())
         fold_of[cid] = k
-        patients[cid] = {"fold": k, "dice": dice(m, truth), "recall": tp / max(int(truth.sum()), 1),
+        patients[cid] = {"fold": k, "dice": case_dice(m, truth), "recall": tp / max(int(truth.sum()), 1),
                          "precision": tp / max(int(m.sum()), 1), "tumour_voxels": int(truth.sum()),
                          "errors": {str(r): rim_region(m, truth, r) for r in widths}}
         for n, rule in table.items():
-            by_rule[n][cid] = dice(rule(prob), truth)
+            by_rule[n][cid] = case_dice(rule(prob), truth)
     small = {c for c, p in patients.items() if p["tumour_voxels"] < args.small}
 
     def group(per: dict[str, float]) -> dict[str, float]:
