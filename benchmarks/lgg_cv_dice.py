@@ -114,6 +114,13 @@ def score_row(runs: list[Path], folds: list[int], tta: bool | None, pp: dict | N
     return out
 
 
+def fold_summary(per: dict[str, dict[str, float]]) -> dict:
+    """``per[fold][patient]`` scores -> each fold's mean, and their mean and std over folds."""
+    fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
+    return {"per_fold": fold_means, "mean": float(np.mean(list(fold_means.values()))),
+            "std": float(np.std(list(fold_means.values())))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...], each RUN optionally RUN@SIZE")
@@ -137,10 +144,7 @@ def main() -> None:
                 sys.exit(f"{r}: not a training run (no splits.json and config.yaml)")
         t0 = time.perf_counter()
         per = score_row(runs, folds, args.tta, pp, sizes)
-        fold_means = {k: float(np.mean(list(v.values()))) for k, v in per.items()}
-        result["rows"][name] = {"runs": [str(r) + (f"@{z}" if z else "") for r, z in zip(runs, sizes)], "per_fold": fold_means,
-                                "mean": float(np.mean(list(fold_means.values()))),
-                                "std": float(np.std(list(fold_means.values()))),
+        result["rows"][name] = {"runs": [str(r) + (f"@{z}" if z else "") for r, z in zip(runs, sizes)], **fold_summary(per),
                                 "per_patient": per, "seconds": time.perf_counter() - t0}
     head = f"{'row':<24}" + "".join(f"{'fold ' + str(k):>9}" for k in folds) + f"{'mean ± std':>18}"
     print(head)

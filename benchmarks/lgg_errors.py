@@ -42,10 +42,9 @@ def rim_region(pred: np.ndarray, truth: np.ndarray, r: int) -> dict[str, int]:
 
     st = np.zeros((3, 3, 3), bool)
     st[1] = True  # in-plane only: a slice's outline, not its neighbours
-    near = {"t": ndimage.binary_dilation(truth, st, iterations=r) if truth.any() else truth,
-            "p": ndimage.binary_dilation(pred, st, iterations=r) if pred.any() else pred}
     fp, fn = pred & ~truth, truth & ~pred
-    fp_rim, fn_rim = int((fp & near["t"]).sum()), int((fn & near["p"]).sum())
+    fp_rim = int((fp & ndimage.binary_dilation(truth, st, iterations=r)).sum())
+    fn_rim = int((fn & ndimage.binary_dilation(pred, st, iterations=r)).sum())
     return {"tp": int((pred & truth).sum()), "fp_rim": fp_rim, "fp_region": int(fp.sum()) - fp_rim,
             "fn_rim": fn_rim, "fn_region": int(fn.sum()) - fn_rim}
 
@@ -92,14 +91,8 @@ def rules(t: float) -> dict[str, Rule]:
     return out
 
 
-def _fold_mean(per: dict[str, float], fold_of: dict[str, int]) -> tuple[float, float, list[float]]:
-    folds = sorted(set(fold_of.values()))
-    means = [float(np.mean([v for c, v in per.items() if fold_of[c] == k])) for k in folds]
-    return float(np.mean(means)), float(np.std(means)), means
-
-
 def main() -> None:
-    from lgg_cv_dice import out_of_fold, parse_run, tuned_postprocess
+    from lgg_cv_dice import fold_summary, out_of_fold, parse_run, tuned_postprocess
 
     from medseg.evaluation.metrics import case_dice
 
@@ -141,8 +134,10 @@ def main() -> None:
     small = {c for c, p in patients.items() if p["tumour_voxels"] < args.small}
 
     def group(per: dict[str, float]) -> dict[str, float]:
-        mean, std, folds = _fold_mean(per, fold_of)
-        return {"mean": mean, "std": std, "per_fold": folds, f"small (<{args.small})": float(np.mean([per[c] for c in small])) if small else None,
+        by_fold: dict[str, dict[str, float]] = {}
+        for c, v in per.items():
+            by_fold.setdefault(str(fold_of[c]), {})[c] = v
+        return {**fold_summary(by_fold), f"small (<{args.small})": float(np.mean([per[c] for c in small])) if small else None,
                 "others": float(np.mean([v for c, v in per.items() if c not in small]))}
 
     base = {c: p["dice"] for c, p in patients.items()}
