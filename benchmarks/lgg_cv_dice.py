@@ -84,6 +84,7 @@ def out_of_fold(runs: list[Path], folds: list[int], tta: bool | None, pp: dict |
     each fold, segmented by the (ensembled) runs' fold-K model; ``sizes`` (one per run, None: the run's
     own) feeds a run's model slices of another size."""
     from medseg.data.prepared import PreparedDataset
+    from medseg.errors import MedsegError
     from medseg.inference.segmenter import Segmenter
 
     sizes = sizes or [None] * len(runs)
@@ -95,7 +96,10 @@ def out_of_fold(runs: list[Path], folds: list[int], tta: bool | None, pp: dict |
             if sorted(_val_ids(r, k)) != sorted(ids):
                 sys.exit(f"{r}: fold {k} holds out other patients than {runs[0]}'s fold {k}: not comparable")
         with tempfile.TemporaryDirectory() as tmp:
-            seg = Segmenter.load([_bundle(r, k, z, Path(tmp)) for r, z in zip(runs, sizes)], tta=tta)
+            try:
+                seg = Segmenter.load([_bundle(r, k, z, Path(tmp)) for r, z in zip(runs, sizes)], tta=tta)
+            except MedsegError as e:  # a damaged or mismatched model.pt: its one-line message, no traceback
+                sys.exit(str(e))
         for cid in ids:
             i = ds.index(cid)
             pred = seg.predict(np.asarray(ds.image(i)), probabilities=probabilities, spatial_dims=ds.spatial_dims,

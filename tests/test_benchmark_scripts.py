@@ -180,6 +180,11 @@ def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, cap
     assert got["threshold"] == 0.4 and got["n_patients"] == 2
     assert got["rules"]["threshold 0.4"]["mean"] == pytest.approx(got["at_threshold"]["mean"])
     assert "voxel-level rules" in capsys.readouterr().out
+    (run / "fold_0" / "model.pt").write_bytes((run / "fold_0" / "model.pt").read_bytes()[:1000])
+    monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(run), "--folds", "0", "--out", str(tmp_path / "again.json")])
+    with pytest.raises(SystemExit, match=r"fold_0/model.pt: cannot read model bundle: damaged"):
+        _load("lgg_errors").main()
+    assert not (tmp_path / "again.json").exists()
     monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(tmp_path / "nowhere"), "--out", str(out)])
     with pytest.raises(SystemExit, match="nowhere: not a training run"):
         _load("lgg_errors").main()
