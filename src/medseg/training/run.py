@@ -358,7 +358,9 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         accumulate_grad_batches=cfg.train.accumulate,
         deterministic=cfg.train.deterministic if accel == "cpu" else ("warn" if cfg.train.deterministic else False),
         use_distributed_sampler=False,
-        logger=TensorBoardLogger(save_dir=str(fold_dir), name="tb", version="", default_hp_metric=False),
+        # flush_secs bounds the wait at Ctrl-C: a KeyboardInterrupt landing in the event writer's queue can
+        # lose its wake-up, and Lightning's teardown then joins the writer until its next flush (default 120 s)
+        logger=TensorBoardLogger(save_dir=str(fold_dir), name="tb", version="", default_hp_metric=False, flush_secs=5),
         callbacks=callbacks,
         plugins=[atomic_checkpoint_io()],
         enable_progress_bar=interactive,
