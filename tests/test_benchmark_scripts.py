@@ -139,6 +139,26 @@ def test_lgg_errors_hysteresis_keeps_components_that_reach_the_high_threshold():
     assert not err.hysteresis(np.zeros_like(prob), 0.1, 0.5).any()
 
 
+def test_lgg_errors_best_choice_of_components_by_hand():
+    err = _load("lgg_errors")
+    truth = np.zeros((3, 30, 30), bool)
+    truth[0, 0, 0:10] = True
+    pred = np.zeros_like(truth)
+    pred[0, 0, 0:8] = pred[0, 1, 0:2] = True   # 8 of the tumour, 2 outside
+    pred[0, 0:20, 9] = True                    # 1 of the tumour in a 20-voxel streak
+    pred[2, 20:25, 20] = True                  # a false region
+    # {first}: 16 / (10 + 10); adding the streak (1/20 inside) or the false region only lowers it
+    assert err.best_components(pred, truth) == pytest.approx(0.8)
+    truth[0, 5, 0:10] = True
+    pred[0, 5, 2:8] = pred[0, 6, 2:4] = True   # 6 of a second tumour region, 2 outside
+    # {first, second}: 2 (8 + 6) / (10 + 8 + 20); with the streak (now 2 of 20 inside): 32 / 58
+    assert err.best_components(pred, truth) == pytest.approx(28 / 38)
+    empty = np.zeros_like(truth)
+    assert err.best_components(empty, empty) == 1.0
+    assert err.best_components(pred, empty) == 1.0   # every component dropped
+    assert err.best_components(empty, truth) == 0.0
+
+
 def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, capsys):
     """The shipped model as fold 0 of a run holding out both tiny-sample patients: the script's
     per-patient Dice is the Segmenter's, and rim + region corrections are consistent."""
@@ -179,6 +199,9 @@ def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, cap
         assert e["tp"] + e["fp_rim"] + e["fp_region"] == int((prob > 0.4).sum())
     assert got["threshold"] == 0.4 and got["n_patients"] == 2
     assert got["rules"]["threshold 0.4"]["mean"] == pytest.approx(got["at_threshold"]["mean"])
+    best = got["corrected"]["best choice of components, threshold 0.4"]["mean"]
+    assert best >= got["rules"]["threshold 0.4 + largest component"]["mean"] - 1e-12
+    assert best >= got["at_threshold"]["mean"] - 1e-12
     assert "voxel-level rules" in capsys.readouterr().out
     (run / "fold_0" / "model.pt").write_bytes((run / "fold_0" / "model.pt").read_bytes()[:1000])
     monkeypatch.setattr(sys, "argv", ["lgg_errors.py", str(run), "--folds", "0", "--out", str(tmp_path / "again.json")])
