@@ -78,16 +78,18 @@ def best_components(pred: np.ndarray, truth: np.ndarray) -> float:
     prefixes of the components sorted by that share (the empty one included)."""
     from scipy import ndimage
 
-    lab, n = ndimage.label(pred)
     t = int(truth.sum())
+    if t == 0:
+        return 1.0  # every component dropped: both empty
+    lab, n = ndimage.label(pred)
     if not n:
-        return 1.0 if t == 0 else 0.0
+        return 0.0
     vol = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     hit = np.bincount(lab[truth], minlength=n + 1)[1:]
     order = np.argsort(-hit / vol, kind="stable")
     num = 2.0 * np.concatenate([[0], np.cumsum(hit[order])])
     den = t + np.concatenate([[0], np.cumsum(vol[order])])
-    return 1.0 if t == 0 else float((num / den).max())
+    return float((num / den).max())
 
 
 def rules(t: float) -> dict[str, Rule]:
