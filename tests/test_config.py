@@ -81,8 +81,11 @@ def test_overrides_parse_yaml_values_and_create_nested_keys(tmp_path):
     assert cfg.model.kwargs == {"base": 8}
     assert cfg.data.prepared == "/abs/data"
     assert cfg.optim.name == "sgd" and cfg.train.ema == 0.99
-    with pytest.raises(MedsegError, match="unknown key 'train.nope'"):
+    with pytest.raises(MedsegError, match="--set train.nope: train has no key 'nope'") as e:
         load_config(p, {"train.nope": "1"})
+    assert e.value.path is None  # the command line's typo, not the file's
+    with pytest.raises(MedsegError, match=r"--set train.epoch: train has no key 'epoch' \(did you mean 'train.epochs'\?\)"):
+        load_config(p, {"train.epoch": "1"})
     with pytest.raises(MedsegError, match="'data' is not a section"):
         apply_overrides({"data": 3}, {"data.x": "1"})
 

@@ -260,6 +260,12 @@ def test_uwmgi_submission(tmp_path: Path):
     prep = prepare("uwmgi", root, tmp_path / "prep", folds=2, workers=1)
     s2 = evaluate(tmp_path / "sub.csv", prep, out=tmp_path / "ev1b", report=False)
     assert s2["uwmgi"] == s["uwmgi"]
+    # --uw-score mlebench: the public grader's definition, from the same submission
+    s3 = evaluate(tmp_path / "sub.csv", root, out=tmp_path / "ev1c", report=False, uw_score="mlebench")
+    ref3 = uwmgi_score(sub, {(i, c): r for i, per in truth.items() for c, r in per.items()}, shapes, variant="mlebench")
+    assert s3["uwmgi"]["variant"] == "mlebench" and s["uwmgi"]["variant"] == "competition"
+    assert s3["uwmgi"]["score"] == pytest.approx(ref3.score, abs=1e-12)
+    assert s3["uwmgi"]["dice"] == pytest.approx(s["uwmgi"]["dice"], abs=1e-12)
     assert read_csv(tmp_path / "ev1b" / "metrics.csv") == read_csv(tmp_path / "ev1" / "metrics.csv")
     # malformed submissions
     items = list(sub.items())
@@ -282,3 +288,36 @@ def test_cli_errors(tmp_path: Path):
 
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), str(LGG), "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, MedsegError) and "no such file or folder" in str(res.exception)
+
+
+def test_plain_folder_of_label_maps_as_truth(tmp_path: Path):
+    """TRUTH may be a bare folder of label maps; predictions are paired with it by file name."""
+    from PIL import Image
+
+    t1 = np.zeros((10, 10), np.uint8)
+    t1[2:6, 2:6] = 1
+    t1[7:9, 7:9] = 2
+    p1 = t1.copy()
+    p1[2:4, 2:6] = 0  # half of label 1 missed
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred" / "masks").mkdir(parents=True)
+    Image.fromarray(t1).save(tmp_path / "truth" / "a.png")
+    Image.fromarray(p1).save(tmp_path / "pred" / "masks" / "a.png")  # as `medseg predict` lays them out
+    s = evaluate(tmp_path / "pred", tmp_path / "truth", out=tmp_path / "ev", report=False)
+    assert s["classes"] == ["label_1", "label_2"]
+    assert s["per_class"]["label_1"]["dice"]["mean"] == pytest.approx(2 * 8 / (16 + 8))
+    assert s["per_class"]["label_2"]["dice"]["mean"] == 1.0
+    assert s["conventions"]["distance_unit"] == "px"
+
+
+def test_label_folder_of_nifti_volumes_keeps_spacing_in_mm(tmp_path: Path):
+    import nibabel as nib
+
+    lab = np.zeros((8, 9, 6), np.uint8)
+    lab[2:5, 2:6, 1:4] = 1
+    for d in ("truth", "pred"):
+        (tmp_path / d).mkdir()
+        nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 3.0, 1.0])), str(tmp_path / d / "c1.nii.gz"))
+    s = evaluate(tmp_path / "pred", tmp_path / "truth", out=tmp_path / "ev", report=False)
+    assert s["per_class"]["foreground"]["dice"]["mean"] == 1.0
+    assert s["conventions"]["distance_unit"] == "mm" and s["spatial_dims"] == 3

@@ -47,13 +47,28 @@ def test_binary_masks(tmp_path):
     assert get_reader("folder", classes=["tumor"]).scan(tmp_path).classes == ["tumor"]
 
 
-def test_blurred_grey_binary_mask_thresholds_at_half(tmp_path):
+def test_grey_binary_mask_is_an_error_unless_a_threshold_is_given(tmp_path):
     _save(tmp_path / "images" / "a.png", np.zeros((1, 4), np.uint8))
     _save(tmp_path / "masks" / "a.png", np.array([[0, 100, 128, 255]], np.uint8))
     reader = get_reader("folder")
     spec = reader.scan(tmp_path)
     assert spec.meta["mask_mode"] == "binary"
+    with pytest.raises(MedsegError, match=r"masks/a.png: a binary mask must hold \{0, 255\} or \{0, 1\}; "
+                                          r"found values \{0, 100, 128, 255\}.*mask_threshold"):
+        reader.load(spec, spec.cases[0])
+    reader = get_reader("folder", mask_threshold="127")
+    spec = reader.scan(tmp_path)
     np.testing.assert_array_equal(reader.load(spec, spec.cases[0]).mask[0, 0], [[0, 0, 1, 1]])
+
+
+def test_binary_masks_stored_as_0_1_and_0_255_read_alike(tmp_path):
+    for stem, scale in (("a", 1), ("b", 255)):
+        _save(tmp_path / "images" / f"{stem}.png", np.zeros((1, 4), np.uint8))
+        _save(tmp_path / "masks" / f"{stem}.png", np.array([[0, 1, 1, 0]], np.uint8) * scale)
+    reader = get_reader("folder", mask_mode="binary")
+    spec = reader.scan(tmp_path)
+    for case in spec.cases:
+        np.testing.assert_array_equal(reader.load(spec, case).mask[0, 0], [[0, 1, 1, 0]])
 
 
 def test_label_masks(tmp_path):
@@ -81,7 +96,7 @@ def test_label_masks(tmp_path):
     # more labels in a mask than classes given
     two = get_reader("folder", mask_mode="labels", classes=["liver", "kidney"])
     spec2 = two.scan(tmp_path)
-    with pytest.raises(MedsegError, match=r"label 3 in a mask but only 2 classes \(liver, kidney\)") as e:
+    with pytest.raises(MedsegError, match=r"x1.png: label values \[3\] in a mask but only labels 0..2 are declared \(liver, kidney\)") as e:
         two.load(spec2, spec2.cases[0])
     assert e.value.path.endswith("x1.png")
 

@@ -256,3 +256,33 @@ def test_list_of_pairs_option_missing(tmp_path: Path):
     with pytest.raises(MedsegError, match="list of pairs not found") as e:
         get_reader("nifti", pairs="nope.csv").scan(tmp_path)
     assert e.value.path == str(tmp_path / "nope.csv")
+
+
+def test_patient_regex_groups_time_points_into_one_patient(copy: Path):
+    for f in ("imagesTr", "labelsTr"):  # two time points of patient 001 and one of 004
+        (copy / f / "hippocampus_003.nii.gz").rename(copy / f / "hippocampus_001-t2.nii.gz")
+    spec = get_reader("nifti", patient_regex=r"^(hippocampus_\d+)").scan(copy)
+    assert {c.id: c.patient for c in spec.cases} == {
+        "hippocampus_001": "hippocampus_001", "hippocampus_001-t2": "hippocampus_001",
+        "hippocampus_004": "hippocampus_004"}
+    with pytest.raises(MedsegError, match="does not match patient_regex"):
+        get_reader("nifti", patient_regex=r"^(case\d+)").scan(copy)
+
+
+def test_label_on_another_grid_is_refused_within_tolerance(copy: Path):
+    """A label shifted by 0.0001 voxel is the same grid (float32 headers); by half a voxel it is not."""
+    lab = copy / "labelsTr" / "hippocampus_001.nii.gz"
+    img = nib.load(str(lab))
+    reader = get_reader("nifti")
+    for shift, ok in ((1e-4, True), (0.5, False)):
+        aff = img.affine.copy()
+        aff[1, 3] += shift
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff, img.header), str(lab))
+        spec = reader.scan(copy)
+        case = next(c for c in spec.cases if c.id == "hippocampus_001")
+        if ok:
+            assert reader.load(spec, case).mask.any()
+        else:
+            with pytest.raises(MedsegError, match="affine differs from its image's") as e:
+                reader.load(spec, case)
+            assert e.value.path == str(lab)

@@ -42,3 +42,18 @@ def test_cli_predicts_the_unseen_bundled_patients_well(tmp_path):
         assert p.shape == t.shape  # every slice, in the input's 256 x 256
         dice.append(1.0 if not t.any() and not p.any() else 2 * (t & p).sum() / (t.sum() + p.sum()))
     assert np.mean(dice) >= 0.70, dice  # measured 0.738 (per patient 0-0.92), docs/models/lgg-unet.md
+
+
+def test_python_api_returns_mask_and_probabilities():
+    """``Segmenter.load(...).predict(...)`` gives ``.mask`` and ``.prob`` (as the README says), and the mask is
+    the probability's decision; ``probabilities=False`` leaves ``.prob`` out to save memory."""
+    from medseg import Segmenter
+
+    seg = Segmenter.load("lgg-unet", tta=False)
+    pred = seg.predict(FIXTURES / "lgg_tiny" / "kaggle_3m" / "TCGA_CS_5393_19990606")
+    assert pred.prob is not None and pred.prob.shape == pred.mask.shape == (4, 1, 256, 256)
+    t = seg.spec["postprocess"]["thresholds"][0]  # tuned into the shipped bundle
+    p = pred.prob[:, 0].astype(np.float32)
+    clear = np.abs(p - t) > 1e-3  # float16 probabilities: pixels at the threshold may round either way
+    assert pred.mask.any() and np.array_equal((pred.mask[:, 0] > 0)[clear], (p > t)[clear])
+    assert seg.predict(FIXTURES / "lgg_tiny" / "kaggle_3m" / "TCGA_CS_5393_19990606", probabilities=False).prob is None

@@ -302,3 +302,17 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
     got = seg.predict(x, postprocess_overrides={"largest_cc": False}).mask[:, 0]
     near = np.abs(p - 0.3) < 1e-3  # fp16 storage of the probabilities
     np.testing.assert_array_equal(got[~near], (p > 0.3)[~near])
+
+
+def test_evaluate_run_applies_the_tuned_rules_and_says_so(tmp_path, prepared):
+    """`medseg evaluate RUN` scores the masks `medseg predict` would write: after tune, with its rules."""
+    from medseg.evaluation.evaluate import evaluate
+
+    run = _fake_run(tmp_path, prepared)
+    before = evaluate(run, out=tmp_path / "e0", report=False)
+    assert before["decision"].startswith("training's own decision")
+    tune(run)
+    after = evaluate(run, out=tmp_path / "e1", report=False)
+    assert "medseg tune" in after["decision"] and "optimistic" in after["decision"]
+    assert after["dataset"]["mean_dice"] == 1.0 > before["dataset"]["mean_dice"]
+    assert after["uwmgi"]["score"] == 1.0 > before["uwmgi"]["score"]

@@ -127,3 +127,100 @@ def test_errors_name_the_problem():
         uwmgi_score({k: "1 2 5" for k in truth}, truth, shapes)
     with pytest.raises(MedsegError, match="past the image end"):
         uwmgi_score({k: "10 10" for k in truth}, truth, shapes)
+
+
+# ------------------------------------------------------------------ the mle-bench grader's variant
+def grader_reference(sub_rows, answer_rows, shapes):
+    """The public mle-bench grader's computation, written out here from its published description:
+    rows in the answers' order; RLE decoded column-major; Dice per row (both empty skipped); per
+    case-day, the classes OR-ed per slice and slices stacked in id order; Hausdorff on coordinates over
+    the shape with the grader's shortcuts (equal 0, one side empty 1, prediction > 10x truth 1)."""
+    def decode_f(rle, h, w):
+        m = np.zeros(h * w, np.uint8)
+        vals = [int(v) for v in (rle or "").split()]
+        for s, n in zip(vals[0::2], vals[1::2]):
+            m[s - 1:s - 1 + n] = 1
+        return m.reshape((w, h)).T
+
+    subs = [decode_f(r, *shapes[i]) for i, _, r in sub_rows]
+    ans = [decode_f(r, *shapes[i]) for i, _, r in answer_rows]
+    dices = []
+    for p, t in zip(subs, ans):
+        if p.sum() == 0 and t.sum() == 0:
+            continue
+        dices.append(2 * (p * t).sum() / (p.sum() + t.sum()))
+
+    def by_day(masks, rows):
+        slices: dict = {}
+        for m, (i, _, _) in sorted(zip(masks, rows), key=lambda x: x[1][0]):
+            slices.setdefault(i, []).append(m)
+        days: dict = {}
+        for i, ms in slices.items():
+            days.setdefault(i.split("_slice_")[0], []).append(np.logical_or.reduce(ms).astype(np.uint8))
+        return {d: np.stack(v) for d, v in days.items()}
+
+    sp, sa = by_day(subs, sub_rows), by_day(ans, answer_rows)
+    hds = []
+    for d in sa:
+        p, t = sp[d], sa[d]
+        if p.sum() == 0 and t.sum() == 0:
+            continue
+        if np.array_equal(p, t):
+            hds.append(0.0)
+        elif p.sum() == 0 or t.sum() == 0 or p.sum() > 10 * t.sum():
+            hds.append(1.0)
+        else:
+            a, b = np.argwhere(t) / t.shape, np.argwhere(p) / t.shape
+            hds.append(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]) / math.sqrt(3))
+    return 0.4 * float(np.mean(dices)) + 0.6 * (1 - float(np.mean(hds)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mlebench_variant_agrees_with_the_graders_computation(seed):
+    pred, truth, shapes = synthetic(seed, shape=(20, 24))  # not square: the pixel order matters
+    rows_t = [(i, c, encode(truth[(i, c)])) for i, c in sorted(truth)]
+    rows_p = [(i, c, encode(pred[(i, c)])) for i, c, _ in rows_t]
+    expected = grader_reference(rows_p, rows_t, shapes)
+    got = uwmgi_score({(i, c): r for i, c, r in rows_p}, {(i, c): r for i, c, r in rows_t}, shapes, variant="mlebench")
+    assert got.score == pytest.approx(expected, abs=1e-9)
+    arrays = uwmgi_score(pred, truth, shapes, variant="mlebench")  # masks instead of RLE strings: the same
+    assert arrays.score == pytest.approx(expected, abs=1e-9)
+    competition = uwmgi_score(pred, truth, shapes)
+    assert competition.dice == pytest.approx(got.dice, abs=1e-12)  # only the Hausdorff term differs
+    assert abs(competition.score - got.score) > 1e-4
+
+
+def test_mlebench_variant_large_prediction_shortcut_and_speed():
+    """A prediction over 10x the truth's volume scores distance 1 without computing it; a large one under
+    that bound is computed exactly (distance transform), not by pairwise distances."""
+    import time
+
+    shape = (266, 266)
+    ids = [f"case1_day1_slice_{z:04d}" for z in range(1, 81)]
+    shapes = {i: shape for i in ids}
+    truth, pred = {}, {}
+    for z, i in enumerate(ids):
+        t = np.zeros(shape, np.uint8)
+        t[100:160, 100:160] = 1
+        p = np.zeros(shape, np.uint8)
+        p[60:230, 40:240] = 1  # about 9.4x the truth: computed
+        for c in CLASSES:
+            truth[(i, c)], pred[(i, c)] = (t, p) if c == "stomach" else (np.zeros(shape, np.uint8),) * 2
+    t0 = time.perf_counter()
+    got = uwmgi_score(pred, truth, shapes, variant="mlebench")
+    assert time.perf_counter() - t0 < 60  # 80 slices of 266², 1.4 M predicted voxels: seconds, not minutes
+    # by hand: the truth lies inside the prediction; the farthest predicted voxel (229, 239) is 70 rows and
+    # 80 columns from the truth's box, on coordinates divided by 266
+    hd = math.hypot(70 / 266, 80 / 266) / math.sqrt(3)
+    dice = 2 * 60 * 60 / (60 * 60 + 170 * 200)
+    assert got.hd == pytest.approx(hd, abs=1e-12)
+    assert got.score == pytest.approx(0.4 * dice + 0.6 * (1 - hd), abs=1e-12)
+    for i in ids:
+        pred[(i, "stomach")] = np.ones(shape, np.uint8)  # 19.6x: the grader's shortcut
+    assert uwmgi_score(pred, truth, shapes, variant="mlebench").hd == 1.0
+
+
+def test_unknown_variant_is_refused():
+    pred, truth, shapes = synthetic(0, days=1, slices=2)
+    with pytest.raises(MedsegError, match="--uw-score must be one of competition, mlebench"):
+        uwmgi_score(pred, truth, shapes, variant="kaggle")

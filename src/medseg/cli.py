@@ -14,6 +14,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("medseg")
+        except PackageNotFoundError:
+            v = "unknown (not installed)"
+        print(f"medseg {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Medical image segmentation, fast on a CPU."""
+
+
+def plural(n: int, word: str) -> str:
+    """``1 case``, ``2 cases``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for p in pairs or []:
@@ -34,11 +58,12 @@ def formats() -> None:
     t = Table(title="dataset formats")
     t.add_column("name")
     t.add_column("description")
+    t.add_column("patients (folds never split one)")
     t.add_column("options")
     for name in FORMATS.names():
         r = FORMATS.get(name)
         opts = ", ".join(f"{k}={f.default!r}" for k, f in r.Options.model_fields.items())
-        t.add_row(name, r.description, opts)
+        t.add_row(name, r.description, r.patients, opts)
     console.print(t)
 
 
@@ -70,8 +95,8 @@ def prepare(
     dt = time.perf_counter() - t0
     n_slices = ds.fingerprint["n_slices"]
     console.print(
-        f"[green]prepared[/] {len(ds)} cases, {len(ds.patients)} patients, {n_slices} slices "
-        f"in {dt:.1f} s ({n_slices / dt:.0f} slices/s) -> {out}"
+        f"[green]prepared[/] {plural(len(ds), 'case')}, {plural(len(ds.patients), 'patient')}, "
+        f"{plural(n_slices, 'slice')} in {dt:.1f} s ({n_slices / dt:.0f} slices/s) -> {out}"
     )
 
 
@@ -87,11 +112,14 @@ def inspect(
 
 
 @app.command()
-def models() -> None:
-    """List the registered models with their size, cost and speed on this machine."""
+def models(
+    benchmark: bool = typer.Option(False, "--benchmark", help="also build and time each model: parameters, GFLOPs, "
+                                   "forward images/s on this machine (takes a minute or two)"),
+) -> None:
+    """List the registered models (with --benchmark: size, cost and speed on this machine)."""
     from medseg.models.table import print_model_table
 
-    print_model_table(console)
+    print_model_table(console, benchmark=benchmark)
 
 
 @app.command()
@@ -118,18 +146,22 @@ def evaluate(
     truth: Optional[Path] = typer.Argument(None, help="prepared dataset or native layout with masks"),
     out: Optional[Path] = typer.Option(None, help="where to write metrics.csv, summary.json, report.html"),
     format: Optional[str] = typer.Option(None, help="reader for a native TRUTH layout (guessed if absent)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value for TRUTH, "
+                                               "as in prepare (e.g. -o masks=labels/ for DICOM)"),
     images: Optional[Path] = typer.Option(None, help="UW-Madison: the train/ image folder beside train.csv"),
     empty: str = typer.Option("skip", help="empty-vs-empty convention for Dice/HD: skip (NaN), one, zero"),
     nsd_tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
     report: bool = typer.Option(True, help="also write report.html (plots and overlays)"),
+    uw_score: str = typer.Option("competition", help="UW-Madison score: 'competition' (its written definition) or "
+                                 "'mlebench' (the public mle-bench grader's, for its medal thresholds)"),
 ) -> None:
     """Compare predictions with ground truth: metrics.csv, summary.json, report.html.
 
-    PRED is a predictions folder (the input's layout), a UW-Madison submission CSV, a prepared dataset, or a run directory (TRUTH omitted: its validation predictions are scored). Metrics and empty-mask conventions: docs/evaluation.md."""
+    PRED is a predictions folder (the input's layout), a UW-Madison submission CSV, a prepared dataset, or a run directory (TRUTH omitted: its validation predictions are scored). TRUTH may also be a plain folder of label maps (<case>.png or <case>.nii.gz), paired with PRED's files by name. Metrics and empty-mask conventions: docs/evaluation.md."""
     from medseg.evaluation.evaluate import evaluate as run_evaluate
 
     run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance,
-                 console=console, report=report)
+                 console=console, report=report, uw_score=uw_score, options=_kv(option, "--option"))
 
 
 @app.command()
@@ -207,21 +239,51 @@ def export(
     int8: Optional[Path] = typer.Option(None, help="PREPARED: quantize to int8, calibrated on slices of this prepared "
                                         "dataset; refused unless the masks agree with PyTorch's on 99.9% of pixels"),
     calibration_slices: int = typer.Option(64, help="--int8: slices to calibrate on (as many others check the result)"),
+    overwrite: bool = typer.Option(False, help="replace an existing OUTPUT (and its .json)"),
 ) -> None:
     """Export a model to ONNX with its pre- and post-processing description."""
     from medseg.inference.export import export_onnx, parse_size
 
     export_onnx(model, output, opset=opset, console=console, folds=folds,
-                size=parse_size(size) if size else None, int8=int8, calibration_slices=calibration_slices)
+                size=parse_size(size) if size else None, int8=int8, calibration_slices=calibration_slices,
+                overwrite=overwrite)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from medseg.errors import MedsegWarning
+
+    if issubclass(category, MedsegWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+def _os_error(e: OSError) -> str:
+    """``path: problem`` of an operating-system error (a read-only or full output folder, ...)."""
+    what = e.strerror or type(e).__name__
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 def main() -> None:
+    import warnings
+
+    global _default_showwarning
+    _default_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         app()
     except MedsegError as e:
         # plain stderr, never wrapped: users grep and copy the path from this line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # permissions, a full disk: the file and the system's reason, no traceback
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        warnings.showwarning = _default_showwarning
+
+
+_default_showwarning = None
 
 
 if __name__ == "__main__":

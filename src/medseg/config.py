@@ -311,7 +311,10 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise MedsegError(f"invalid YAML: {e}", path) from None
+        raise yaml_error(e, path) from None
+    except UnicodeDecodeError as e:
+        raise MedsegError(f"not a text file (byte {e.start} is not UTF-8)", path) from None
+    check_override_keys(overrides)
     if isinstance(doc, dict):
         apply_overrides(doc, overrides, path)
         # a path typed on the command line is relative to where it was typed, not to the config file
@@ -321,6 +324,45 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
             if isinstance(given, str) and isinstance(doc.get(sec), dict) and given.strip() and not _is_shipped(given):
                 doc[sec][name] = str(Path(given).expanduser().resolve())
     return parse_config(doc, path, base=path.resolve().parent)
+
+
+def yaml_error(e: yaml.YAMLError, path: Path) -> MedsegError:
+    """One line, ``file:line: problem``, for a YAML syntax error or a tag that would build an object."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.split("tag", 1)[1].strip(" '")
+        problem = f"tag {tag} is not allowed: a config holds plain values, never objects"
+    context = getattr(e, "context", None)
+    if context and not isinstance(e, yaml.constructor.ConstructorError):
+        problem = f"{' '.join(str(context).split())}: {problem}"
+    return MedsegError(f"invalid YAML: {problem}", where)
+
+
+def check_override_keys(overrides: dict[str, str] | None) -> None:
+    """Each ``--set a.b`` must name a config key: a typo is the command line's, with the nearest key."""
+    import difflib
+
+    for key in overrides or {}:
+        model: Any = ExperimentConfig
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            fields = getattr(model, "model_fields", None)
+            if fields is None:  # a free-form value (a dict option): anything below goes
+                break
+            if part not in fields:
+                close = difflib.get_close_matches(part, list(fields), n=1)
+                section = ".".join(parts[:i]) or "the config's top level"
+                hint = f"did you mean {'.'.join([*parts[:i], close[0]])!r}?" if close else f"known: {', '.join(fields)}"
+                raise MedsegError(f"--set {key}: {section} has no key {part!r}", hint=hint)
+            ann = fields[part].annotation
+            options = (ann, *getattr(ann, "__args__", ()))
+            if any(a is dict or getattr(a, "__origin__", None) is dict for a in options):
+                break  # a free-form mapping (model.kwargs): its keys are the model's to check
+            model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if model is None and i < len(parts) - 1:
+                raise MedsegError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
 
 
 def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:

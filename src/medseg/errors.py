@@ -1,6 +1,8 @@
-"""One exception type for every user-facing problem: the CLI prints it and exits non-zero."""
+"""One exception type for every user-facing problem, and one warning type for what medseg handles but
+the user should know: the CLI prints each as one line (``error: path: problem`` / ``warning: ...``)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 
@@ -15,3 +17,13 @@ class MedsegError(Exception):
         if hint:
             text += f" ({hint})"
         super().__init__(text)
+
+
+class MedsegWarning(UserWarning):
+    """Input that medseg handled in a stated way (the CLI prints ``warning: path: problem``)."""
+
+
+def warn(message: str, path: str | Path | None = None) -> None:
+    """Emit a :class:`MedsegWarning` naming ``path``."""
+    warnings.warn(f"{path}: {message}" if path is not None else message, MedsegWarning, stacklevel=2)
+

@@ -61,8 +61,9 @@ def inspect_dataset(path: str | Path, overlay: Path | None = None, console=None)
 
     console = console or Console()
     ds = PreparedDataset.open(path)
+    ds.verify()
     rows = summary(ds)
-    t = Table(title=f"prepared dataset {Path(path).name}")
+    t = Table(title=Path(path).name)
     t.add_column("what")
     t.add_column("value")
     for k, v in rows:

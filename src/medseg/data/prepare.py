@@ -8,20 +8,22 @@ statistics, so the parent never holds more than a case per worker.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
-from medseg.data.prepared import CaseRecord, PreparedWriter
+from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, case_stem
 from medseg.data.splits import make_splits
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 
 _SAMPLES_PER_CASE = 20_000
 _PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
@@ -37,15 +39,50 @@ class _CaseResult:
     class_slices: np.ndarray  # [k] int64
     voxels: int
     slices: int
+    warnings: list[str] = field(default_factory=list)
 
 
 def _process_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: CaseSpec, tmp: str) -> _CaseResult:
+    import warnings
+
+    from medseg.errors import MedsegWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedsegWarning)
+        result = _read_case(fmt, options, spec, case, tmp)
+    # warnings raised in a worker process travel back with the result and are shown by the parent
+    result.warnings = [str(w.message) for w in caught if issubclass(w.category, MedsegWarning)]
+    writer_root = Path(tmp)
+    stem = case_stem(case.id)
+    np.save(writer_root / f"cases/{stem}.sample.npy", result.intensity_sample)
+    done = {"record": asdict(result.record), "min": result.intensity_min.tolist(), "max": result.intensity_max.tolist(),
+            "class_voxels": result.class_voxels.tolist(), "class_slices": result.class_slices.tolist(),
+            "voxels": result.voxels, "slices": result.slices, "warnings": result.warnings}
+    tmp_done = writer_root / f"cases/{stem}.done.json.tmp-{os.getpid()}"
+    tmp_done.write_text(json.dumps(done))
+    os.replace(tmp_done, writer_root / f"cases/{stem}.done.json")  # last: the case is complete on disk
+    return result
+
+
+def _resumed(root: Path, done: dict[str, Any]) -> _CaseResult:
+    stem = case_stem(done["record"]["id"])
+    sample = np.load(root / f"cases/{stem}.sample.npy")
+    r = _CaseResult(CaseRecord(**done["record"]), sample, np.array(done["min"]), np.array(done["max"]),
+                    np.array(done["class_voxels"], np.int64), np.array(done["class_slices"], np.int64),
+                    int(done["voxels"]), int(done["slices"]))
+    r.warnings = list(done.get("warnings") or [])
+    return r
+
+
+def _read_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: CaseSpec, tmp: str) -> _CaseResult:
     reader = get_reader(fmt, **options)
     data = reader.load(spec, case)
-    data.check(case.sources.get("image", case.id))
+    where = case.sources.get("image", case.id)
+    data.check(where)
+    if data.image.shape[1] != len(spec.channels):
+        raise MedsegError(f"case {case.id!r} has {data.image.shape[1]} channels, the data set "
+                          f"{len(spec.channels)} ({', '.join(spec.channels)})", where)
     writer_root = Path(tmp)
-    from medseg.data.prepared import case_filename
-
     img_rel = case_filename(case.id, "img")
     np.save(writer_root / img_rel, np.ascontiguousarray(data.image))
     seg_rel = None
@@ -175,16 +212,29 @@ def prepare(
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
         raise MedsegError(f"duplicate case ids {dup}", root)
-    writer = PreparedWriter(output, overwrite=overwrite)
+    _check_names(spec, root)
+    _warn_shared_patients(spec)
+    key = {"format": fmt, "input": str(root.resolve()), "options": options, "masks": require_masks,
+           "cases": len(spec.cases), "version": 1}
+    writer = PreparedWriter(output, overwrite=overwrite, key=key)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     t0 = time.perf_counter()
     results: dict[str, _CaseResult] = {}
+    for cid, done in writer.done().items():
+        if cid in set(ids):
+            try:
+                results[cid] = _resumed(writer.tmp, done)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # read again below
+    todo = [c for c in spec.cases if c.id not in results]
+    if results:
+        warn(f"resuming an interrupted prepare: {len(results)} of {len(spec.cases)} cases already written", writer.tmp)
     try:
         bar = _progress(progress, len(spec.cases), f"prepare {fmt}")
         with bar:
-            task = bar.add_task(f"prepare {fmt}", total=len(spec.cases)) if progress else None
-            if workers <= 1:
-                for case in spec.cases:
+            task = bar.add_task(f"prepare {fmt}", total=len(spec.cases), completed=len(results)) if progress else None
+            if workers <= 1 or len(todo) <= 1:
+                for case in todo:
                     results[case.id] = _process_case(fmt, options, spec, case, str(writer.tmp))
                     if progress:
                         bar.advance(task)
@@ -192,15 +242,23 @@ def prepare(
                 # forkserver, not fork: forking a process whose other threads hold locks (torch,
                 # onnxruntime, a test runner) deadlocks the children; seen in the test suite
                 import multiprocessing
+                from concurrent.futures import as_completed
 
-                with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-                    futs = {pool.submit(_process_case, fmt, options, spec, c, str(writer.tmp)): c.id for c in spec.cases}
-                    from concurrent.futures import as_completed
-
-                    for fut in as_completed(futs):
-                        results[futs[fut]] = fut.result()
-                        if progress:
-                            bar.advance(task)
+                with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
+                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                    futs = {pool.submit(_process_case, fmt, options, spec, c, str(writer.tmp)): c.id for c in todo}
+                    try:
+                        for fut in as_completed(futs):
+                            results[futs[fut]] = fut.result()
+                            if progress:
+                                bar.advance(task)
+                    except BaseException:
+                        for f in futs:
+                            f.cancel()
+                        raise
+        for c in spec.cases:
+            for w in results[c.id].warnings:
+                warn(w)
         ordered = [results[c.id] for c in spec.cases]
         fp = _fingerprint(spec, ordered)
         fp["prepare_seconds"] = round(time.perf_counter() - t0, 3)
@@ -214,6 +272,7 @@ def prepare(
             "class_kind": spec.class_kind,
             "spatial_dims": spec.spatial_dims,
             "has_masks": spec.has_masks,
+            "spacing_known": bool(reader.has_spacing),
             "meta": spec.meta,
             "fingerprint": fp,
             "cases": [r.record for r in ordered],
@@ -224,6 +283,8 @@ def prepare(
         if spec.has_masks and own is not None:
             splits = own
         elif spec.has_masks and n_patients >= 2:
+            if folds > n_patients:
+                warn(f"{folds} folds asked for but the data set has {n_patients} patients: made {n_patients} folds")
             splits = make_splits(
                 ids,
                 [c.patient for c in spec.cases],
@@ -232,9 +293,75 @@ def prepare(
                 seed=seed,
             )
         return writer.finish(info, splits)
+    except KeyboardInterrupt:
+        # kept: the next run with the same input resumes from the cases written so far
+        raise
     except BaseException:
         writer.abort()
         raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker as soon as ``parent`` (the prepare that asked for it) is gone.
+    A worker's own parent is the forkserver, which lives as long as any worker does, so the worker
+    watches the prepare process itself (a pidfd where the kernel has them, else a 1 s poll)."""
+    import threading
+
+    def watch() -> None:
+        import select
+        import time
+
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="medseg-parent-watch").start()
+
+
+def _check_names(spec: DatasetSpec, root: Path) -> None:
+    """Case ids and patient names end up in JSON and file names: bytes that are not UTF-8 (a folder
+    named in another encoding) would fail there, far from their cause."""
+    for c in spec.cases:
+        for what, text in (("case id", c.id), ("patient", c.patient)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = os.fsencode(text)
+                where = next((str(v) for v in c.sources.values() if isinstance(v, str)), str(root))
+                raise MedsegError(f"{what} {raw!r} is not valid UTF-8 (a name in another encoding); rename it",
+                                  os.fsencode(where).decode("utf-8", "replace")) from None
+
+
+_LAST_TOKEN = re.compile(r"^(?P<stem>.*?[A-Za-z]*\d+[A-Za-z]*)[-_. ]+[A-Za-z]*\d*[A-Za-z]*$")
+
+
+def _warn_shared_patients(spec: DatasetSpec) -> None:
+    """Without a patient rule every case is its own patient; warn when the names suggest that several
+    cases share one (``p01_t1``, ``p01_t2``): folds would split that patient and scores leak."""
+    if any(c.patient != c.id for c in spec.cases) or len(spec.cases) < 4:
+        return
+    groups: dict[str, list[str]] = {}
+    for c in spec.cases:
+        m = _LAST_TOKEN.match(c.id)
+        if m:
+            groups.setdefault(m["stem"], []).append(c.id)
+    shared = {k: v for k, v in groups.items() if len(v) > 1}
+    if len(shared) >= 2 and max(len(v) for v in shared.values()) < len(spec.cases) / 2:
+        stem, ids = next(iter(shared.items()))
+        warn(f"each case is its own patient, but {len(shared)} groups of case names share a prefix "
+             f"(e.g. {', '.join(ids[:3])}): if they are one patient's, pass -o patient_regex='^(.*?)[-_. ][^-_. ]*$' "
+             "(first group = patient) so that no fold splits a patient", spec.root)
 
 
 _TRAIN, _VAL = ("train",), ("valid", "val", "validation")

@@ -7,6 +7,8 @@ Layout::
     OUT/cases/<id>.img.npy  image[z, c, h, w], native dtype
     OUT/cases/<id>.seg.npy  mask[z, k, h, w], uint8 0/1
 
+While ``prepare`` runs, everything lives in ``OUT.partial/`` (see ``PreparedWriter``).
+
 Why .npy: ``np.load(mmap_mode="r")`` maps the file with no decoding and no extra copy, so a random
 slice costs one page-cache read (tens of microseconds); compressed formats (npz, zarr+blosc, NIfTI.gz)
 would decode whole chunks per read, and HDF5 adds a dependency for no gain on local disks.
@@ -137,7 +139,12 @@ class PreparedDataset:
             rel = self.cases[i].image if what == "image" else self.cases[i].mask
             if rel is None:
                 raise MedsegError(f"case {self.cases[i].id!r} has no mask", self.root)
-            hit = np.load(self.root / rel, mmap_mode="r")
+            path = self.root / rel
+            check_array(path, self.cases[i].shape if what == "image" else None)
+            try:
+                hit = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise MedsegError(f"cannot read the array ({type(e).__name__}: {e}); re-run medseg prepare", path) from None
             self._mm[(i, what)] = hit
         return hit
 
@@ -148,6 +155,17 @@ class PreparedDataset:
     def mask(self, key: int | str) -> np.ndarray:
         """``mask[z, k, h, w]`` uint8 0/1, memory-mapped."""
         return self._array(key, "mask")
+
+    def verify(self) -> None:
+        """Check that every case's arrays are present, complete and of the shape ``dataset.json`` says."""
+        for c in self.cases:
+            check_array(self.root / c.image, c.shape)
+            if c.mask is not None:
+                shp = check_array(self.root / c.mask)
+                want = [c.shape[0], len(self.classes), *c.shape[2:]]
+                if list(shp) != want:
+                    raise MedsegError(f"mask shape {list(shp)} differs from the case's {want} [z, k, h, w]",
+                                      self.root / c.mask)
 
     def splits(self) -> dict[str, Any]:
         path = self.root / "splits.json"
@@ -163,11 +181,36 @@ class PreparedDataset:
         return list(folds[k]["train"]), list(folds[k]["val"])
 
 
-class PreparedWriter:
-    """Write side. Everything goes to ``OUT.partial-<pid>`` and is renamed to ``OUT`` at the end,
-    so an interrupted prepare never leaves a dataset that looks complete."""
+_OWNER = ".medseg-partial.json"  # marks a partial folder as prepare's own: only such folders are ever deleted
 
-    def __init__(self, out: str | Path, overwrite: bool = False):
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / _OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class PreparedWriter:
+    """Write side. Everything goes to ``OUT.partial/`` and is renamed to ``OUT`` at the end, so an
+    interrupted prepare never leaves a dataset that looks complete.
+
+    ``key`` describes the job (reader, input, options): a run killed before the end leaves its partial
+    folder, and the next run with the same key resumes it (``done()`` lists the cases it finished);
+    with another key the stale folder is replaced. A partial folder whose owner is still running is
+    an error, and folders without prepare's marker are never touched."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, key: dict[str, Any] | None = None):
         self.out = Path(out)
         if self.out.exists():
             if not overwrite:
@@ -177,10 +220,52 @@ class PreparedWriter:
             if not (self.out / "dataset.json").is_file() and any(self.out.iterdir()):
                 # never delete a folder that is not a prepared dataset: it may be the user's data
                 raise MedsegError("output exists and is not a prepared dataset; refusing to replace it", self.out)
-        self.tmp = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
+        self.key = json.loads(json.dumps(key or {}, default=str))
+        self.tmp = self.out.with_name(f"{self.out.name}.partial")
+        self.resumed = False
+        self._clean_stale()
         if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        (self.tmp / "cases").mkdir(parents=True)
+            owner = _owner(self.tmp)
+            if owner is None:
+                raise MedsegError("a folder of this name exists and was not made by medseg prepare; move it away",
+                                  self.tmp)
+            pid = int(owner.get("pid", -1))
+            if pid != os.getpid() and _alive(pid) and owner.get("host") == _host():
+                raise MedsegError(f"another medseg prepare (pid {pid}) is writing this output", self.out)
+            if owner.get("key") == self.key and key is not None:
+                self.resumed = True
+            else:
+                shutil.rmtree(self.tmp)
+        (self.tmp / "cases").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.tmp / _OWNER, json.dumps({"pid": os.getpid(), "host": _host(), "key": self.key}))
+
+    def _clean_stale(self) -> None:
+        """Partial folders of earlier versions (``OUT.partial-<pid>``) whose process is gone."""
+        for old in self.out.parent.glob(f"{self.out.name}.partial-*"):
+            suffix = old.name.rsplit("-", 1)[-1]
+            if old.is_dir() and suffix.isdigit() and not _alive(int(suffix)) and (old / "cases").is_dir() \
+                    and {p.name for p in old.iterdir()} <= {"cases", "dataset.json", "splits.json", _OWNER}:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """{case id: stored result} of the cases a killed run finished, each checked against its arrays."""
+        out: dict[str, dict[str, Any]] = {}
+        if not self.resumed:
+            return out
+        for f in (self.tmp / "cases").glob("*.done.json"):
+            try:
+                res = json.loads(f.read_text())
+                rec = res["record"]
+                for rel in (rec["image"], rec["mask"], f"cases/{case_stem(rec['id'])}.sample.npy"):
+                    if rel is not None:
+                        check_array(self.tmp / rel, rec["shape"] if rel == rec["image"] else None)
+            except (OSError, ValueError, KeyError, TypeError, MedsegError):
+                continue  # redone
+            out[rec["id"]] = res
+        return out
+
+    def mark_done(self, case_id: str, result: dict[str, Any]) -> None:
+        atomic_write_text(self.tmp / f"cases/{case_stem(case_id)}.done.json", json.dumps(result))
 
     def write_arrays(self, case_id: str, image: np.ndarray, mask: np.ndarray | None) -> tuple[str, str | None]:
         img_rel = case_filename(case_id, "img")
@@ -194,6 +279,9 @@ class PreparedWriter:
     def finish(self, info: dict[str, Any], splits: dict[str, Any] | None) -> Path:
         info = {"format_version": FORMAT_VERSION, **info}
         info["cases"] = [asdict(c) if isinstance(c, CaseRecord) else c for c in info["cases"]]
+        for f in [*(self.tmp / "cases").glob("*.done.json"), *(self.tmp / "cases").glob("*.sample.npy")]:
+            f.unlink()
+        (self.tmp / _OWNER).unlink(missing_ok=True)
         (self.tmp / "dataset.json").write_text(json.dumps(info, indent=1))
         if splits is not None:
             (self.tmp / "splits.json").write_text(json.dumps(splits, indent=1))
@@ -208,3 +296,33 @@ class PreparedWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def check_array(path: Path, shape: list[int] | None = None) -> tuple[int, ...]:
+    """The shape of the ``.npy`` at ``path`` after checking that it is present, readable and as long as its
+    header says (a truncated file would fail deep inside training); a MedsegError naming it otherwise."""
+    from numpy.lib import format as npformat
+
+    if not path.is_file():
+        raise MedsegError("array file is missing (re-run medseg prepare)", path)
+    try:
+        with open(path, "rb") as f:
+            version = npformat.read_magic(f)
+            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shp, _, dtype = read(f)
+            offset = f.tell()
+    except (OSError, ValueError, EOFError) as e:
+        raise MedsegError(f"not a readable .npy array ({type(e).__name__}: {e}); re-run medseg prepare", path) from None
+    need = offset + int(np.prod(shp, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise MedsegError(f"array file is truncated ({size} of {need} bytes); re-run medseg prepare", path)
+    if shape is not None and list(shp) != list(shape):
+        raise MedsegError(f"array shape {list(shp)} differs from dataset.json's {list(shape)}", path)
+    return tuple(shp)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -82,13 +84,18 @@ def evaluate(
     nsd_tolerance: float = 1.0,
     console: Any = None,
     report: bool = True,
+    uw_score: str = "competition",
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary."""
+    """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary.
+    ``uw_score`` picks the UW-Madison score's definition (``uwmgi_score.VARIANTS``)."""
     from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
-    from medseg.evaluation.uwmgi_score import combine, volume_terms
+
+    from medseg.evaluation.uwmgi_score import check_variant
 
     t0 = time.perf_counter()
     check_empty(empty)
+    check_variant(uw_score)
     if not (nsd_tolerance >= 0 and math.isfinite(nsd_tolerance)):
         raise MedsegError(f"--nsd-tolerance must be a finite distance >= 0 mm, got {nsd_tolerance}")
     pred = Path(pred)
@@ -101,7 +108,7 @@ def evaluate(
             if pred.is_dir() and (pred / "config.yaml").is_file():
                 raise MedsegError("run directory has no fold_K/ folders with validation predictions", pred)
             raise MedsegError("TRUTH is required unless PRED is a run directory", pred)
-        truth_obj = open_truth(Path(truth), fmt, Path(images) if images else None)
+        truth_obj = open_truth(Path(truth), fmt, Path(images) if images else None, options)
         preds = open_predictions(pred, truth_obj)
     ids = list(truth_obj.ids)
     if preds.ids is not None:
@@ -114,7 +121,35 @@ def evaluate(
         raise MedsegError("no cases to evaluate", preds.path)
     classes = truth_obj.classes
     out_dir = Path(out) if out is not None else _default_out(pred, run)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedsegError("output exists and is not a folder", out_dir)
+    # everything is written to a staging folder beside OUT and moved in at the end: a failed
+    # evaluation leaves no half-written CSV, and an earlier evaluation's files stay until replaced
+    if out_dir.parent.is_dir():
+        stage = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+        stage.mkdir()
+    else:
+        import tempfile
+
+        stage = Path(tempfile.mkdtemp(prefix="medseg-evaluate-"))
+    try:
+        summary = _evaluate(pred, truth_obj, preds, ids, stage, out_dir, run=run, empty=empty,
+                            nsd_tolerance=nsd_tolerance, report=report, t0=t0, uw_score=uw_score)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in stage.iterdir():
+            shutil.move(str(f), str(out_dir / f.name))  # a rename when both are on one file system
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if console is not None:
+        print_summary(summary, out_dir, console)
+    return _clean(summary)
+
+
+def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, final_dir: Path, *, run: bool,
+              empty: str, nsd_tolerance: float, report: bool, t0: float, uw_score: str) -> dict[str, Any]:
+    from medseg.evaluation.uwmgi_score import combine, mlebench_hd, volume_terms
+
+    classes = truth_obj.classes
     two_d = truth_obj.spatial_dims == 2
     uw = _is_uwmgi(truth_obj, preds)
 
@@ -155,13 +190,16 @@ def evaluate(
                     d, hd = volume_terms(p[:, k], t.mask[:, k])
                     uw_sums[0] += float(d.sum())
                     uw_sums[1] += int(d.size)
-                    if hd is not None:
+                    if hd is not None and uw_score == "competition":
                         uw_sums[2] += hd
                         uw_sums[3] += 1
                     uw_rows.append({"case_day": case_id, "class": cls, "dice": float(d.mean()) if d.size else None,
                                     "hd": hd})
-            if console is not None and (i + 1) % 50 == 0:
-                console.print(f"  {i + 1}/{len(ids)} cases", highlight=False)
+                if uw_score == "mlebench":
+                    hd = mlebench_hd(p, t.mask)
+                    if hd is not None:
+                        uw_sums[2] += hd
+                        uw_sums[3] += 1
     finally:
         if fh:
             fh.close()
@@ -177,9 +215,12 @@ def evaluate(
         for r in rows:
             w.writerow([_num(r[c]) for c in CASE_COLUMNS])
 
-    summary = build_summary(rows, classes, empty=empty, nsd_tolerance=nsd_tolerance)
+    summary = build_summary(rows, classes, empty=empty, nsd_tolerance=nsd_tolerance,
+                            spacing_known=truth_obj.spacing_known)
     summary.update(pred=str(pred), truth=str(truth_obj.path), kind=preds.kind, spatial_dims=truth_obj.spatial_dims,
                    class_kind=truth_obj.class_kind)
+    if preds.rules:
+        summary["decision"] = preds.rules
     if two_d:
         summary["slices"] = {
             cls: {m: summarize(np.concatenate(v) if v else []) for m, v in slice_vals[cls].items()}
@@ -187,7 +228,11 @@ def evaluate(
         }
     if uw:
         score, mdice, mhd = combine(*uw_sums)
-        summary["uwmgi"] = {"score": score, "dice": mdice, "hd": mhd, "n_dice": uw_sums[1], "n_hd": uw_sums[3]}
+        summary["uwmgi"] = {"score": score, "dice": mdice, "hd": mhd, "n_dice": uw_sums[1], "n_hd": uw_sums[3],
+                            "variant": uw_score,
+                            "definition": "the competition's written definition (Hausdorff per case-day and class)"
+                            if uw_score == "competition" else "the public mle-bench grader's (classes merged per "
+                            "case-day, column-major RLE order, prediction > 10x truth -> distance 1)"}
     summary["seconds_metrics"] = time.perf_counter() - t0
     files = {"metrics": "metrics.csv", "summary": "summary.json"}
     if two_d:
@@ -204,13 +249,14 @@ def evaluate(
     summary["files"] = files
     summary["seconds"] = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
-    if console is not None:
-        print_summary(summary, out_dir, console)
-    return _clean(summary)
+    return summary
 
 
-def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float) -> dict[str, Any]:
-    """Per class: case-level and patient-level (mean over a patient's cases) statistics."""
+def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float,
+                  spacing_known: bool = True) -> dict[str, Any]:
+    """Per class: case-level and patient-level (mean over a patient's cases) statistics. Without a known
+    voxel spacing (TIFF/PNG layouts) distances are in pixels (slices 1 apart) and say so."""
+    unit = "mm" if spacing_known else "px"
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_class[r["class"]].append(r)
@@ -247,9 +293,12 @@ def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str,
             "empty": empty,
             "both_empty": {"skip": "NaN, left out of means", "one": "perfect score (1, distances 0)",
                            "zero": "failure (0, distances = volume diagonal)"}[empty],
-            "one_side_empty": "Dice/IoU/NSD 0, HD/HD95/ASSD = the volume diagonal in mm",
-            "nsd_tolerance_mm": nsd_tolerance,
-            "distances": "mm, using each case's voxel spacing (z, y, x); MONAI definitions",
+            "one_side_empty": f"Dice/IoU/NSD 0, HD/HD95/ASSD = the volume diagonal in {unit}",
+            "nsd_tolerance": nsd_tolerance,
+            "distance_unit": unit,
+            "distances": ("mm, using each case's voxel spacing (z, y, x); MONAI definitions" if spacing_known else
+                          "px: the data set stores no voxel spacing, so distances count pixels (slices 1 apart); "
+                          "MONAI definitions"),
             "patient_level": "mean over the patient's cases, then statistics over patients",
         },
         "dataset": {
@@ -281,12 +330,24 @@ def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
     def f(v: float | None, nd: int = 3) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
 
-    t = Table(title=f"{summary['n_cases']} cases, {summary['n_patients']} patients (empty={summary['conventions']['empty']})")
-    for col in ("class", "Dice", "IoU", "precision", "recall", "HD95 mm", "ASSD mm", "NSD"):
-        t.add_column(col)
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    unit = summary["conventions"].get("distance_unit", "mm")
+    from rich import box
+
+    # no inner borders and compact cells: the table fits an 80-column terminal without wrapping
+    t = Table(title=f"{plural(summary['n_cases'], 'case')}, {plural(summary['n_patients'], 'patient')} "
+                    f"(empty={summary['conventions']['empty']})", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("class", "Dice", "IoU", "prec", "recall", f"HD95 {unit}", f"ASSD {unit}", "NSD"):
+        t.add_column(col, overflow="fold")
+
+    def mean_std(st: dict[str, Any]) -> str:  # no "± 0.000" from a single case
+        return f(st["mean"]) if (st.get("n") or 0) < 2 else f"{f(st['mean'])}±{f(st['std'])}"
+
     for cls in summary["classes"]:
         pc = summary["per_class"][cls]
-        t.add_row(cls, *(f"{f(pc[m]['mean'])} ± {f(pc[m]['std'])}" for m in ("dice", "iou")),
+        t.add_row(cls, *(mean_std(pc[m]) for m in ("dice", "iou")),
                   f(pc["precision"]["mean"]), f(pc["recall"]["mean"]), f(pc["hd95"]["mean"], 2),
                   f(pc["assd"]["mean"], 2), f(pc["nsd"]["mean"]))
     console.print(t)
@@ -294,6 +355,9 @@ def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
     line = f"mean Dice {f(d['mean_dice'])}, mIoU {f(d['miou'])}, patient-level Dice {f(d['patient_mean_dice'])}"
     if "uwmgi" in summary:
         u = summary["uwmgi"]
-        line += f"; UW-Madison score {u['score']:.4f} (Dice {u['dice']:.4f}, HD {u['hd']:.4f})"
+        line += (f"; UW-Madison score {u['score']:.4f} (Dice {u['dice']:.4f}, HD {u['hd']:.4f}"
+                 f"{', mle-bench grader' if u.get('variant') == 'mlebench' else ''})")
     console.print(line, highlight=False)
+    if summary.get("decision"):
+        console.print(f"masks: {summary['decision']}", highlight=False)
     console.print(f"[green]wrote[/] {', '.join(summary['files'].values())} in {summary['seconds']:.1f} s -> {out_dir}")

@@ -83,7 +83,7 @@ def pick_cases(case_score: dict[str, float]) -> list[tuple[str, str]]:
     return out
 
 
-def _box_plots(rows: list[dict[str, Any]], classes: list[str]) -> str:
+def _box_plots(rows: list[dict[str, Any]], classes: list[str], labels: dict[str, str] = _LABELS) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,14 +106,14 @@ def _box_plots(rows: list[dict[str, Any]], classes: list[str]) -> str:
             for p, d in zip(pos, vals):
                 ax.scatter(p + rng.uniform(-0.15, 0.15, d.size), d, s=8, color="k", alpha=0.5, zorder=3)
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=20 if len(classes) > 3 else 0)
-        ax.set_title(f"{_LABELS[metric]} per case")
+        ax.set_title(f"{labels[metric]} per case")
         ax.grid(axis="y", alpha=0.3)
         if metric == "dice":
             ax.set_ylim(-0.03, 1.03)
         elif vals and max(float(v.max()) for v in vals) > 20 * max(float(np.median(np.concatenate(vals))), 1.0):
             ax.set_yscale("symlog", linthresh=1.0)  # a few missed cases (diagonal distance) would flatten the rest
             ax.set_ylim(bottom=0)
-            ax.set_title(f"{_LABELS[metric]} per case (symlog)")
+            ax.set_title(f"{labels[metric]} per case (symlog)")
     fig.tight_layout()
     return _png(fig)
 
@@ -203,26 +203,32 @@ def _curves(curves: dict[str, Path]) -> list[tuple[str, str]]:
     return out
 
 
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], classes: list[str],
                  shown: list[tuple[str, str, float, np.ndarray, np.ndarray, np.ndarray]],
                  curves: dict[str, Path] | None = None) -> Path:
     """Write the report; ``shown`` holds (label, case id, mean Dice, image, truth, pred) per example."""
     e = html.escape
+    unit = summary.get("conventions", {}).get("distance_unit", "mm")
+    labels = {k: v.replace(" mm", f" {unit}") for k, v in _LABELS.items()}
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>medseg evaluation</title>",
              f"<style>{_CSS}</style></head><body>",
              "<h1>medseg evaluation</h1>",
              f"<p class='meta'>predictions: {e(str(summary.get('pred', '')))}<br>truth: {e(str(summary.get('truth', '')))}"
-             f"<br>{summary['n_cases']} cases, {summary['n_patients']} patients, classes: {e(', '.join(classes))}</p>"]
+             f"<br>{_n(summary['n_cases'], 'case')}, {_n(summary['n_patients'], 'patient')}, classes: {e(', '.join(classes))}</p>"]
     d = summary["dataset"]
     parts.append("<section id='summary'><h2>Summary</h2><div>")
     kpis = [("mean Dice", d["mean_dice"]), ("mIoU", d["miou"]), ("patient-level Dice", d["patient_mean_dice"]),
-            ("mean HD95 (mm)", d["mean_hd95"]), ("mean NSD", d["mean_nsd"])]
+            (f"mean HD95 ({unit})", d["mean_hd95"]), ("mean NSD", d["mean_nsd"])]
     if "uwmgi" in summary:
         kpis.insert(0, ("UW-Madison score", summary["uwmgi"]["score"]))
     parts += [f"<span class='kpi'>{e(k)}: <b>{_fmt(v, 4)}</b></span>" for k, v in kpis]
-    parts.append("</div><p class='meta'>per case (3D, spacing in mm), statistics over cases</p>"
+    parts.append(f"</div><p class='meta'>per case (3D, distances in {unit}), statistics over cases</p>"
                  "<table id='summary-table'><thead><tr><th>class</th>")
-    parts += [f"<th>{_LABELS[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
+    parts += [f"<th>{labels[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
     parts.append("<th>n</th></tr></thead><tbody>")
     for cls in classes:
         pc = summary["per_class"][cls]
@@ -236,7 +242,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     if summary["n_patients"] < summary["n_cases"]:
         parts.append(f"<h3>Per patient</h3><p class='meta'>each patient's mean over its cases, then statistics over "
                      f"the {summary['n_patients']} patients</p><table id='patient-table'><thead><tr><th>class</th>")
-        parts += [f"<th>{_LABELS[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
+        parts += [f"<th>{labels[m]}<br><small>mean ± std (median)</small></th>" for m in METRICS]
         parts.append("<th>n</th></tr></thead><tbody>")
         for cls in classes:
             pp = summary["per_patient"][cls]
@@ -254,7 +260,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
             for c in classes) + " — every slice in metrics_slices.csv</p>")
     parts.append("</section>")
 
-    parts.append(f"<section id='plots'><h2>Dice and HD95 per class</h2><img alt='box plots' src='{_box_plots(rows, classes)}'></section>")
+    parts.append(f"<section id='plots'><h2>Dice and HD95 per class</h2><img alt='box plots' src='{_box_plots(rows, classes, labels)}'></section>")
 
     parts.append("<section id='examples'><h2>Best, median and worst cases</h2>")
     if not shown:
@@ -277,7 +283,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     parts.append("<section id='cases'><h2>Per case</h2><p class='meta'>click a column header to sort</p>"
                  "<div class='scroll'><table class='sortable' id='cases-table'><thead><tr>"
                  "<th>case</th><th>patient</th><th>class</th><th>truth voxels</th><th>pred voxels</th>")
-    parts += [f"<th>{_LABELS[m]}</th>" for m in METRICS]
+    parts += [f"<th>{labels[m]}</th>" for m in METRICS]
     parts.append("</tr></thead><tbody>")
     for r in rows:
         parts.append(f"<tr><td>{e(r['case_id'])}</td><td>{e(r['patient'])}</td><td>{e(r['class'])}</td>"
@@ -290,7 +296,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     parts.append("<section id='conventions'><h2>Conventions</h2><ul>"
                  f"<li>empty-mask option: <b>{e(c['empty'])}</b> — a class absent from both prediction and truth: {e(c['both_empty'])}</li>"
                  f"<li>a class present on one side only: {e(c['one_side_empty'])}</li>"
-                 f"<li>distances: {e(c['distances'])}; NSD tolerance {c['nsd_tolerance_mm']} mm</li>"
+                 f"<li>distances: {e(c['distances'])}; NSD tolerance {c['nsd_tolerance']} {e(c.get('distance_unit', 'mm'))}</li>"
                  f"<li>patient level: {e(c['patient_level'])}</li></ul></section>")
     parts.append(f"<script>{_JS}</script></body></html>")
     path = Path(path)

@@ -7,6 +7,7 @@ UW-Madison submission CSV. Everything is loaded one case at a time.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
 from medseg.errors import MedsegError
+from medseg.inference.postprocess import decide, merge_config
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Truth:
     ids: list[str]
     path: Path
     prepared: Any = None  # PreparedDataset when the truth is one
+    spacing_known: bool = True  # False: the layout stores no voxel size, distances are in pixels
 
     def patient(self, case_id: str) -> str:
         raise NotImplementedError
@@ -63,6 +66,13 @@ class PreparedTruth(Truth):
         self.spatial_dims = ds.spatial_dims
         self.ids = [c.id for c in ds.cases]
         self._native: Any = False
+        known = ds.info.get("spacing_known")
+        if known is None:  # prepared before the flag existed: the source reader tells
+            from medseg.data.formats import FORMATS
+
+            fmt = ds.info.get("source_format")
+            known = FORMATS.get(fmt).has_spacing if fmt in FORMATS else True
+        self.spacing_known = bool(known)
 
     def patient(self, case_id: str) -> str:
         return self.prepared.case(case_id).patient
@@ -107,6 +117,7 @@ class NativeTruth(Truth):
         self.spatial_dims = self.spec.spatial_dims
         self.cases = {c.id: c for c in self.spec.cases}
         self.ids = list(self.cases)
+        self.spacing_known = bool(self.reader.has_spacing)
         self._cache: tuple[str, Any] | None = None
 
     def _data(self, case_id: str):
@@ -129,6 +140,121 @@ class NativeTruth(Truth):
 
     def native(self):
         return self.reader, self.spec, self.cases
+
+
+_LABEL_2D = (".png", ".tif", ".tiff", ".bmp")
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    """{stem: file} of the label maps straight in ``folder`` (2D images or NIfTI volumes)."""
+    from medseg.data.formats.nifti import nifti_stem
+
+    out: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            if f.name.lower().endswith((".nii", ".nii.gz")):
+                out[nifti_stem(f)] = f
+            elif f.suffix.lower() in _LABEL_2D:
+                out[f.stem] = f
+    return out
+
+
+def is_label_folder(path: Path) -> bool:
+    """A folder holding only label maps (no images/, imagesTr/ or patient subfolders)."""
+    p = Path(path)
+    if not p.is_dir() or any(q.is_dir() for q in p.iterdir()):
+        return False
+    files = [q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")]
+    return bool(files) and len(_label_files(p)) == len(files)
+
+
+def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """(``labels[z, h, w]`` integer, spacing) of one label map file: a 2D image or a NIfTI volume."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        from medseg.data.formats.nifti import load_nifti, nifti_array, to_zyx
+
+        img = load_nifti(path)
+        lab = nifti_array(img, path)
+        if lab.ndim == 4 and lab.shape[3] == 1:
+            lab = lab[..., 0]
+        if lab.ndim != 3:
+            raise MedsegError(f"expected a 3D label map, got shape {lab.shape}", path)
+        if lab.dtype.kind == "f" and not np.array_equal(np.rint(lab), lab):
+            raise MedsegError("label map holds non-integer values", path)
+        z = [float(v) for v in img.header.get_zooms()[:3]]
+        return to_zyx(lab.astype(np.int64))[:, 0], (z[2], z[1], z[0])
+    from medseg.data.formats.folder import _is_gray, read_image
+
+    m = read_image(path)
+    if m.ndim == 3:
+        if not _is_gray(m):
+            raise MedsegError("colour label map: give label values in a greyscale image", path)
+        m = m[..., 0]
+    if not np.issubdtype(m.dtype, np.integer) and m.dtype != bool:
+        raise MedsegError(f"label values must be integers, got {m.dtype}", path)
+    return m[None].astype(np.int64), (1.0, 1.0, 1.0)
+
+
+class LabelFolderTruth(Truth):
+    """A plain folder of label maps (``<case>.png`` or ``<case>.nii.gz``), paired with predictions by
+    name. Binary maps ({0, 255} or {0, 1}) are one class; other values are labels 1..K."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.files = _label_files(self.path)
+        self.ids = list(self.files)
+        values: set[int] = set()
+        for f in self.files.values():
+            values |= set(np.unique(read_label_map(f)[0]).tolist())
+        if min(values, default=0) < 0:
+            raise MedsegError(f"negative label values {sorted(v for v in values if v < 0)[:3]}", self.path)
+        self.binary = values <= {0, 255} or values <= {0, 1}
+        k = 1 if self.binary else max(values)
+        if k > 255:
+            raise MedsegError(f"values up to {k}: these look like images, not label maps (pass --format for a "
+                              "data set layout)", self.path)
+        if k < 1:
+            raise MedsegError("every label map is empty: cannot tell the classes", self.path)
+        self.classes = ["foreground"] if self.binary else [f"label_{v}" for v in range(1, k + 1)]
+        self.class_kind = "multiclass"
+        self.spatial_dims = 3 if any(f.name.lower().endswith((".nii", ".nii.gz")) for f in self.files.values()) else 2
+        self.spacing_known = self.spatial_dims == 3
+
+    def to_mask(self, lab: np.ndarray, where: Path) -> np.ndarray:
+        """``labels[z, h, w]`` -> ``mask[z, k, h, w]`` with this truth's classes."""
+        k = len(self.classes)
+        if self.binary:
+            from medseg.data.formats.base import binary_mask
+
+            return binary_mask(lab, where)[:, None].astype(np.uint8)
+        extra = sorted(set(np.unique(lab).tolist()) - set(range(k + 1)))
+        if extra:
+            raise MedsegError(f"label values {extra[:5]} beyond the truth's labels 0..{k}", where)
+        return (lab[:, None] == np.arange(1, k + 1)[None, :, None, None]).astype(np.uint8)
+
+    def patient(self, case_id: str) -> str:
+        return case_id
+
+    def load(self, case_id: str) -> TruthCase:
+        f = self.files[case_id]
+        lab, spacing = read_label_map(f)
+        mask = self.to_mask(lab, f)
+        return TruthCase(id=case_id, patient=case_id, mask=mask, spacing=spacing, slices=None,
+                         image=lambda: mask.astype(np.float32))
+
+
+def label_folder_predictions(path: Path, truth: LabelFolderTruth) -> Predictions:
+    """Predictions as label maps named like the truth's (``PRED/<case>.*`` or ``PRED/masks/<case>.*``)."""
+    folder = path / "masks" if (path / "masks").is_dir() and not _label_files(path) else path
+    files = _label_files(folder)
+
+    def load(case_id: str, t: TruthCase) -> np.ndarray:
+        if case_id not in files:
+            raise MedsegError(f"no prediction for case {case_id} (expected {case_id}.png or {case_id}.nii.gz)", folder)
+        lab, _ = read_label_map(files[case_id])
+        return _check_shape(truth.to_mask(lab, files[case_id]), t, files[case_id])
+
+    return Predictions("folder", Path(path), load)
 
 
 def guess_format(path: Path) -> str:
@@ -170,15 +296,18 @@ def is_prepared(path: Path) -> bool:
         return False
 
 
-def open_truth(path: Path, fmt: str | None = None, images: Path | None = None) -> Truth:
+def open_truth(path: Path, fmt: str | None = None, images: Path | None = None,
+               options: dict[str, Any] | None = None) -> Truth:
     path = Path(path)
     if fmt is None and is_prepared(path):
         return PreparedTruth(path)
+    if fmt is None and is_label_folder(path):
+        return LabelFolderTruth(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         # a UW-Madison train.csv: images in --images (or the train/ folder beside it)
         root = Path(images) if images else path.parent
         return NativeTruth(root, fmt or "uwmgi", {"csv": str(path.resolve())})
-    return NativeTruth(path, fmt or guess_format(path))
+    return NativeTruth(path, fmt or guess_format(path), options)
 
 
 # --- predictions ------------------------------------------------------------------------------
@@ -204,6 +333,8 @@ def _expect(path: Path, case_id: str, what: str) -> Path:
 
 
 def _check_2d(m: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
+    if m.ndim != 2:
+        raise MedsegError(f"expected a 2D mask, got an array of shape {m.shape}", path)
     if m.shape != tuple(shape[2:]):
         raise MedsegError(f"prediction is {m.shape[0]}x{m.shape[1]} but the truth slice is {shape[2]}x{shape[3]}", path)
 
@@ -222,7 +353,7 @@ def _pred_lgg(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, sha
         if m.ndim == 3:
             m = m[..., 0]
         _check_2d(m, shape, p)
-        out[z, 0] = m > (127 if m.max() > 1 else 0)
+        out[z, 0] = binary_mask(m, p)
     return out
 
 
@@ -239,11 +370,11 @@ def _pred_folder(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, 
         p = _expect(folder / f"{stem}.png", case.id, f" ({stem})")
         m = read_image(p)
         if palette:
-            lab = map_palette(m, [tuple(c) for c in palette])
+            lab = map_palette(m, [tuple(c) for c in palette], p)
         else:
             lab = m if m.ndim == 2 else m[..., 0]
             if k == 1:
-                lab = (lab > (127 if lab.max() > 1 else 0)).astype(np.uint8)
+                lab = binary_mask(lab, p).astype(np.uint8)
         _check_2d(lab, shape, p)
         if int(lab.max()) > k:
             raise MedsegError(f"label {int(lab.max())} in a prediction but only {k} classes", p)
@@ -265,10 +396,11 @@ def _pred_coco(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, sh
         m = read_image(p)
         m = m if m.ndim == 2 else m[..., 0]
         _check_2d(m, shape, p)
-        out[0, j] = m > (127 if m.max() > 1 else 0)
+        out[0, j] = binary_mask(m, p)
     return out
 
 
+@register_pred_layout("dicom")  # a DICOM series' predictions are NIfTI label maps named after the case
 @register_pred_layout("nifti")
 def _pred_nifti(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
     from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx
@@ -300,6 +432,7 @@ class Predictions:
     run_dir: Path | None = None
     curves: dict[str, Path] = field(default_factory=dict)  # fold -> training metrics.csv
     submission: dict[tuple[str, str], str] | None = None
+    rules: str | None = None  # how a run's probabilities became masks (said in the summary)
 
 
 def _check_shape(m: np.ndarray, t: TruthCase, where: Path) -> np.ndarray:
@@ -351,19 +484,43 @@ def run_predictions(run: Path) -> tuple[Predictions, Path]:
             curves[f"{fold.name}/{m.parent.name}"] = m
     if not files:
         raise MedsegError("no validation predictions (fold_K/val_predictions/<case>.npz)", run)
+    tuned = _tuned_rules(run)
+    spatial_dims = int(json.loads((ds_path / "dataset.json").read_text()).get("spatial_dims", 2))
 
     def load(case_id: str, t: TruthCase) -> np.ndarray:
         f = files[case_id]
+        rules = tuned.get(f.parent.parent.name)
+        want = "prob" if rules else "mask"
         try:
             with np.load(f) as z:
-                if "mask" not in z.files:
-                    raise MedsegError(f"no 'mask' array in the file (has {', '.join(z.files) or 'nothing'})", f)
-                m = z["mask"]
+                if want not in z.files:
+                    raise MedsegError(f"no {want!r} array in the file (has {', '.join(z.files) or 'nothing'})", f)
+                m = z[want]
         except (OSError, ValueError) as e:
             raise MedsegError(f"cannot read predictions ({e})", f) from None
+        if rules:
+            return _check_shape(decide(np.asarray(m, np.float32), rules[1], rules[0], spatial_dims), t, f)
         return _check_shape((np.asarray(m) > 0).astype(np.uint8), t, f)
 
-    return Predictions("run", run, load, ids=set(files), run_dir=run, curves=curves), ds_path
+    if tuned:
+        rules = (f"the rules `medseg tune` chose ({run / 'tune.json'}), stored in each fold's model.pt, applied to "
+                 "the stored probabilities; they were chosen on these same validation cases, so the score is optimistic")
+    else:
+        rules = "training's own decision (argmax, or 0.5 for sigmoids), no post-processing"
+    return Predictions("run", run, load, ids=set(files), run_dir=run, curves=curves, rules=rules), ds_path
+
+
+def _tuned_rules(run: Path) -> dict[str, tuple[dict[str, Any], str]]:
+    """{fold folder: (post-processing rules, class kind)} for the folds whose model.pt ``tune`` wrote."""
+    from medseg.inference.bundle import load_bundle
+
+    out = {}
+    for fold in sorted(run.glob("fold_*")):
+        if (fold / "model.pt").is_file():
+            b = load_bundle(fold / "model.pt")
+            if (b.get("meta") or {}).get("tuned"):
+                out[fold.name] = (merge_config(b.get("postprocess"), None), b["class_kind"])
+    return out
 
 
 def folder_predictions(path: Path, truth: Truth) -> Predictions:
@@ -409,6 +566,10 @@ def submission_predictions(path: Path, truth: Truth) -> Predictions:
 
 def open_predictions(path: Path, truth: Truth | None) -> Predictions:
     path = Path(path)
+    if isinstance(truth, LabelFolderTruth):
+        if not path.is_dir():
+            raise MedsegError("expected a folder of label maps named like the truth's", path)
+        return label_folder_predictions(path, truth)
     if path.is_file() and path.suffix.lower() == ".csv":
         return submission_predictions(path, truth)
     if is_prepared(path):

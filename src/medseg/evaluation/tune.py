@@ -327,9 +327,12 @@ def tune(
     if console is not None:
         console.print(f"tuned on {len(jobs)} validation {unit} of fold{'s' if len(fold_dirs) > 1 else ''} "
                       f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: "
-                      f"{'competition score' if objective == 'uwmgi' else 'mean Dice per case'} {before:.4f} -> {best:.4f}"
-                      f"{'; largest component kept' + (' (over the volume)' if rules.get('components') == 'volume' else '') if rules.get('largest_cc') else ''}",
+                      f"{'competition score' if objective == 'uwmgi' else 'mean Dice per case'} {before:.4f} -> {best:.4f}",
                       highlight=False)
+        lcc = ("keep the largest component" + (" (over the volume)" if rules.get("components") == "volume" else
+                                               " (per slice)") if rules.get("largest_cc") else "no component rule")
+        console.print(f"  component rule: {lcc} (chosen from {len(variants)} rule set{'s' if len(variants) > 1 else ''} "
+                      "on the same cases)", highlight=False)
         for r, c in zip(per_class, chosen):
             console.print(f"  {r['class']:12s} {_fmt(c)}", highlight=False)
         if len(fold_ids) > 1:

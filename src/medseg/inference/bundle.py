@@ -52,22 +52,30 @@ def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) ->
     return path
 
 
+def safe_load(path: str | Path, what: str) -> Any:
+    """``torch.load`` with ``weights_only=True`` (a crafted pickle runs no code) and one line naming the
+    file on failure: torch's page of advice about weights_only does not apply to a damaged file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e).strip()
+        why = type(e).__name__
+        if text.startswith("Weights only load failed"):
+            why += ": it holds objects other than tensors and plain data, refused unloaded"
+        elif text:
+            why += f": {text.splitlines()[0].split('. ')[0][:120]}"
+        raise MedsegError(f"cannot read {what} ({why})", path) from None
+
+
 def load_bundle(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise MedsegError("model bundle not found", path)
-    try:
-        b = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # for a file that is not a plain pickle of tensors torch prints a page of advice about
-        # weights_only that does not apply here: keep only the first sentence of anything else
-        text = str(e).strip()
-        why = type(e).__name__
-        if text and not text.startswith("Weights only load failed"):
-            why += f": {text.splitlines()[0].split('. ')[0][:120]}"
-        raise MedsegError(f"cannot read model bundle: damaged, or not a medseg model.pt ({why})", path) from None
+    b = safe_load(path, "model bundle: damaged, or not a medseg model.pt")
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise MedsegError(f"not a medseg model bundle (format {b.get('format') if isinstance(b, dict) else None!r})", path)
     b["state_dict"] = _cast(b["state_dict"], torch.float32)
@@ -98,10 +106,7 @@ def bundle_from_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MedsegError(f"a Lightning checkpoint needs its fold's model.pt (architecture, classes, "
                           f"normalisation), expected {ref}", path)
     bundle = load_bundle(ref)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MedsegError(f"cannot read checkpoint ({type(e).__name__}: {e})", path) from None
+    ck = safe_load(path, "checkpoint: damaged, or not a Lightning checkpoint")
     sd = ck.get("state_dict") if isinstance(ck, dict) else None
     weights = {k[len("model."):]: v for k, v in (sd or {}).items() if k.startswith("model.")}
     if not weights:

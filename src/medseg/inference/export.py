@@ -153,6 +153,7 @@ def export_onnx(
     int8: str | Path | None = None,
     calibration_slices: int = 64,
     min_agreement: float = 0.999,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``model`` (run dir, bundle or shipped name) to ``output`` (.onnx) and ``output.json``.
 
@@ -164,12 +165,33 @@ def export_onnx(
     """
     from medseg.inference.segmenter import Segmenter
 
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise MedsegError("the output must be a .onnx file", output)
+    import os
+
+    final = Path(output)
+    if final.suffix != ".onnx":
+        raise MedsegError("the output must be a .onnx file", final)
     if opset < 13:
         raise MedsegError(f"opset {opset} is too old; use 17 or newer")
+    for f in (final, final.with_suffix(".json")):
+        if f.exists() and not overwrite:
+            raise MedsegError("already exists; pass --overwrite to replace it", f)
+        if f.is_dir():
+            raise MedsegError("is a folder, not a file", f)
     seg = Segmenter.load(model, folds=folds, backend="torch")
+    # written under temporary names beside the target and renamed at the end: a failed or interrupted
+    # export leaves the previous files as they were
+    output = final.with_name(f".{final.stem}.tmp-{os.getpid()}.onnx")
+    try:
+        return _export(seg, model, final, output, opset, console, size, int8, calibration_slices, min_agreement, dynamo)
+    finally:
+        output.unlink(missing_ok=True)
+        output.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _export(seg: Any, model: Any, final: Path, output: Path, opset: int, console: Any, size: list[int] | None,
+            int8: str | Path | None, calibration_slices: int, min_agreement: float, dynamo: bool) -> Path:
+    import os
+
     if len(seg.models) != 1:
         raise MedsegError("export one model and one fold at a time (an ensemble is several ONNX files)", str(model))
     module = seg.models[0]
@@ -193,27 +215,25 @@ def export_onnx(
     elif fixed:
         note = f"; exported for input size {fixed} (the pipeline runs windows of that size)"
     diff = max(diffs.values())
-    spec["onnx"] = {"file": output.name, "input": "input", "output": "logits", "opset": opset,
+    spec["onnx"] = {"file": final.name, "input": "input", "output": "logits", "opset": opset,
                     "exporter": "dynamo" if dynamo else "torchscript", "fixed_size": fixed}
     if diff > _TOLERANCE:
-        output.unlink(missing_ok=True)
         where = ", ".join(f"{list(s[2:])}: {v:.3g}" for s, v in diffs.items())
         raise MedsegError(f"onnxruntime output differs from PyTorch (relative logit difference at {where}); "
-                          "nothing written", output)
+                          "nothing written", final)
     if int8 is not None:
-        try:
-            spec["onnx"]["int8"] = _quantize(seg, output, Path(int8), calibration_slices, min_agreement)
-        except BaseException:
-            output.unlink(missing_ok=True)
-            raise
+        spec["onnx"]["int8"] = _quantize(seg, output, Path(int8), calibration_slices, min_agreement)
         note += (f"; int8 masks agree with PyTorch's on {100 * spec['onnx']['int8']['mask_agreement']:.3f}% of "
                  f"the pixels of {spec['onnx']['int8']['checked_slices']} held-out slices")
-    sidecar = output.with_suffix(".json")
-    sidecar.write_text(json.dumps(spec, indent=2, default=_jsonable) + "\n")
+    tmp_sidecar = output.with_suffix(".json")
+    tmp_sidecar.write_text(json.dumps(spec, indent=2, default=_jsonable) + "\n")
+    sidecar = final.with_suffix(".json")
+    os.replace(output, final)
+    os.replace(tmp_sidecar, sidecar)
     if console is not None:
-        console.print(f"[green]exported[/] {seg.name} -> {output} (+ {sidecar.name}); "
+        console.print(f"[green]exported[/] {seg.name} -> {final} (+ {sidecar.name}); "
                       f"onnxruntime vs PyTorch max logit difference {diff:.1e} (relative){note}")
-    return output
+    return final
 
 
 def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement: float) -> dict[str, Any]:

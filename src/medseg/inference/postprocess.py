@@ -107,6 +107,28 @@ def postprocess(
     return mask
 
 
+def decide(prob: np.ndarray, class_kind: str, cfg: dict[str, Any], spatial_dims: int = 2) -> np.ndarray:
+    """``mask[z, k, h, w]`` from probabilities as prediction decides it: argmax (or a tuned threshold for
+    one class) over a softmax that includes its background, per-class thresholds for sigmoids; then the
+    post-processing rules of ``cfg``."""
+    z = prob.shape[0]
+    if class_kind == "multiclass":
+        k = prob.shape[1] - 1
+        pc = prob[:, 1:]
+        if k == 1:
+            mask = (pc > thresholds_for(cfg, 1)[0]).astype(np.uint8)
+        else:
+            am = prob.argmax(axis=1)
+            mask = np.stack([am == j + 1 for j in range(k)], axis=1).astype(np.uint8)
+    else:
+        k = prob.shape[1]
+        pc = prob
+        thr = np.asarray(thresholds_for(cfg, k), np.float32)[None, :, None, None]
+        mask = (pc > thr).astype(np.uint8)
+    slice_max = pc.reshape(z, k, -1).max(axis=2).astype(np.float32)
+    return postprocess(mask, slice_max, cfg, spatial_dims)
+
+
 def merge_config(base: dict[str, Any] | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The bundle's post-processing with CLI/API overrides (``None`` values do not override)."""
     out = dict(DEFAULTS)
@@ -134,5 +156,5 @@ def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:
     return _per_class(cfg.get("thresholds"), k, 0.5)
 
 
-__all__: Sequence[str] = ["postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for",
+__all__: Sequence[str] = ["decide", "postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for",
                           "check_config"]

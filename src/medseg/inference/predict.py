@@ -169,6 +169,21 @@ def predict(
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
     seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
+    created = not output.exists()
+    try:
+        return _run(seg, reader, spec, fmt, output, save_probabilities, console, postprocess, progress, t0)
+    except BaseException:
+        if created and output.is_dir() and not any(p.is_file() for p in output.rglob("*")):
+            import shutil
+
+            shutil.rmtree(output, ignore_errors=True)  # nothing true was written: leave nothing behind
+        raise
+
+
+def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabilities: bool, console: Any,
+         postprocess: dict[str, Any] | None, progress: bool | None, t0: float) -> list[Path]:
+    import sys
+
     output.mkdir(parents=True, exist_ok=True)
     for name in _AGGREGATE.get(fmt, []):
         if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)
@@ -183,7 +198,9 @@ def predict(
                        TextColumn("{task.description}"), console=console, transient=True)
     else:
         bar = None
-    task = bar.add_task("", total=len(spec.cases)) if bar else None
+    # slices, not cases: one patient's volume is the whole job for a single-case input
+    total = sum(reader.slice_count(spec, c) for c in spec.cases) if show else 0
+    task = bar.add_task("", total=total, unit="slices") if bar else None
     if bar:
         bar.start()
     try:
@@ -194,7 +211,7 @@ def predict(
             written += reader.write_prediction(spec, case, pred.mask, output, pred.prob if save_probabilities else None)
             n_slices += data.image.shape[0]
             if bar:
-                bar.update(task, advance=1, description=case.id)
+                bar.update(task, advance=data.image.shape[0], description=case.id)
     finally:
         if bar:
             bar.stop()

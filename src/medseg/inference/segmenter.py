@@ -411,13 +411,14 @@ class Segmenter:
     def predict(
         self,
         x: np.ndarray | str | Path,
-        probabilities: bool = False,
+        probabilities: bool = True,
         spatial_dims: int | None = None,
         postprocess_overrides: dict[str, Any] | None = None,
         where: str | Path | None = None,
         fmt: str | None = None,
     ) -> Prediction:
         """Segment ``x``: an array ``[z, c, h, w]`` or ``[c, h, w]``, or a path a reader can read.
+        The result holds ``.mask`` and, unless ``probabilities=False`` (to save memory), ``.prob``.
 
         A path is read with the reader ``fmt`` (guessed if absent); a path holding several cases returns
         the first case's prediction (use ``medseg predict`` or ``predict_cases`` for all).
@@ -452,7 +453,7 @@ class Segmenter:
     def predict_cases(
         self,
         path: str | Path,
-        probabilities: bool = False,
+        probabilities: bool = True,
         fmt: str | None = None,
         postprocess_overrides: dict[str, Any] | None = None,
     ):

@@ -73,22 +73,35 @@ def model_row(name: str, size: int = 256, in_channels: int = 3, out_channels: in
     }
 
 
-def print_model_table(console, size: int = 256, budget_s: float = 0.3) -> list[dict[str, Any]]:
+def print_model_table(console, size: int = 256, budget_s: float = 0.3, benchmark: bool = False) -> list[dict[str, Any]]:
+    """The registered models: name, paper, dims (and with ``benchmark`` parameters, GFLOPs and a quick
+    forward speed, which builds and runs every model)."""
     from rich.table import Table
 
     from medseg.models import DEFAULT_MODEL, MODELS
 
-    t = Table(title=f"models at {size}×{size}, 3 input channels: GFLOPs per image; forward images/s on this machine, "
-                    f"a quick estimate (batch 1, {budget_s:g} s per model; benchmarks/models.py measures properly)")
-    for col in ("name", "paper", "dims", "params", "GFLOPs", "forward img/s", "divisor"):
+    if benchmark:
+        title = (f"models at {size}×{size}, 3 input channels: GFLOPs per image; forward images/s on this machine, "
+                 f"a quick estimate (batch 1, {budget_s:g} s per model; benchmarks/models.py measures properly)")
+        cols = ("name", "paper", "dims", "params", "GFLOPs", "forward img/s", "divisor")
+    else:
+        title = "models (medseg models --benchmark adds parameters, GFLOPs and speed on this machine)"
+        cols = ("name", "paper", "dims")
+    t = Table(title=title)
+    for col in cols:
         t.add_column(col, justify="right" if col in ("params", "GFLOPs", "forward img/s", "divisor") else "left")
     rows = []
     for name in MODELS.names():
-        r = model_row(name, size=size, budget_s=budget_s)
-        rows.append(r)
         label = f"{name} (default)" if name == DEFAULT_MODEL else name
-        t.add_row(label, r["paper"], r["dims"], f"{r['params'] / 1e6:.1f} M", f"{r['gflops']:.1f}",
-                  f"{r['forward_img_s']:.1f}", str(r["divisor"]))
+        if benchmark:
+            r = model_row(name, size=size, budget_s=budget_s)
+            t.add_row(label, r["paper"], r["dims"], f"{r['params'] / 1e6:.1f} M", f"{r['gflops']:.1f}",
+                      f"{r['forward_img_s']:.1f}", str(r["divisor"]))
+        else:
+            cls = MODELS.get(name)
+            r = {"name": name, "paper": cls.paper, "dims": "/".join(f"{d}D" for d in cls.dims)}
+            t.add_row(label, r["paper"], r["dims"])
+        rows.append(r)
     if not console.is_terminal and console.width < 130:
         # piped output defaults to 80 columns, which folds every paper name over several lines
         from rich.console import Console

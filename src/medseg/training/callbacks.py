@@ -87,10 +87,10 @@ class RunLog(pl.Callback):
                 # soft_wrap: one line per epoch even when the console is narrower than the line
                 bar = next((c for c in trainer.callbacks if type(c).__name__ == "RichProgressBar"), None)
                 con = bar.progress.console if bar is not None and getattr(bar, "progress", None) is not None else self.console
-                con.print(self.summary(row, trainer.max_epochs), highlight=False, soft_wrap=True)
+                con.print(self.summary(row, epoch_label(trainer, row["epoch"])), highlight=False, soft_wrap=True)
 
-    def summary(self, row: dict[str, Any], max_epochs: int | None) -> str:
-        s = f"{self.prefix}epoch {row['epoch']}/{max_epochs} loss {_fmt(row['train_loss'])}"
+    def summary(self, row: dict[str, Any], epoch: str) -> str:
+        s = f"{self.prefix}{epoch} loss {_fmt(row['train_loss'])}"
         if row.get("val_dice_mean") is not None:
             per = " ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in self.classes)
             s += f" | val loss {_fmt(row['val_loss'])} dice {row['val_dice_mean']:.4f} ({per})"
@@ -192,6 +192,14 @@ class TimeBudget(pl.Callback):
         self.offset = float(state_dict.get("elapsed_s", 0.0))
 
 
+def epoch_label(trainer: pl.Trainer, epoch: int) -> str:
+    """``epoch 3/100``, or ``epoch 3 (2-min budget)`` when a clock, not the epoch count, ends the run."""
+    clock = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+    if clock is not None:
+        return f"epoch {epoch} ({clock.budget / 60:g}-min budget)"
+    return f"epoch {epoch}/{trainer.max_epochs}"
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -205,7 +213,7 @@ def progress_bar() -> pl.Callback:
 
     class _Bar(RichProgressBar):
         def _get_train_description(self, current_epoch: int) -> str:
-            d = f"epoch {current_epoch + 1}/{self.trainer.max_epochs}"
+            d = epoch_label(self.trainer, current_epoch + 1)
             return f"{d:{len(self.validation_description)}}"
 
         def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import yaml
 
 from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
 from medseg.errors import MedsegError
+from medseg.inference.bundle import safe_load
 
 # keys that may change between a run and its --resume (extending training, another machine)
 RESUMABLE_KEYS = {"train.epochs", "data.workers", "train.devices", "train.num_nodes", "train.accelerator", "train.strategy"}
@@ -65,6 +66,7 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
     if not root.exists():
         raise MedsegError(f"data.prepared: prepared dataset not found: {root}", config_path)
     ds = PreparedDataset.open(root)
+    ds.verify()  # a missing or truncated array fails now, naming the file, not inside a loader worker
     if cfg.data.classes is not None and list(cfg.data.classes) != ds.classes:
         raise MedsegError(f"data.classes {cfg.data.classes} do not match the prepared dataset's classes {ds.classes} ({root})", config_path)
     if cfg.data.class_kind != "auto" and cfg.data.class_kind != ds.class_kind:
@@ -296,6 +298,8 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     ckpt_dir = fold_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
+    if ckpt_path:
+        check_checkpoint(last)
     if resume and _rank() == 0:
         # leftovers of a run killed while writing (each file is written to a temp name, then renamed)
         for p in [*fold_dir.glob("*.tmp-*"), *ckpt_dir.glob("*.tmp-*"), *fold_dir.glob("val_predictions.old-*")]:
@@ -526,12 +530,18 @@ def _fold_dir(run: Path, fold: int | str) -> Path:
 
 
 def _ckpt_epoch(path: Path) -> int | None:
-    import torch
-
+    """The epoch a checkpoint ends (for messages); loaded with weights_only, so a crafted file runs nothing."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
-    except Exception:  # noqa: BLE001 - only for a message
+        return int(safe_load(path, "checkpoint")["epoch"]) + 1
+    except (MedsegError, KeyError, TypeError, ValueError):
         return None
+
+
+def check_checkpoint(path: Path) -> None:
+    """Before resuming: the checkpoint must load as plain data with the keys Lightning restores."""
+    ck = safe_load(path, "checkpoint to resume from: damaged, truncated or not a medseg checkpoint")
+    if not isinstance(ck, dict) or "state_dict" not in ck or "epoch" not in ck:
+        raise MedsegError("checkpoint to resume from has no state_dict/epoch: not a Lightning checkpoint", path)
 
 
 def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, str] | None = None, out: str | Path | None = None,
@@ -552,6 +562,9 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
                           "trained on any of this dataset's patients, the validation scores are optimistic", highlight=False)
     if resume:
         _check_resume(cfg, run)
+        for k in folds:  # a damaged or crafted checkpoint fails now, before anything in the run is rewritten
+            for last in sorted(_fold_dir(run, k).glob("**/checkpoints/last.ckpt")):
+                check_checkpoint(last)
     else:
         busy = [f for f in folds if any(_fold_dir(run, f).glob("**/checkpoints/last.ckpt"))]  # members' too
         if busy:

@@ -76,11 +76,46 @@ class CaseData:
             raise MedsegError(f"{len(self.slices)} slice names for {self.image.shape[0]} slices", where)
 
 
+def binary_mask(m: np.ndarray, where: str | Path) -> np.ndarray:
+    """A binary mask stored as {0, 255} or {0, 1} (copies of a data set differ) as bool; any other set of
+    values is an error naming the file and the values found, never a guess."""
+    m = np.asarray(m)
+    if m.dtype == bool:
+        return m
+    values = np.unique(m)
+    found = set(values.tolist())
+    if not (found <= {0, 255} or found <= {0, 1}):
+        shown = ", ".join(str(v) for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
+        raise MedsegError(f"a binary mask must hold {{0, 255}} or {{0, 1}}; found values {{{shown}}}", where)
+    return m > 0
+
+
+def patient_of(case_id: str, regex: str | None, where: str | Path) -> str:
+    """The patient of ``case_id`` by ``regex`` (its first group, else the whole match), or the case itself."""
+    if not regex:
+        return case_id
+    import re
+
+    try:
+        rx = re.compile(regex)
+    except re.error as e:
+        raise MedsegError(f"bad option patient_regex={regex!r}: {e}") from None
+    m = rx.search(case_id)
+    if not m:
+        raise MedsegError(f"case id {case_id!r} does not match patient_regex {regex!r}", where)
+    return m.group(1) if rx.groups else m.group(0)
+
+
 class Reader(ABC):
     """Base class of a format reader. Subclasses set ``name``, ``description`` and ``Options``."""
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # how cases are grouped into patients (folds never split a patient): shown by `medseg formats`
+    patients: ClassVar[str] = "one patient per case"
+    # False where the layout stores no voxel size (TIFF/PNG/JPEG slices): spacing is a 1 mm placeholder,
+    # so distances are in pixels
+    has_spacing: ClassVar[bool] = True
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -99,6 +134,11 @@ class Reader(ABC):
     @abstractmethod
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
         """Read one case's arrays; raise MedsegError naming the file if it cannot be read."""
+
+    def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
+        """How many slices ``load`` will return for ``case`` (progress bars); cheap, no pixel data read.
+        The default: one per image file (2D layouts)."""
+        return len(case.sources.get("images") or [None])
 
     def write_prediction(
         self,

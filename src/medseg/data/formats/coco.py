@@ -32,6 +32,9 @@ class COCOReader(Reader):
         "or an export root whose train/ valid/ test/ each hold one"
     )
 
+    has_spacing = False
+    patients = "patient_regex on the image stem; else one patient per image (warned when names look shared)"
+
     class Options(Reader.Options):
         annotations: str | None = None  # JSON path (relative to ROOT or absolute)
         images: str | None = None  # image folder (default: the JSON's folder)
@@ -195,6 +198,11 @@ def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[in
     for im in doc["images"]:
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise MedsegError(f"malformed COCO JSON: image entry without id/file_name: {im!r}"[:200], ann_path)
+        name = str(im["file_name"])
+        # a file name is relative to the image folder: never a way out of the data set
+        if not name or Path(name).is_absolute() or ".." in Path(name.replace("\\", "/")).parts or name.startswith(("/", "\\")):
+            raise MedsegError(f"image id {im['id']}: file_name {name!r} leaves the image folder "
+                              "(absolute, or with '..'); COCO file names are relative to it", ann_path)
         images[im["id"]] = im
     cats = {c["id"]: str(c["name"]) for c in doc.get("categories", [])}
     supers = {c["id"]: c.get("supercategory") for c in doc.get("categories", [])}

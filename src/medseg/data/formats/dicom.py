@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
 from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx, write_volume_nifti
 from medseg.errors import MedsegError
 
@@ -49,10 +49,12 @@ def series_affine(first_pos: np.ndarray, last_pos: np.ndarray, n: int, row_cos: 
 class DicomReader(Reader):
     name = "dicom"
     description = "DICOM series in a folder (recursive), one case per SeriesInstanceUID; masks as NIfTI or image folders"
+    patients = "the PatientID tag (patient_regex on the case id overrides it)"
 
     class Options(Reader.Options):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
         classes: ClassNames = None  # names of label values 1..K
+        patient_regex: str | None = None  # first group of the case id = patient (default: the PatientID tag)
 
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
@@ -95,7 +97,9 @@ class DicomReader(Reader):
                 cid, n = f"{base}_{n}", n + 1
             used.add(cid)
             sources["series_uid"] = uid
-            cases.append(CaseSpec(id=cid, patient=str(getattr(first, "PatientID", "") or cid), sources=sources))
+            patient = (patient_of(cid, self.options.patient_regex, items[0][0]) if self.options.patient_regex
+                       else str(getattr(first, "PatientID", "") or cid))
+            cases.append(CaseSpec(id=cid, patient=patient, sources=sources))
 
         classes: list[str] = []
         values: list[int] = []
@@ -171,6 +175,7 @@ class DicomReader(Reader):
         ps = tuple(float(v) for v in order[0][1].PixelSpacing)
         thick = float(getattr(order[0][1], "SliceThickness", 0) or 0) or 1.0
         z = float(np.median(np.diff(dist))) if len(dist) > 1 else thick
+        _check_even(label, order, dist, z)
         aff = series_affine(pos[order[0][0]], pos[order[-1][0]], len(order), row_cos, col_cos, ps, thick)
         return {
             "image": str(order[0][0]),
@@ -228,6 +233,9 @@ class DicomReader(Reader):
             meta={"series_uid": case.sources["series_uid"], "n_files": len(case.sources["files"])},
         )
 
+    def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
+        return len(case.sources["files"])
+
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         import nibabel as nib
 
@@ -238,6 +246,33 @@ class DicomReader(Reader):
         hdr = nib.Nifti1Header()
         hdr["qform_code"] = hdr["sform_code"] = 1  # scanner coordinates
         return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib)
+
+
+# Slice steps may differ from the median by this fraction (rounding in the scanner's positions) before
+# the series counts as uneven: an affine with one step would place the other slices wrongly.
+_STEP_TOLERANCE = 0.1
+
+
+def _check_even(label: str, order: list[tuple[Path, Any]], dist: np.ndarray, step: float) -> None:
+    """A missing slice (a step of about twice the others) or uneven steps are errors naming the series:
+    one affine for the whole series would stretch the volume while ``spacing`` says otherwise."""
+    if len(dist) < 3:
+        return
+    steps = np.diff(dist)
+    off = np.flatnonzero(np.abs(steps - step) > _STEP_TOLERANCE * step)
+    if not off.size:
+        return
+    i = int(off[0])
+    n_missing = int(round(steps[i] / step)) - 1
+    folder = Path(order[0][0]).parent
+    if n_missing >= 1 and abs(steps[i] - (n_missing + 1) * step) <= _STEP_TOLERANCE * step:
+        where = ", ".join(f"{dist[i] + (m + 1) * step:.2f}" for m in range(min(n_missing, 3)))
+        raise MedsegError(f"series {label!r} is missing {n_missing} slice{'s' if n_missing > 1 else ''}: "
+                          f"nothing at {where} mm along the slice normal, between {Path(order[i][0]).name} and "
+                          f"{Path(order[i + 1][0]).name} (slice step {step:.3g} mm)", folder)
+    raise MedsegError(f"series {label!r} has uneven slice steps ({steps.min():.3g} to {steps.max():.3g} mm, "
+                      f"first between {Path(order[i][0]).name} and {Path(order[i + 1][0]).name}); "
+                      "medseg reads evenly spaced series only", folder)
 
 
 def _mask_images(folder: Path, dicom_files: list[str]) -> tuple[list[str], bool, set[int]]:

@@ -7,17 +7,22 @@ image file; ``write_prediction`` then writes ``OUT/<stem>.png`` instead of ``OUT
 Images and masks are paired by stem (png, jpg, jpeg, tif, tiff, bmp; a mask may have another extension
 than its image). Masks are read as
 
-- ``binary``: one class (``foreground`` or ``classes[0]``), pixel > half range = foreground (0/255, 0/1,
-  and blurred/JPEG grey masks alike);
-- ``labels``: integer labels 0 (background), 1..K -> classes ``classes`` or ``class1..classK``;
+- ``binary``: one class (``foreground`` or ``classes[0]``), masks stored as {0, 255} or {0, 1}; other
+  values are an error naming the file, unless ``mask_threshold`` is given (pixel > threshold) or the
+  masks are JPEG, which cannot store exact values (thresholded at half range);
+- ``labels``: integer labels 0 (background), 1..K -> classes ``classes`` or ``class1..classK``; a value
+  above K is an error naming the file;
 - ``palette``: colour-coded RGB masks, e.g. ``stomach=255,0,0;large_bowel=0,255,0;small_bowel=255,255,0``;
   every pixel goes to the nearest palette colour or to background (0,0,0), so resized masks with
-  blurred edges map cleanly.
+  blurred edges map cleanly; colours that are no blend of palette colours are an error when they cover
+  more than 0.25% of the image (an undeclared label), else a warning.
 - ``auto`` (default): palette if one is given; else binary if every mask holds only {0,255} or {0,1},
-  labels if the largest value is at most 50, binary (thresholded) otherwise.
+  labels if the largest value is at most 50, binary otherwise (so grey PNG masks need ``mask_threshold``).
 
 All three are exclusive (``multiclass``). ``case_regex`` groups stems into multi-slice cases
 (slices sorted by stem, numbers numerically); by default each image is its own case of depth 1.
+``patient_regex`` groups cases into patients (its first group of the stem); without it each case is its
+own patient, and ``prepare`` warns when the names suggest otherwise.
 """
 from __future__ import annotations
 
@@ -28,10 +33,11 @@ from typing import Literal
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
-from medseg.errors import MedsegError
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, binary_mask
+from medseg.errors import MedsegError, warn
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_LOSSY = (".jpg", ".jpeg")  # cannot store exact mask values: thresholded at half range
 BACKGROUND = (0, 0, 0)
 _AUTO_LABEL_MAX = 50
 
@@ -59,11 +65,23 @@ def parse_palette(text: str) -> list[tuple[str, tuple[int, int, int]]]:
     return out
 
 
-def map_palette(rgb: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndarray:
-    """Label map (0 background, j+1 for ``colours[j]``) of an ``[h, w, 3]`` image by nearest colour."""
+# A blurred or resized colour mask blends neighbouring colours: a pixel is accepted when it lies within this
+# distance (0..255 units) of a blend of the palette colours (background included).
+PALETTE_TOLERANCE = 40.0
+# Off-palette pixels beyond this fraction of the image are a label the palette does not declare (an
+# error); fewer are the artefacts of resizing and re-encoding (mapped to the nearest colour, warned).
+OFF_PALETTE_FRACTION = 0.0025
+
+
+def map_palette(rgb: np.ndarray, colours: list[tuple[int, int, int]], where: str | Path | None = None) -> np.ndarray:
+    """Label map (0 background, j+1 for ``colours[j]``) of an ``[h, w, 3]`` image by nearest colour.
+
+    Colours that are no blend of palette colours (``PALETTE_TOLERANCE``) are an error naming ``where`` when
+    they cover more than ``OFF_PALETTE_FRACTION`` of the image (an undeclared label: mapping it to the
+    nearest colour would merge or drop it), else a warning."""
     ref = np.array([BACKGROUND, *colours], np.int32)  # [n, 3]
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
-        raise MedsegError(f"a colour mask must be [h, w, 3], got shape {rgb.shape}")
+        raise MedsegError(f"a colour mask must be [h, w, 3], got shape {rgb.shape}", where)
     px = rgb[..., :3].reshape(-1, 3).astype(np.int64)
     if rgb.dtype != np.uint8:  # 16-bit colour masks: compare in 8-bit units
         px = px >> 8
@@ -71,7 +89,30 @@ def map_palette(rgb: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndar
     uniq, inverse = np.unique((px[:, 0] << 16) | (px[:, 1] << 8) | px[:, 2], return_inverse=True)
     u = np.stack([uniq >> 16, (uniq >> 8) & 255, uniq & 255], axis=1)
     d = ((u[:, None, :] - ref[None]) ** 2).sum(-1)
+    far = _off_palette(u.astype(np.float64), ref.astype(np.float64))
+    if far.any():
+        inverse = inverse.ravel()
+        n_far = int(np.bincount(inverse, minlength=len(u))[far].sum())
+        bad = [tuple(int(v) for v in c) for c in u[far][:3]]
+        what = (f"{n_far} pixels ({100 * n_far / inverse.size:.2g}%) have colours such as {bad} that are neither "
+                f"background nor a palette colour {[tuple(c) for c in colours]} nor a blend of them")
+        if n_far > OFF_PALETTE_FRACTION * inverse.size:
+            raise MedsegError(f"{what}: a label the palette does not declare", where)
+        warn(f"{what}: scattered edge pixels, each mapped to its nearest palette colour", where)
     return d.argmin(1).astype(np.uint8)[inverse.ravel()].reshape(rgb.shape[:2])
+
+
+def _off_palette(u: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Which colours ``u[m, 3]`` lie farther than the tolerance from every blend (convex combination) of
+    the ``ref`` colours: resizing blends two or three neighbouring labels, never adds a new hue."""
+    from scipy.optimize import nnls
+
+    w = 1e3  # weight of the "weights sum to 1" row
+    a = np.vstack([ref.T, np.full((1, len(ref)), w)])
+    far = np.zeros(len(u), bool)
+    for i, c in enumerate(u):
+        far[i] = nnls(a, np.append(c, w))[1] > PALETTE_TOLERANCE
+    return far
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -116,6 +157,8 @@ def _list(folder: Path) -> dict[str, Path]:
 class FolderReader(Reader):
     name = "folder"
     description = "images/ + masks/ of 2D PNG/JPG/TIF/BMP paired by file stem (binary, label or colour masks)"
+    has_spacing = False
+    patients = "patient_regex on the file stem; else one patient per case (warned when names look shared)"
 
     class Options(Reader.Options):
         mask_mode: Literal["auto", "binary", "labels", "palette"] = "auto"
@@ -125,6 +168,8 @@ class FolderReader(Reader):
         case_regex: str | None = None
         # auto: grey when the first image is grey, even stored as RGB; stored: as the file stores it
         channels: Literal["auto", "stored", "gray", "rgb"] = "auto"
+        # binary masks: foreground = pixel > this (grey or blurred masks); default: exact {0,255}/{0,1}
+        mask_threshold: float | None = None
 
 
     def _regex(self, key: str) -> re.Pattern | None:
@@ -281,11 +326,17 @@ class FolderReader(Reader):
         for p in case.sources["images"]:
             a = read_image(Path(p))
             if a.ndim == 3 and a.shape[-1] == 4:
+                if not (a[..., 3] == a[..., 3].max()).all():
+                    warn("RGBA image with transparent pixels: the alpha channel is dropped", p)
                 a = a[..., :3]
             if a.ndim == 3 and a.shape[-1] != 3:
                 raise MedsegError(f"expected a grey or RGB image, got shape {a.shape}", p)
+            if imgs and a.dtype != imgs[0].dtype:  # stacking would upcast one slice's scale silently
+                raise MedsegError(f"image is {a.dtype} but the case's first slice is {imgs[0].dtype}", p)
             if chan == "gray":
                 if a.ndim == 3:
+                    if not _is_gray(a):
+                        warn("colour image in a greyscale data set: converted to its luminance", p)
                     a = a[..., 0] if _is_gray(a) else _luminance(a)
                 a = a[None]
             else:
@@ -312,25 +363,33 @@ class FolderReader(Reader):
         if mode == "palette":
             if m.ndim == 2:
                 raise MedsegError("palette masks must be RGB images, got a greyscale one", p)
-            return map_palette(m, [tuple(c) for c in spec.meta["palette"]])
+            return map_palette(m, [tuple(c) for c in spec.meta["palette"]], p)
         if m.ndim == 3:
             if not _is_gray(m):
                 raise MedsegError("colour mask: give a palette option, or a greyscale mask", p)
             m = m[..., 0]
         if mode == "binary":
-            if m.dtype == bool:
-                return m.astype(np.uint8)
-            top = int(m.max()) if m.size else 0
-            # {0,1} masks keep 1 as foreground; 0/255 or blurred grey masks split at half range
-            if not np.issubdtype(m.dtype, np.integer):
-                thr = 0.5
-            else:
-                thr = 0 if top <= 1 else 127 if top <= 255 else 32767
-            return (m > thr).astype(np.uint8)
-        top = int(m.max()) if m.size else 0
-        if top > k:
-            raise MedsegError(f"label {top} in a mask but only {k} classes ({', '.join(spec.classes)})", p)
+            return self._binary(m, p)
+        values = np.unique(m)
+        extra = values[(values < 0) | (values > k)]
+        if extra.size:
+            raise MedsegError(f"label values {extra[:5].tolist()} in a mask but only labels 0..{k} are declared "
+                              f"({', '.join(spec.classes)})", p)
         return m.astype(np.uint8)
+
+    def _binary(self, m: np.ndarray, p: Path) -> np.ndarray:
+        """{0, 255} or {0, 1}; grey values only where the file cannot hold exact ones (JPEG) or a
+        ``mask_threshold`` is given: then pixel > threshold (default half range) is foreground."""
+        thr = self.options.mask_threshold
+        if thr is None and p.suffix.lower() in _LOSSY:
+            thr = 0.5 if not np.issubdtype(m.dtype, np.integer) else float(np.iinfo(m.dtype).max) / 2
+        if thr is None:
+            try:
+                return binary_mask(m, p).astype(np.uint8)
+            except MedsegError as e:
+                raise MedsegError(e.problem, p, hint="-o mask_threshold=127 thresholds grey masks; "
+                                  "-o mask_mode=labels reads label values") from None
+        return (m > thr).astype(np.uint8)
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         """``out_dir/masks/<stem>.png`` for an ``images/`` layout, ``out_dir/<stem>.png`` for a flat folder

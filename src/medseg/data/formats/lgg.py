@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
-from medseg.errors import MedsegError
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader, binary_mask
+from medseg.errors import MedsegError, warn
 
 _SLICE = re.compile(r"^(?P<case>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
@@ -19,15 +19,20 @@ def read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return tifffile.imread(path)
+        a = tifffile.imread(path)
     except Exception as e:  # tifffile raises several types for corrupt/truncated files
         raise MedsegError(f"cannot read TIFF ({type(e).__name__}: {e})", path) from None
+    if a.size == 0:  # a damaged header can decode to no pixels at all
+        raise MedsegError("cannot read TIFF (no pixels: damaged or empty file)", path)
+    return a
 
 
 @FORMATS.register("lgg")
 class LGGReader(Reader):
     name = "lgg"
-    description = "Kaggle LGG kaggle_3m/: patient folders of <case>_<n>.tif + <case>_<n>_mask.tif"
+    description = "Kaggle LGG kaggle_3m/: patient folders of <case>_<n>.tif + <case>_<n>_mask.tif (masks 0/255 or 0/1)"
+    has_spacing = False
+    patients = "TCGA_<inst>_<id> of the folder name (a patient's dates are one patient)"
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
@@ -85,6 +90,7 @@ class LGGReader(Reader):
         for z, p in enumerate(paths):
             a = read_tiff(Path(p))
             if a.ndim == 2:
+                warn("greyscale slice in a 3-channel data set: its one channel is repeated 3 times", p)
                 a = np.repeat(a[..., None], 3, axis=-1)
             if a.ndim != 3 or a.shape[-1] != 3:
                 raise MedsegError(f"expected an HxWx3 slice, got shape {a.shape}", p)
@@ -92,6 +98,8 @@ class LGGReader(Reader):
                 image = np.empty((len(paths), 3, *a.shape[:2]), a.dtype)
             elif a.shape[:2] != image.shape[2:]:
                 raise MedsegError(f"slice size {a.shape[:2]} differs from the case's {image.shape[2:]}", p)
+            elif a.dtype != image.dtype:  # a silent cast would rescale nothing and wrap or clip values
+                raise MedsegError(f"slice is {a.dtype} but the case's other slices are {image.dtype}", p)
             image[z] = a.transpose(2, 0, 1)
         mask = None
         if case.sources.get("masks"):
@@ -102,7 +110,7 @@ class LGGReader(Reader):
                     m = m[..., 0]
                 if m.shape != image.shape[2:]:
                     raise MedsegError(f"mask size {m.shape} differs from its image's {image.shape[2:]}", p)
-                mask[z, 0] = m > 127
+                mask[z, 0] = binary_mask(m, p)
         return CaseData(
             image=image,
             mask=mask,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
 from medseg.errors import MedsegError
 
 _MODALITY = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -64,6 +64,21 @@ def to_zyx(a: np.ndarray) -> np.ndarray:
     if a.ndim == 5 and a.shape[3] == 1:  # (x, y, z, t=1, c) as some tools write vector images
         return a[:, :, :, 0].transpose(2, 3, 1, 0)
     raise ValueError(f"unsupported NIfTI shape {a.shape}")
+
+
+# Two grids are the same when every entry of their affines agrees to this fraction of the smallest voxel
+# size (ITK's default is 1e-6 of the spacing; headers saved in float32 need more, a real shift is far more).
+GRID_TOLERANCE = 1e-3
+
+
+def check_same_grid(affine: np.ndarray, ref: np.ndarray, zooms: Any, where: Path | str, what: str) -> None:
+    """A label map must lie on its image's voxel grid: a shifted or rotated one labels other anatomy."""
+    tol = GRID_TOLERANCE * max(min(float(z) for z in zooms), 1e-6)
+    diff = np.abs(np.asarray(affine, float) - np.asarray(ref, float))
+    if diff.max() > tol:
+        shift = float(np.linalg.norm(np.asarray(affine, float)[:3, 3] - np.asarray(ref, float)[:3, 3]))
+        raise MedsegError(f"affine differs from {what} (origin {shift:.3g} mm apart, largest entry difference "
+                          f"{diff.max():.3g}; tolerance {tol:.2g}): the label is not on the image's voxel grid", where)
 
 
 def labels_to_mask(lab: np.ndarray, values: list[int], where: Path | str) -> np.ndarray:
@@ -121,12 +136,14 @@ def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib) -> li
 class NiftiReader(Reader):
     name = "nifti"
     description = "NIfTI: MSD/nnU-Net imagesTr/ + labelsTr/ (+ dataset.json), or NIfTI file(s) for images only"
+    patients = "patient column of a list of pairs, or patient_regex on the case id; else one per case (warned when names look shared)"
 
     class Options(Reader.Options):
         images: str = "imagesTr"
         labels: str = "labelsTr"
         classes: ClassNames = None  # names of label values 1..K when there is no dataset.json
         pairs: str | None = None  # a .csv/.json list of (image, label) pairs (relative to ROOT or absolute)
+        patient_regex: str | None = None  # first group of the case id = patient (time points of one patient)
 
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
@@ -191,7 +208,7 @@ class NiftiReader(Reader):
             cases.append(
                 CaseSpec(
                     id=cid,
-                    patient=cid,
+                    patient=patient_of(cid, self.options.patient_regex, chans[0]),
                     sources={"image": str(chans[0]), "images": [str(chans[i]) for i in order], "label": str(lab) if lab and require_masks else None},
                 )
             )
@@ -255,7 +272,7 @@ class NiftiReader(Reader):
             cases.append(
                 CaseSpec(
                     id=cid,
-                    patient=str(row.get("patient") or cid),
+                    patient=str(row.get("patient") or patient_of(cid, self.options.patient_regex, img)),
                     sources={"image": str(img), "images": [str(img)], "label": str(lab) if lab else None},
                 )
             )
@@ -273,7 +290,12 @@ class NiftiReader(Reader):
                     pairs.append((int(v), str(k)))
             pairs = sorted(p for p in pairs if p[0] != 0)
             if pairs:
-                return [n for _, n in pairs], [v for v, _ in pairs]
+                names = [n for _, n in pairs]
+                if self.options.classes and list(self.options.classes) != names:
+                    raise MedsegError(f"option classes={','.join(self.options.classes)} disagrees with the classes "
+                                      f"dataset.json names ({', '.join(names)}); drop the option or edit the file",
+                                      root / "dataset.json" if root.is_dir() else root)
+                return names, [v for v, _ in pairs]
         found: set[int] = set()
         for c in cases:  # no dataset.json: the label values present decide the classes
             img = load_nifti(c.sources["label"])
@@ -311,6 +333,7 @@ class NiftiReader(Reader):
                 lab = lab[..., 0]
             if lab.shape[:3] != first.shape[:3] or lab.ndim > 3:
                 raise MedsegError(f"label shape {lab.shape} differs from image shape {first.shape[:3]}", lp)
+            check_same_grid(limg.affine, first.affine, first.header.get_zooms()[:3], lp, "its image's")
             mask = labels_to_mask(to_zyx(lab)[:, 0], spec.meta["label_values"], lp)
         hdr = first.header
         zooms = [float(z) for z in hdr.get_zooms()[:3]]
@@ -328,6 +351,10 @@ class NiftiReader(Reader):
             affine=np.asarray(first.affine, float),
             meta=meta,
         )
+
+    def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
+        shape = load_nifti(case.sources["image"]).shape  # the header only
+        return int(shape[2]) if len(shape) >= 3 else 1
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))

@@ -54,8 +54,9 @@ def parse_slice_file(path: Path) -> dict:
     }
 
 
-def read_png16(path: Path) -> np.ndarray:
-    """A grayscale PNG as uint16 (16-bit files keep their values; 8-bit ones are widened)."""
+def read_png16(path: Path) -> tuple[np.ndarray, str]:
+    """(a grayscale PNG as uint16, the dtype the file stored): 16-bit files keep their values, 8-bit ones
+    are widened (their values then sit on another scale, which the caller must know)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -65,13 +66,14 @@ def read_png16(path: Path) -> np.ndarray:
         raise MedsegError(f"cannot read PNG ({type(e).__name__}: {e})", path) from None
     if a.ndim == 3:  # an RGB(A) export of a grayscale slice
         a = a[..., 0]
+    stored = str(a.dtype)
     if a.dtype != np.uint16:
         if a.dtype not in (np.uint8, np.int32, np.uint32):
             raise MedsegError(f"unexpected PNG pixel type {a.dtype}", path)
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise MedsegError("PNG values do not fit 16 bits", path)
         a = a.astype(np.uint16)
-    return a
+    return a, stored
 
 
 def read_train_csv(path: Path, check_rle: bool = True) -> dict[str, dict[str, str]]:
@@ -134,6 +136,7 @@ def _is_case_dir(p: Path) -> bool:
 class UWMGIReader(Reader):
     name = "uwmgi"
     description = "UW-Madison GI tract (Kaggle): train.csv (RLE) + train/caseN/caseN_dayM/scans/*.png"
+    patients = "caseN of caseN_dayM (a patient's days are one patient)"
 
     class Options(Reader.Options):
         rle_order: Literal["C", "F"] = "C"
@@ -249,12 +252,16 @@ class UWMGIReader(Reader):
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
         h, w = case.sources["size"]
         imgs = []
+        first = None
         for p in case.sources["images"]:
-            a = read_png16(Path(p))
+            a, stored = read_png16(Path(p))
             if a.shape != (h, w):
                 raise MedsegError(
                     f"image is {a.shape[1]}x{a.shape[0]} (WxH) but its name says {w}x{h}", p
                 )
+            first = first or stored
+            if stored != first:  # an 8-bit slice among 16-bit ones has another intensity scale
+                raise MedsegError(f"slice is stored as {stored} but the case-day's first slice as {first}", p)
             imgs.append(a)
         image = np.stack(imgs)[:, None]  # [z, 1, h, w] uint16
         mask = None
