@@ -82,17 +82,17 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lgg_component_rules.json")
     a = ap.parse_args()
-    from medseg.data.prepared import PreparedDataset, case_stem
+    from medseg.data.prepared import PreparedDataset
     from medseg.errors import MedsegError
-    from medseg.evaluation.tune import _dataset_path, _fold_dirs, _val_cases  # the run layout, as medseg tune reads it
+    from medseg.rundir import RunDir
 
     try:
-        fold_dirs = _fold_dirs(a.run, "all")
-        ds = PreparedDataset.open(_dataset_path(a.run, None))
+        run = RunDir(a.run)
+        ds = PreparedDataset.open(run.dataset())
         cases = []
-        for k, fd in fold_dirs:
-            for cid in _val_cases(a.run, k, fd, ds, tta=False):
-                with np.load(fd / "val_predictions" / (case_stem(cid) + ".npz")) as z:
+        for k, fd in run.fold_dirs("all"):
+            for cid in run.val_cases(k, ds):
+                with np.load(RunDir.val_prediction(fd, cid)) as z:
                     prob = z["prob"][:, -1].astype(np.float32)  # the tumour: softmax's last channel, or the one sigmoid
                 truth = np.asarray(ds.mask(ds.index(cid)))[:, 0] != 0
                 cases.append({"case": cid, "fold": k, "truth": float(truth.sum()),

@@ -107,3 +107,32 @@ def test_weighted_combination_of_multiclass_focal_and_tversky():
     tp, fp_, fn = (p * onehot).sum((0, 2, 3)), (p * (1 - onehot)).sum((0, 2, 3)), ((1 - p) * onehot).sum((0, 2, 3))
     expect = float((1 - tp / (tp + 0.3 * fp_ + 0.7 * fn)).mean())
     assert float(tv(flat, target)) == pytest.approx(expect, rel=1e-4)
+
+
+def test_a_registered_loss_is_found_by_name_from_the_config():
+    """Losses are found through a registry, as models are: a new term is one decorated factory."""
+    import torch
+
+    from medseg.config import LossConfig, LossTerm
+    from medseg.losses import LOSSES, build_loss
+
+    class _L1(torch.nn.Module):
+        def forward(self, logits, target):
+            return (torch.sigmoid(logits) - target.float()).abs().mean()
+
+    @LOSSES.register("test_l1")
+    def _l1(multilabel, weight, kwargs):
+        return [("test_l1", _L1())]
+
+    try:
+        loss = build_loss(LossConfig(terms=[LossTerm(name="test_l1", weight=2.0), LossTerm(name="dice")]),
+                          "multilabel", ["a"])
+        assert loss.names == ["test_l1", "dice"] and loss.weights == [2.0, 1.0]
+        logits = torch.full((1, 1, 4, 4), 0.0)
+        target = torch.ones(1, 1, 4, 4)
+        expected = 2.0 * 0.5 + float(loss.terms[1](logits, target))
+        assert float(loss(logits, target)) == pytest.approx(expected)
+    finally:
+        LOSSES._entries.pop("test_l1")
+    with pytest.raises(Exception, match="unknown loss 'dcie'.*did you mean 'dice'"):
+        LossTerm(name="dcie")

@@ -59,9 +59,22 @@ class ModelConfig(_Section):
 
 
 class LossTerm(_Section):
-    name: Literal["dice", "ce", "bce", "dice_ce", "dice_bce", "focal", "tversky"]
+    name: str  # a registered loss (medseg.losses.LOSSES): dice, ce, bce, dice_ce, dice_bce, focal, tversky, ...
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from medseg.losses import LOSSES  # torch: only when a config is validated
+
+        if v not in LOSSES:
+            import difflib
+
+            close = difflib.get_close_matches(v, LOSSES.names(), n=1)
+            raise ValueError(f"unknown loss {v!r} (known: {', '.join(LOSSES.names())})"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        return v
 
 
 class LossConfig(_Section):

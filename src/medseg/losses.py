@@ -1,4 +1,5 @@
-"""Segmentation losses on MONAI's implementations, one weighted sum per config.
+"""Segmentation losses on MONAI's implementations, one weighted sum per config; terms are found by name
+in ``LOSSES`` (``@LOSSES.register("name")`` adds one, as models do).
 
 Targets are always per-class binary channels ``[b, k, *spatial]`` (the prepared format). The head
 decides the activation: multiclass heads have k+1 outputs (softmax, background channel 0) and get a
@@ -6,13 +7,15 @@ label map; multilabel heads have k outputs (sigmoid) and get the channels as the
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from medseg.errors import MedsegError
+from medseg.registry import Registry
 
 
 def labelmap(target: torch.Tensor) -> torch.Tensor:
@@ -62,29 +65,67 @@ class _MonaiTerm(nn.Module):
         return self.loss(logits, t)
 
 
-def _term(name: str, multilabel: bool, weight: list[float] | None, kwargs: dict[str, Any]) -> nn.Module:
-    from monai.losses import DiceLoss, FocalLoss, TverskyLoss
+# A loss factory takes (multilabel, class weights or None, the term's kwargs) and returns the named
+# modules it adds (a composite such as dice_ce adds two, logged separately).
+LossFactory = Callable[[bool, Optional[list], dict], list]
+LOSSES: Registry[LossFactory] = Registry("loss", [])  # the built-ins register below, on import
 
-    act = {"sigmoid": True} if multilabel else {"softmax": True, "to_onehot_y": True}
+
+def _activation(multilabel: bool) -> dict[str, Any]:
+    return {"sigmoid": True} if multilabel else {"softmax": True, "to_onehot_y": True}
+
+
+@LOSSES.register("dice")
+def _dice(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    from monai.losses import DiceLoss
+
     # batch=True: Dice over the whole batch, stable when a sample has no foreground (nnU-Net's choice)
-    dice_kw = {"batch": True, "smooth_nr": 1e-5, "smooth_dr": 1e-5, **act}
-    if name == "dice":
-        return _MonaiTerm(DiceLoss(**{**dice_kw, **kwargs}), multilabel)
-    if name in ("ce", "bce"):
-        if name == "bce" and not multilabel:
-            raise MedsegError("loss 'bce' is for multilabel tasks; use 'ce' for multiclass")
-        return _CE(multilabel, weight)
-    if name == "tversky":
-        return _MonaiTerm(TverskyLoss(**{**act, "batch": True, **kwargs}), multilabel)
-    if name == "focal":
-        kw = {"gamma": 2.0, **kwargs}
-        if not multilabel:
-            kw.setdefault("to_onehot_y", True)
-            kw.setdefault("use_softmax", True)
-        if weight is not None:
-            kw.setdefault("weight", weight)
-        return _MonaiTerm(FocalLoss(**kw), multilabel)
-    raise MedsegError(f"unknown loss {name!r}")
+    kw = {"batch": True, "smooth_nr": 1e-5, "smooth_dr": 1e-5, **_activation(multilabel), **kwargs}
+    return [("dice", _MonaiTerm(DiceLoss(**kw), multilabel))]
+
+
+@LOSSES.register("ce")
+def _ce(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    return [("ce", _CE(multilabel, weight))]
+
+
+@LOSSES.register("bce")
+def _bce(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    if not multilabel:
+        raise MedsegError("loss 'bce' is for multilabel tasks; use 'ce' for multiclass")
+    return [("bce", _CE(multilabel, weight))]
+
+
+@LOSSES.register("dice_ce")
+def _dice_ce(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    return _dice(multilabel, None, kwargs) + _ce(multilabel, weight, {})
+
+
+@LOSSES.register("dice_bce")
+def _dice_bce(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    if not multilabel:
+        raise MedsegError("loss 'dice_bce' is for multilabel tasks; use 'dice_ce' for multiclass")
+    return _dice(multilabel, None, kwargs) + _bce(multilabel, weight, {})
+
+
+@LOSSES.register("tversky")
+def _tversky(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    from monai.losses import TverskyLoss
+
+    return [("tversky", _MonaiTerm(TverskyLoss(**{**_activation(multilabel), "batch": True, **kwargs}), multilabel))]
+
+
+@LOSSES.register("focal")
+def _focal(multilabel: bool, weight: list | None, kwargs: dict) -> list:
+    from monai.losses import FocalLoss
+
+    kw = {"gamma": 2.0, **kwargs}
+    if not multilabel:
+        kw.setdefault("to_onehot_y", True)
+        kw.setdefault("use_softmax", True)
+    if weight is not None:
+        kw.setdefault("weight", weight)
+    return [("focal", _MonaiTerm(FocalLoss(**kw), multilabel))]
 
 
 class CombinedLoss(nn.Module):
@@ -121,12 +162,5 @@ def build_loss(loss_cfg: Any, class_kind: str, classes: list[str], fingerprint: 
             )
     terms: list[tuple[str, float, nn.Module]] = []
     for t in loss_cfg.terms:
-        if t.name in ("dice_ce", "dice_bce"):
-            ce = "bce" if t.name == "dice_bce" else "ce"
-            if t.name == "dice_bce" and not multilabel:
-                raise MedsegError("loss 'dice_bce' is for multilabel tasks; use 'dice_ce' for multiclass")
-            terms.append(("dice", t.weight, _term("dice", multilabel, None, t.kwargs)))
-            terms.append((ce, t.weight, _term(ce, multilabel, weight, {})))
-        else:
-            terms.append((t.name, t.weight, _term(t.name, multilabel, weight, t.kwargs)))
+        terms += [(name, t.weight, m) for name, m in LOSSES.get(t.name)(multilabel, weight, dict(t.kwargs))]
     return CombinedLoss(terms)

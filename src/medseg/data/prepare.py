@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from medseg.atomic import atomic_write_text
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
-from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, case_stem
+from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done_path
 from medseg.data.splits import make_splits
 from medseg.errors import MedsegError, warn
 
@@ -53,20 +54,16 @@ def _process_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: Ca
     # warnings raised in a worker process travel back with the result and are shown by the parent
     result.warnings = [str(w.message) for w in caught if issubclass(w.category, MedsegWarning)]
     writer_root = Path(tmp)
-    stem = case_stem(case.id)
-    np.save(writer_root / f"cases/{stem}.sample.npy", result.intensity_sample)
+    np.save(writer_root / case_filename(case.id, "sample"), result.intensity_sample)
     done = {"record": asdict(result.record), "min": result.intensity_min.tolist(), "max": result.intensity_max.tolist(),
             "class_voxels": result.class_voxels.tolist(), "class_slices": result.class_slices.tolist(),
             "voxels": result.voxels, "slices": result.slices, "warnings": result.warnings}
-    tmp_done = writer_root / f"cases/{stem}.done.json.tmp-{os.getpid()}"
-    tmp_done.write_text(json.dumps(done))
-    os.replace(tmp_done, writer_root / f"cases/{stem}.done.json")  # last: the case is complete on disk
+    atomic_write_text(done_path(writer_root, case.id), json.dumps(done))  # last: the case is complete
     return result
 
 
 def _resumed(root: Path, done: dict[str, Any]) -> _CaseResult:
-    stem = case_stem(done["record"]["id"])
-    sample = np.load(root / f"cases/{stem}.sample.npy")
+    sample = np.load(root / case_filename(done["record"]["id"], "sample"))
     r = _CaseResult(CaseRecord(**done["record"]), sample, np.array(done["min"]), np.array(done["max"]),
                     np.array(done["class_voxels"], np.int64), np.array(done["class_slices"], np.int64),
                     int(done["voxels"]), int(done["slices"]))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.atomic import atomic_write_text
 from medseg.errors import MedsegError
 
 FORMAT_VERSION = 1
@@ -58,12 +59,6 @@ def case_stem(case_id: str) -> str:
 
 def case_filename(case_id: str, what: str) -> str:
     return f"cases/{case_stem(case_id)}.{what}.npy"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class PreparedDataset:
@@ -182,6 +177,13 @@ class PreparedDataset:
 
 
 _OWNER = ".medseg-partial.json"  # marks a partial folder as prepare's own: only such folders are ever deleted
+# a case of a partial folder is finished once cases/<stem>.done.json (its statistics) is written, last;
+# cases/<stem>.sample.npy holds its intensity sample for the fingerprint
+DONE = ".done.json"
+
+
+def done_path(root: Path, case_id: str) -> Path:
+    return root / f"cases/{case_stem(case_id)}{DONE}"
 
 
 def _alive(pid: int) -> bool:
@@ -252,20 +254,17 @@ class PreparedWriter:
         out: dict[str, dict[str, Any]] = {}
         if not self.resumed:
             return out
-        for f in (self.tmp / "cases").glob("*.done.json"):
+        for f in (self.tmp / "cases").glob(f"*{DONE}"):
             try:
                 res = json.loads(f.read_text())
                 rec = res["record"]
-                for rel in (rec["image"], rec["mask"], f"cases/{case_stem(rec['id'])}.sample.npy"):
+                for rel in (rec["image"], rec["mask"], case_filename(rec["id"], "sample")):
                     if rel is not None:
                         check_array(self.tmp / rel, rec["shape"] if rel == rec["image"] else None)
             except (OSError, ValueError, KeyError, TypeError, MedsegError):
                 continue  # redone
             out[rec["id"]] = res
         return out
-
-    def mark_done(self, case_id: str, result: dict[str, Any]) -> None:
-        atomic_write_text(self.tmp / f"cases/{case_stem(case_id)}.done.json", json.dumps(result))
 
     def write_arrays(self, case_id: str, image: np.ndarray, mask: np.ndarray | None) -> tuple[str, str | None]:
         img_rel = case_filename(case_id, "img")
@@ -279,7 +278,7 @@ class PreparedWriter:
     def finish(self, info: dict[str, Any], splits: dict[str, Any] | None) -> Path:
         info = {"format_version": FORMAT_VERSION, **info}
         info["cases"] = [asdict(c) if isinstance(c, CaseRecord) else c for c in info["cases"]]
-        for f in [*(self.tmp / "cases").glob("*.done.json"), *(self.tmp / "cases").glob("*.sample.npy")]:
+        for f in [*(self.tmp / "cases").glob(f"*{DONE}"), *(self.tmp / "cases").glob("*.sample.npy")]:
             f.unlink()
         (self.tmp / _OWNER).unlink(missing_ok=True)
         (self.tmp / "dataset.json").write_text(json.dumps(info, indent=1))

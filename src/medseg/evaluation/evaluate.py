@@ -30,6 +30,7 @@ from medseg.evaluation.metrics import (
     slice_overlap,
     summarize,
 )
+from medseg.rundir import RunDir
 
 CASE_COLUMNS = ["case_id", "patient", "class", "truth_voxels", "pred_voxels", *METRICS]
 SLICE_METRICS = ("dice", "iou", "precision", "recall")
@@ -53,10 +54,6 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return _clean(obj.item())
     return obj
-
-
-def _is_run_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "config.yaml").is_file() and any(p.glob("fold_*"))
 
 
 def _default_out(pred: Path, run: bool) -> Path:
@@ -99,7 +96,7 @@ def evaluate(
     if not (nsd_tolerance >= 0 and math.isfinite(nsd_tolerance)):
         raise MedsegError(f"--nsd-tolerance must be a finite distance >= 0 mm, got {nsd_tolerance}")
     pred = Path(pred)
-    run = truth is None and _is_run_dir(pred)
+    run = truth is None and RunDir.is_run(pred)
     if run:
         preds, ds_path = run_predictions(pred)
         truth_obj = open_truth(ds_path)

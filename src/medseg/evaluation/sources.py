@@ -18,6 +18,7 @@ import numpy as np
 from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import decide, merge_config
+from medseg.rundir import RunDir
 
 
 @dataclass
@@ -457,34 +458,12 @@ def prepared_predictions(path: Path) -> Predictions:
 
 def run_predictions(run: Path) -> tuple[Predictions, Path]:
     """(predictions, prepared dataset path) of a run directory's validation predictions."""
-    import yaml
-
-    cfg_path = run / "config.yaml"
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MedsegError(f"cannot read the run's config ({e})", cfg_path) from None
-    prepared = (cfg.get("data") or {}).get("prepared")
-    if not prepared:
-        raise MedsegError("config has no data.prepared (the prepared dataset of the run)", cfg_path)
-    cand = [Path(prepared)] if Path(prepared).is_absolute() else [Path(prepared), run / prepared, run.parent / prepared]
-    ds_path = next((c for c in cand if (c / "dataset.json").is_file()), None)
-    if ds_path is None:
-        raise MedsegError(f"the run's prepared dataset {prepared!r} is not found", cfg_path)
-    files: dict[str, Path] = {}
-    curves: dict[str, Path] = {}
-    for fold in sorted(run.glob("fold_*"), key=lambda p: p.name):
-        for f in sorted((fold / "val_predictions").glob("*.npz")):
-            if f.stem in files:
-                raise MedsegError(f"case {f.stem} has validation predictions in two folds ({files[f.stem].parent.parent.name})", f)
-            files[f.stem] = f
-        if (fold / "metrics.csv").is_file():
-            curves[fold.name] = fold / "metrics.csv"
-        for m in sorted(fold.glob("member_*/metrics.csv")):  # train.members: each member's own curves
-            curves[f"{fold.name}/{m.parent.name}"] = m
+    rd = RunDir(run)
+    ds_path = rd.dataset()
+    files = rd.val_predictions()
     if not files:
         raise MedsegError("no validation predictions (fold_K/val_predictions/<case>.npz)", run)
-    tuned = _tuned_rules(run)
+    tuned = _tuned_rules(rd)
     spatial_dims = int(json.loads((ds_path / "dataset.json").read_text()).get("spatial_dims", 2))
 
     def load(case_id: str, t: TruthCase) -> np.ndarray:
@@ -503,23 +482,22 @@ def run_predictions(run: Path) -> tuple[Predictions, Path]:
         return _check_shape((np.asarray(m) > 0).astype(np.uint8), t, f)
 
     if tuned:
-        rules = (f"the rules `medseg tune` chose ({run / 'tune.json'}), stored in each fold's model.pt, applied to "
+        rules = (f"the rules `medseg tune` chose ({rd.tune_path}), stored in each fold's model.pt, applied to "
                  "the stored probabilities; they were chosen on these same validation cases, so the score is optimistic")
     else:
         rules = "training's own decision (argmax, or 0.5 for sigmoids), no post-processing"
-    return Predictions("run", run, load, ids=set(files), run_dir=run, curves=curves, rules=rules), ds_path
+    return Predictions("run", run, load, ids=set(files), run_dir=run, curves=rd.curves(), rules=rules), ds_path
 
 
-def _tuned_rules(run: Path) -> dict[str, tuple[dict[str, Any], str]]:
+def _tuned_rules(rd: RunDir) -> dict[str, tuple[dict[str, Any], str]]:
     """{fold folder: (post-processing rules, class kind)} for the folds whose model.pt ``tune`` wrote."""
     from medseg.inference.bundle import load_bundle
 
     out = {}
-    for fold in sorted(run.glob("fold_*")):
-        if (fold / "model.pt").is_file():
-            b = load_bundle(fold / "model.pt")
-            if (b.get("meta") or {}).get("tuned"):
-                out[fold.name] = (merge_config(b.get("postprocess"), None), b["class_kind"])
+    for _, fold in rd.fold_dirs("all") if rd.trained_folds() else []:
+        b = load_bundle(fold / "model.pt")
+        if (b.get("meta") or {}).get("tuned"):
+            out[fold.name] = (merge_config(b.get("postprocess"), None), b["class_kind"])
     return out
 
 

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from medseg.atomic import atomic_write_text
 from medseg.errors import MedsegError
+from medseg.rundir import RunDir
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -132,66 +134,6 @@ def best_combination(tables: Sequence[np.ndarray], objective: str = "uwmgi") -> 
 
 
 # ----------------------------------------------------------------------------------------- the command
-def _fold_dirs(run: Path, folds: str | Sequence[int]) -> list[tuple[int, Path]]:
-    found = {}
-    for d in sorted(run.glob("fold_*")):
-        try:
-            k = int(d.name[len("fold_"):])
-        except ValueError:
-            continue
-        if (d / "model.pt").is_file():
-            found[k] = d
-    if not found:
-        raise MedsegError("not a run directory: no fold_K/model.pt (train first)", run)
-    if isinstance(folds, str) and folds == "all":
-        return sorted(found.items())
-    ks = [int(k) for k in (folds.split(",") if isinstance(folds, str) else folds)]
-    missing = [k for k in ks if k not in found]
-    if missing:
-        raise MedsegError(f"fold {missing[0]} has no model.pt (folds here: {', '.join(map(str, sorted(found)))})", run)
-    return [(k, found[k]) for k in ks]
-
-
-def _dataset_path(run: Path, data: str | Path | None) -> Path:
-    if data is not None:
-        return Path(data)
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
-        raise MedsegError("no config.yaml in the run (pass --data PREPARED)", run)
-    import yaml
-
-    try:
-        return Path(yaml.safe_load(cfg.read_text())["data"]["prepared"])
-    except (KeyError, TypeError, yaml.YAMLError):
-        raise MedsegError("config.yaml names no data.prepared (pass --data PREPARED)", cfg) from None
-
-
-def _val_cases(run: Path, fold: int, fold_dir: Path, ds: Any, tta: bool) -> list[str]:
-    """The fold's validation case ids: from its val_predictions (what training scored), or for --tta
-    from the run's splits.json."""
-    from medseg.data.prepared import case_stem
-
-    if tta:
-        sp = run / "splits.json"
-        splits = json.loads(sp.read_text()) if sp.is_file() else ds.splits()
-        try:
-            return list(splits["folds"][fold]["val"])
-        except (KeyError, IndexError):
-            raise MedsegError(f"splits.json has no fold {fold}", sp) from None
-    vp = fold_dir / "val_predictions"
-    files = sorted(vp.glob("*.npz")) if vp.is_dir() else []
-    if not files:
-        raise MedsegError("no validation predictions (val_predictions/*.npz): train this fold first, or use --tta",
-                          fold_dir)
-    by_name = {case_stem(c.id): c.id for c in ds.cases}
-    out = []
-    for f in files:
-        if f.stem not in by_name:
-            raise MedsegError(f"validation prediction of a case that is not in the prepared dataset {ds.root}", f)
-        out.append(by_name[f.stem])
-    return out
-
-
 def _fmt(c: Candidate) -> str:
     return f"t {c[0]:.2f}, presence {'off' if c[1] is None else f'{c[1]:.2f}'}"
 
@@ -218,7 +160,8 @@ def tune(
     run = Path(run)
     if not run.is_dir():
         raise MedsegError("run directory not found", run)
-    fold_dirs = _fold_dirs(run, folds)
+    rd = RunDir(run)
+    fold_dirs = rd.fold_dirs(folds)
     bundles = {k: load_bundle(d / "model.pt") for k, d in fold_dirs}
     b0 = bundles[fold_dirs[0][0]]
     use_tta = bool((b0.get("tta") or {}).get("enabled")) if tta is None else bool(tta)
@@ -230,7 +173,7 @@ def tune(
     for k, b in bundles.items():
         if list(b["classes"]) != classes:
             raise MedsegError(f"fold {k} has classes {b['classes']}, fold {fold_dirs[0][0]} {classes}", run)
-    ds_path = _dataset_path(run, data)
+    ds_path = rd.dataset(data)
     if not ds_path.exists():
         raise MedsegError("prepared dataset of the run not found (pass --data PREPARED)", ds_path)
     ds = PreparedDataset.open(ds_path)
@@ -256,7 +199,8 @@ def tune(
     fold_ids = [fk for fk, _ in fold_dirs]
     # per fold, so that the chosen setting can be reported fold by fold (mean ± std over folds)
     tables = {fk: [[np.zeros((len(g), 4)) for g in grids] for _ in variants] for fk in fold_ids}
-    jobs = [(fk, fd, cid) for fk, fd in fold_dirs for cid in _val_cases(run, fk, fd, ds, use_tta)]
+    jobs = [(fk, fd, cid) for fk, fd in fold_dirs
+            for cid in (rd.split_val_cases(fk, ds) if use_tta else rd.val_cases(fk, ds))]
     if len({cid for _, _, cid in jobs}) != len(jobs):
         raise MedsegError("a case is validated by two of the chosen folds (not a k-fold run?)", run)
     seg = {}
@@ -269,10 +213,7 @@ def tune(
                 seg[fk] = Segmenter.load(fd / "model.pt", tta=True)
             prob = seg[fk].predict(np.asarray(ds.image(i)), probabilities=True, spatial_dims=ds.spatial_dims).prob
         else:
-            from medseg.data.prepared import case_stem
-
-            f = fd / "val_predictions" / (case_stem(cid) + ".npz")
-            with np.load(f) as z:
+            with np.load(RunDir.val_prediction(fd, cid)) as z:
                 prob = z["prob"]
             if multiclass and prob.shape[1] == k + 1:  # training stores the softmax with its background
                 prob = prob[:, 1:]
@@ -321,9 +262,7 @@ def tune(
                                                           "objective": objective, "case_days": len(jobs)}}
             save_bundle(b, fd / "model.pt")
         result["written"] = True
-        tmp = run / f"tune.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, run / "tune.json")
+        atomic_write_text(rd.tune_path, json.dumps(result, indent=1))
     if console is not None:
         console.print(f"tuned on {len(jobs)} validation {unit} of fold{'s' if len(fold_dirs) > 1 else ''} "
                       f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: "
@@ -340,7 +279,7 @@ def tune(
             console.print(f"  per fold: {', '.join(f'{v:.4f}' for v in sc)}; mean {np.mean(sc):.4f} ± {np.std(sc):.4f}",
                           highlight=False)
         if write:
-            console.print(f"written into {len(fold_dirs)} model.pt (postprocess{', tta' if tta is not None else ''}) and {run / 'tune.json'}",
+            console.print(f"written into {len(fold_dirs)} model.pt (postprocess{', tta' if tta is not None else ''}) and {rd.tune_path}",
                           highlight=False)
     return result
 

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medseg.atomic import atomic_path
 from medseg.errors import MedsegError
 
 BUNDLE_FORMAT = "medseg.bundle/1"
@@ -46,9 +47,8 @@ def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) ->
             b["members"] = [_cast(sd, torch.float16) for sd in b["members"]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(b, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(b, tmp)
     return path
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
+from medseg.rundir import RunDir
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
@@ -52,61 +53,12 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------------------- resolving
-def _fold_bundles(run: Path, folds: str | Sequence[int]) -> list[Path]:
-    """The ``model.pt`` files of a run directory chosen by ``folds`` ("best", "all", "0,2", [0, 2], or
-    "full": the model trained on every case with ``--fold full``, also taken when it is the only one)."""
-    if (run / "model.pt").is_file():  # a fold directory itself
-        return [run / "model.pt"]
-    full = run / "full" / "model.pt"
-    if folds == "full" or (full.is_file() and not any(run.glob("fold_*/model.pt"))):
-        if not full.is_file():
-            raise MedsegError("no model trained on every case here (expected full/model.pt; train with --fold full)", run)
-        return [full]
-    found = {}
-    for p in sorted(run.glob("fold_*/model.pt")):
-        try:
-            found[int(p.parent.name.split("_", 1)[1])] = p
-        except ValueError:
-            continue
-    if not found:
-        raise MedsegError("no trained model in this run directory (expected fold_K/model.pt or full/model.pt)", run)
-    if folds == "all":
-        return [found[k] for k in sorted(found)]
-    if folds == "best":
-        return [found[_best_fold(run, found)]]
-    wanted = [int(f) for f in str(folds).split(",")] if isinstance(folds, str) else [int(f) for f in folds]
-    missing = [k for k in wanted if k not in found]
-    if missing:
-        raise MedsegError(f"fold(s) {missing} not trained; available: {sorted(found)}", run)
-    return [found[k] for k in wanted]
-
-
-def _best_fold(run: Path, found: dict[int, Path]) -> int:
-    """The fold with the highest validation score in ``cv_summary.json`` (else the lowest fold index)."""
-    if len(found) == 1:
-        return next(iter(found))
-    summary = run / "cv_summary.json"
-    if summary.is_file():
-        try:
-            data = json.loads(summary.read_text())
-            metric = data.get("selected_by", "val_dice_mean")
-            # {fold: best metrics row} as `medseg train --fold all` writes it
-            scores = {int(k): float(row[metric]) for k, row in data.get("folds", {}).items()
-                      if isinstance(row, dict) and row.get(metric) is not None}
-            scores = {k: v for k, v in scores.items() if k in found}
-            if scores:
-                return max(scores, key=lambda k: (scores[k], -k))
-        except (ValueError, KeyError, TypeError):
-            pass
-    return min(found)
-
-
 def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tuple[str, list[Path]]:
     """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file."""
     text = str(model)
     p = Path(model).expanduser()
     if p.is_dir():
-        return p.name if p.name not in ("", ".") else text, _fold_bundles(p, folds)
+        return p.name if p.name not in ("", ".") else text, RunDir(p).bundles(folds)
     if p.is_file():
         if p.suffix == ".ckpt":  # RUN/fold_K/checkpoints/last.ckpt -> "fold_K/last"
             fold = p.parent.parent if p.parent.name == "checkpoints" else p.parent

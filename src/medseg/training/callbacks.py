@@ -16,6 +16,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from medseg.atomic import atomic_path, atomic_write_text
+
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -103,7 +105,7 @@ class RunLog(pl.Callback):
         w.writeheader()
         for r in self.rows:
             w.writerow({k: _fmt(r.get(k)) for k in self.columns})
-        _atomic_text(self.fold_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(self.fold_dir / "metrics.csv", buf.getvalue())
 
     def _plot(self) -> None:
         import matplotlib
@@ -133,10 +135,9 @@ class RunLog(pl.Callback):
             a.set_xlabel("epoch")
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
-        tmp = self.fold_dir / f"progress.png.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=80)
+        with atomic_path(self.fold_dir / "progress.png") as tmp:
+            fig.savefig(tmp, dpi=80)
         plt.close(fig)
-        os.replace(tmp, self.fold_dir / "progress.png")
 
 
 class ValidationScores(pl.Callback):
@@ -200,12 +201,6 @@ def epoch_label(trainer: pl.Trainer, epoch: int) -> str:
     return f"epoch {epoch}/{trainer.max_epochs}"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def progress_bar() -> pl.Callback:
     """Lightning's rich bar (bar, elapsed • remaining, it/s), labelled like the summary lines: epochs
     counted from 1, and the metrics shown as ``loss``, ``img/s``, ``val dice``."""
@@ -239,14 +234,9 @@ def atomic_checkpoint_io() -> Any:
                 return super().save_checkpoint(checkpoint, path, storage_options)
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
 
     return _AtomicIO()

@@ -1,10 +1,7 @@
 """``medseg train``: validate everything, then train one fold or all folds with Lightning.
 
-Run directory (see docs/dev/CONTRACTS.md)::
-
-    RUN/config.yaml  RUN/splits.json  RUN/cv_summary.json (--fold all)
-    RUN/fold_K/{model.pt, checkpoints/{last,best}.ckpt, metrics.csv, progress.png, tb/, val_predictions/}
-    RUN/fold_K/{model.pt, val_predictions/, member_I/...}    (train.members > 1: each member as a fold above)
+The run directory's layout is ``medseg.rundir.RunDir``'s: training writes through it, and every later
+stage reads through it.
 """
 from __future__ import annotations
 
@@ -17,9 +14,11 @@ from typing import Any
 
 import yaml
 
+from medseg.atomic import atomic_write_text
 from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
 from medseg.errors import MedsegError
 from medseg.inference.bundle import safe_load
+from medseg.rundir import RunDir
 
 # keys that may change between a run and its --resume (extending training, another machine)
 RESUMABLE_KEYS = {"train.epochs", "data.workers", "train.devices", "train.num_nodes", "train.accelerator", "train.strategy"}
@@ -48,12 +47,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, dict[str, Any]]:
@@ -147,7 +140,7 @@ def _folds(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
 
 
 def _check_resume(cfg: ExperimentConfig, run: Path) -> None:
-    saved_path = run / "config.yaml"
+    saved_path = RunDir(run).config_path
     if not saved_path.is_file():
         raise MedsegError("--resume: no run here (config.yaml is missing)", run)
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
@@ -242,14 +235,12 @@ def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -
     folder that replaces the old one whole."""
     import numpy as np
 
-    from medseg.data.prepared import case_stem
-
     tmp = fold_dir / f"val_predictions.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for cid, v in store.items():
-        np.savez_compressed(tmp / f"{case_stem(cid)}.npz", prob=v["prob"], mask=v["mask"])
+        np.savez_compressed(tmp / RunDir.val_prediction(fold_dir, cid).name, prob=v["prob"], mask=v["mask"])
     final = fold_dir / "val_predictions"
     old = fold_dir / f"val_predictions.old-{os.getpid()}"
     if final.exists():
@@ -410,10 +401,10 @@ def fit_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int 
     threads = max(1, torch.get_num_threads() // n)
     procs = []
     for i in range(n):
-        mdir = fold_dir / f"member_{i}"
+        mdir = RunDir.member_dir(fold_dir, i)
         mdir.mkdir(parents=True, exist_ok=True)
         mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + i, "members": 1})})
-        _atomic_text(mdir / "config.yaml", dump_config(mcfg))
+        atomic_write_text(mdir / "config.yaml", dump_config(mcfg))
         # a fresh interpreter (not fork: this process may hold torch threads; not multiprocessing's
         # spawn: it re-imports the caller's script)
         args = [str(mdir / "config.yaml"), str(fold), str(mdir), str(threads), f"fold {fold} member {i}",
@@ -451,7 +442,7 @@ def fit_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int 
     if failed:
         i = failed[0][1]
         raise MedsegError(f"member {i} of fold {fold} failed (exit code {codes[i]}; its error is printed above)",
-                          fold_dir / f"member_{i}")
+                          RunDir.member_dir(fold_dir, i))
     return merge_members(cfg, task, ds, fold, fold_dir)
 
 
@@ -487,11 +478,10 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
     import numpy as np
     import torch
 
-    from medseg.data.prepared import case_stem
     from medseg.inference.bundle import load_bundle, save_bundle
     from medseg.training.module import add_uwmgi_terms, dice_scores, overlap_counts, to_masks
 
-    members = [fold_dir / f"member_{i}" for i in range(cfg.train.members)]
+    members = [RunDir.member_dir(fold_dir, i) for i in range(cfg.train.members)]
     bundles = [load_bundle(m / "model.pt") for m in members]
     scores: dict[str, float] = {}
     if fold != "full":
@@ -501,7 +491,7 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
         for cid in ds.fold(fold)[1]:
             probs = []
             for m in members:
-                with np.load(m / "val_predictions" / f"{case_stem(cid)}.npz") as z:
+                with np.load(RunDir.val_prediction(m, cid)) as z:
                     probs.append(z["prob"].astype(np.float32))
             prob = np.mean(probs, axis=0)
             pred = to_masks(torch.from_numpy(prob), task["class_kind"], cfg.postprocess.thresholds)
@@ -522,11 +512,6 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
                                    "scores": b["meta"]["scores"], "precision": b["meta"].get("precision")} for b in bundles]}
     save_bundle(bundle, fold_dir / "model.pt")
     return scores
-
-
-def _fold_dir(run: Path, fold: int | str) -> Path:
-    """RUN/fold_K, or RUN/full for --fold full."""
-    return run / ("full" if fold == "full" else f"fold_{fold}")
 
 
 def _ckpt_epoch(path: Path) -> int | None:
@@ -552,6 +537,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     ds, task = check_task(cfg, config_path)
     folds = _folds(ds, fold, config_path)
     run = Path(out) if out is not None else Path("runs") / config_path.stem
+    rd = RunDir(run)
     if cfg.train.init and not resume:  # a wrong path or network fails now, not after the first fold
         from medseg.training.warm_start import warm_start_weights
 
@@ -563,20 +549,20 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     if resume:
         _check_resume(cfg, run)
         for k in folds:  # a damaged or crafted checkpoint fails now, before anything in the run is rewritten
-            for last in sorted(_fold_dir(run, k).glob("**/checkpoints/last.ckpt")):
+            for last in sorted(rd.fold_dir(k).glob("**/checkpoints/last.ckpt")):
                 check_checkpoint(last)
     else:
-        busy = [f for f in folds if any(_fold_dir(run, f).glob("**/checkpoints/last.ckpt"))]  # members' too
+        busy = [f for f in folds if any(rd.fold_dir(f).glob("**/checkpoints/last.ckpt"))]  # members' too
         if busy:
             raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
                               "or choose another --out", run)
     if _rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
-        _atomic_text(run / "config.yaml", dump_config(cfg))
-        _atomic_text(run / "splits.json", json.dumps(ds.splits(), indent=1))
+        atomic_write_text(rd.config_path, dump_config(cfg))
+        atomic_write_text(rd.splits_path, json.dumps(ds.splits(), indent=1))
     results: dict[str, Any] = {}
     for k in folds:
-        fold_dir = _fold_dir(run, k)
+        fold_dir = rd.fold_dir(k)
         from medseg.training.module import selection_metric
 
         if cfg.train.members > 1:
@@ -589,7 +575,7 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
             results[str(k)] = _best_scores(fold_dir, selection_metric(task))
     if str(fold) == "all" and _rank() == 0:
         summary = _cv_summary(results, task["classes"], selection_metric(task))
-        _atomic_text(run / "cv_summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(rd.cv_summary_path, json.dumps(summary, indent=1))
         if console is not None:
             console.print(f"cross-validation: mean per-patient Dice {summary['mean']['val_dice_mean']:.4f} "
                           f"± {summary['std']['val_dice_mean']:.4f} over {len(folds)} folds")

@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from medseg.atomic import atomic_path
 from medseg.data import rle as rlelib
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
@@ -325,16 +326,10 @@ def write_submission(rows: Iterable[tuple[str, str, str]], path: str | Path) -> 
     """Write ``id,class,predicted`` rows to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["id", "class", "predicted"])
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id", "class", "predicted"])
+        w.writerows(rows)
     return path
 
 
