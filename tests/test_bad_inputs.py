@@ -765,7 +765,7 @@ def _train_resume_without_run(tmp, prepared):
 
 # ------------------------------------------------------------------------------------------ predict
 def _predict_input_missing(tmp):
-    return Case(["predict", "lgg-unet", tmp / "nothing", tmp / "out"], tmp / "nothing", "not found",
+    return Case(["predict", "lgg-unet", tmp / "nothing", tmp / "out"], tmp / "nothing", "no such file or folder",
                 absent=[tmp / "out"])
 
 

@@ -241,10 +241,9 @@ def test_export_root_with_split_folders(tmp_path: Path):
     assert sorted(c.id for c in spec.cases) == sorted(c.id for c in one.cases)
     assert spec.classes == one.classes
     assert [c.split for c in spec.cases] == ["train"] * 4 + ["valid"] * 2
-    from medseg.evaluation.sources import guess_format as eval_guess
-    from medseg.inference.predict import guess_format
+    from medseg.data.formats import guess_format
 
-    assert guess_format(root) == eval_guess(root) == "coco"  # the export root as a whole, too
+    assert guess_format(root) == "coco"  # the export root as a whole, too
     ref = {c.id: c for c in one.cases}
     for c in spec.cases:
         np.testing.assert_array_equal(r.load(spec, c).mask, r.load(one, ref[c.id]).mask)
@@ -278,13 +277,13 @@ def test_predict_a_coco_folder_and_evaluate_it_back(tmp_path: Path, monkeypatch)
     from test_inference import create_model_shim, make_bundle
 
     from medseg.evaluation.evaluate import evaluate
-    from medseg.evaluation.sources import guess_format as eval_guess
-    from medseg.inference.predict import guess_format, predict
+    from medseg.data.formats import guess_format
+    from medseg.inference.predict import predict
 
     monkeypatch.setattr(medseg.models, "create_model", create_model_shim)
     bp = make_bundle(tmp_path / "m.pt", channels=("R", "G", "B"), features=(4, 8, 16),
                      input={"mode": "2d", "context": 0, "stride": 1, "size": [64, 64], "resize": True})
-    assert guess_format(COCO) == "coco" and eval_guess(COCO) == "coco"
+    assert guess_format(COCO) == "coco"
     files = predict(bp, COCO, tmp_path / "pred", tta=False)
     stems = sorted(Path(im["file_name"]).stem for im in _doc()["images"])
     assert sorted(f.name for f in files) == [f"{s}_mask.png" for s in stems]

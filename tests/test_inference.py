@@ -504,7 +504,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 
 def test_guess_format(tmp_path):
-    from medseg.inference.predict import guess_format
+    from medseg.data.formats import guess_format
 
     lgg = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 1})
     assert guess_format(lgg) == "lgg"
@@ -520,8 +520,11 @@ def test_guess_format(tmp_path):
     assert guess_format(tmp_path / "png") == "folder"
     if (FIXTURES / "dicom" / "series").is_dir():
         assert guess_format(FIXTURES / "dicom" / "series") == "dicom"
-    with pytest.raises(MedsegError, match="input not found"):
+    with pytest.raises(MedsegError, match="no such file or folder"):
         guess_format(tmp_path / "missing")
+    (tmp_path / "both" / "images").mkdir(parents=True)  # an explicit images/ layout wins over slice-like names
+    (tmp_path / "both" / "images" / "x_1.tif").write_bytes(b"")
+    assert guess_format(tmp_path / "both") == "folder"
 
 
 # ----------------------------------------------------------------------------- geometry round trips

@@ -49,6 +49,14 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
+    def builtin_order(self) -> list[str]:
+        """Every entry: the built-ins in the order their modules are listed, then the others as registered."""
+        self._load()
+        rank = {m: i for i, m in enumerate(self._builtin)}
+        names = list(self._entries)
+        return sorted(names, key=lambda n: (rank.get(getattr(self._entries[n], "__module__", ""), len(rank)),
+                                            names.index(n)))
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self._entries)

@@ -1,8 +1,8 @@
 """Where predictions and ground truth come from, as cases of ``mask[z, k, h, w]`` uint8 0/1.
 
 Ground truth: a prepared dataset, or a native layout a registered reader understands.
-Predictions: a predictions folder in the input's own layout (one loader per format in
-``PRED_LAYOUTS``), a prepared dataset, a run's ``fold_K/val_predictions/<case>.npz``, or a
+Predictions: a predictions folder in the input's own layout (read back by its reader's
+``read_prediction``), a prepared dataset, a run's ``fold_K/val_predictions/<case>.npz``, or a
 UW-Madison submission CSV. Everything is loaded one case at a time.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.formats import guess_format
 from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import decide, merge_config
@@ -258,32 +259,6 @@ def label_folder_predictions(path: Path, truth: LabelFolderTruth) -> Predictions
     return Predictions("folder", Path(path), load)
 
 
-def guess_format(path: Path) -> str:
-    """The reader for a native layout, from tell-tale files (``--format`` overrides)."""
-    p = Path(path)
-    if p.is_file():
-        if p.name.lower().endswith((".nii", ".nii.gz")):
-            return "nifti"
-        raise MedsegError("cannot tell the format of this file; pass --format", p)
-    if not p.is_dir():
-        raise MedsegError("no such file or folder", p)
-    if (p / "train.csv").is_file() or any(q.is_dir() and q.name.startswith("case") for q in p.iterdir()):
-        return "uwmgi"
-    if (p / "labelsTr").is_dir() or (p / "imagesTr").is_dir():
-        return "nifti"
-    if (p / "images").is_dir() and (p / "masks").is_dir():
-        return "folder"
-    if any(p.glob("*/*_mask.tif")) or any(p.glob("*_mask.tif")):
-        return "lgg"
-    if any(p.glob("*.nii.gz")) or any(p.glob("*.nii")):
-        return "nifti"
-    from medseg.data.formats.coco import is_coco_folder
-
-    if is_coco_folder(p):
-        return "coco"
-    raise MedsegError("cannot tell the dataset format; pass --format (see `medseg formats`)", p)
-
-
 def is_prepared(path: Path) -> bool:
     """A prepared dataset (an MSD folder has a dataset.json too, without ``format_version``)."""
     import json
@@ -312,115 +287,6 @@ def open_truth(path: Path, fmt: str | None = None, images: Path | None = None,
 
 
 # --- predictions ------------------------------------------------------------------------------
-
-PredLoader = Callable[[Path, Reader, DatasetSpec, CaseSpec, tuple[int, ...]], np.ndarray]
-PRED_LAYOUTS: dict[str, PredLoader] = {}
-
-
-def register_pred_layout(fmt: str) -> Callable[[PredLoader], PredLoader]:
-    """Register how a predictions folder written by ``reader.write_prediction`` is read back."""
-
-    def deco(fn: PredLoader) -> PredLoader:
-        PRED_LAYOUTS[fmt] = fn
-        return fn
-
-    return deco
-
-
-def _expect(path: Path, case_id: str, what: str) -> Path:
-    if not path.is_file():
-        raise MedsegError(f"no prediction for case {case_id}{what} (expected {path.name})", path.parent)
-    return path
-
-
-def _check_2d(m: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
-    if m.ndim != 2:
-        raise MedsegError(f"expected a 2D mask, got an array of shape {m.shape}", path)
-    if m.shape != tuple(shape[2:]):
-        raise MedsegError(f"prediction is {m.shape[0]}x{m.shape[1]} but the truth slice is {shape[2]}x{shape[3]}", path)
-
-
-@register_pred_layout("lgg")
-def _pred_lgg(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
-    from medseg.data.formats.lgg import read_tiff
-
-    numbers = case.sources["numbers"]
-    if len(numbers) != shape[0]:
-        raise MedsegError(f"case {case.id}: {len(numbers)} slices in the layout, {shape[0]} in the truth", root)
-    out = np.zeros(shape, np.uint8)
-    for z, n in enumerate(numbers):
-        p = _expect(root / case.id / f"{case.id}_{n}_mask.tif", case.id, f" slice {n}")
-        m = read_tiff(p)
-        if m.ndim == 3:
-            m = m[..., 0]
-        _check_2d(m, shape, p)
-        out[z, 0] = binary_mask(m, p)
-    return out
-
-
-@register_pred_layout("folder")
-def _pred_folder(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
-    from medseg.data.formats.folder import map_palette, read_image
-
-    folder = root / "masks" if (root / "masks").is_dir() else root
-    stems = case.sources["stems"]
-    palette = spec.meta.get("palette")
-    k = shape[1]
-    out = np.zeros(shape, np.uint8)
-    for z, stem in enumerate(stems):
-        p = _expect(folder / f"{stem}.png", case.id, f" ({stem})")
-        m = read_image(p)
-        if palette:
-            lab = map_palette(m, [tuple(c) for c in palette], p)
-        else:
-            lab = m if m.ndim == 2 else m[..., 0]
-            if k == 1:
-                lab = binary_mask(lab, p).astype(np.uint8)
-        _check_2d(lab, shape, p)
-        if int(lab.max()) > k:
-            raise MedsegError(f"label {int(lab.max())} in a prediction but only {k} classes", p)
-        for j in range(k):
-            out[z, j] = lab == j + 1
-    return out
-
-
-@register_pred_layout("coco")
-def _pred_coco(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
-    """``<image stem>[_<class>]_mask.png`` (0/255) per class, as the COCO reader writes them."""
-    from medseg.data.formats.coco import _safe
-    from medseg.data.formats.folder import read_image
-
-    out = np.zeros(shape, np.uint8)
-    for j, name in enumerate(spec.classes):
-        suffix = "" if len(spec.classes) == 1 else f"_{_safe(name)}"
-        p = _expect(root / f"{case.id}{suffix}_mask.png", case.id, "")
-        m = read_image(p)
-        m = m if m.ndim == 2 else m[..., 0]
-        _check_2d(m, shape, p)
-        out[0, j] = binary_mask(m, p)
-    return out
-
-
-@register_pred_layout("dicom")  # a DICOM series' predictions are NIfTI label maps named after the case
-@register_pred_layout("nifti")
-def _pred_nifti(root: Path, reader: Reader, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
-    from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx
-
-    p = root / f"{case.id}.nii.gz"
-    if not p.is_file() and (root / f"{case.id}.nii").is_file():
-        p = root / f"{case.id}.nii"
-    _expect(p, case.id, "")
-    lab = nifti_array(load_nifti(p), p)
-    if lab.ndim == 4 and lab.shape[3] == 1:
-        lab = lab[..., 0]
-    if lab.ndim != 3:
-        raise MedsegError(f"expected a 3D label map, got shape {lab.shape}", p)
-    zyx = to_zyx(lab)[:, 0]
-    if zyx.shape != (shape[0], *shape[2:]):
-        raise MedsegError(f"prediction shape {zyx.shape} (z, y, x) differs from the truth's {(shape[0], *shape[2:])}", p)
-    values = spec.meta.get("label_values") or list(range(1, shape[1] + 1))
-    return labels_to_mask(zyx, values, p)
-
 
 @dataclass
 class Predictions:
@@ -507,15 +373,11 @@ def folder_predictions(path: Path, truth: Truth) -> Predictions:
         raise MedsegError("cannot locate the prediction files: the truth's native layout is unknown or missing "
                           "(pass the native layout as TRUTH, or a prepared dataset whose source still exists)", path)
     reader, spec, cases = native
-    fmt = spec.format
-    if fmt not in PRED_LAYOUTS:
-        raise MedsegError(f"reading a {fmt!r} predictions folder is not supported yet (known: "
-                          f"{', '.join(sorted(PRED_LAYOUTS))})", path)
 
     def load(case_id: str, t: TruthCase) -> np.ndarray:
         if case_id not in cases:
             raise MedsegError(f"case {case_id} is not in the native layout {spec.root}", path)
-        return _check_shape(PRED_LAYOUTS[fmt](Path(path), reader, spec, cases[case_id], t.mask.shape), t, path)
+        return _check_shape(reader.read_prediction(Path(path), spec, cases[case_id], t.mask.shape), t, path)
 
     return Predictions("folder", Path(path), load)
 

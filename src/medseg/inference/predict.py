@@ -8,63 +8,6 @@ from typing import Any
 
 from medseg.errors import MedsegError
 
-_LGG_SLICE = r"^.+_\d+\.tiff?$"
-# Files a reader builds up over all cases (appends per case): replaced as a whole under --overwrite.
-_AGGREGATE = {"uwmgi": ["submission.csv"]}
-_NIFTI = (".nii", ".nii.gz")
-
-
-def _is_dicom(f: Path) -> bool:
-    if f.suffix.lower() == ".dcm":
-        return True
-    if f.suffix:
-        return False
-    try:
-        with open(f, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def guess_format(path: str | Path) -> str:
-    """The reader for ``path``: LGG tif slices, NIfTI, DICOM, UW-Madison ``scans/`` folders, else images."""
-    import re
-
-    path = Path(path)
-    if not path.exists():
-        raise MedsegError("input not found", path)
-    if path.is_file():
-        if path.name.lower().endswith(_NIFTI):
-            return "nifti"
-        if _is_dicom(path):
-            return "dicom"
-        return "folder"
-    slice_re = re.compile(_LGG_SLICE, re.IGNORECASE)
-    top = [p for p in sorted(path.iterdir())][:2000]
-    if path.name == "scans" or any(
-        p.is_dir() for pat in ("scans", "*/scans", "*/*/scans", "*/*/*/scans") for p in path.glob(pat)
-    ):
-        return "uwmgi"
-    files = [p for p in top if p.is_file()]
-    if any(slice_re.match(p.name) for p in files):
-        return "lgg"
-    sub = [p for p in top if p.is_dir()]
-    for d in sub[:20]:
-        if any(slice_re.match(p.name) for p in d.iterdir() if p.is_file()):
-            return "lgg"
-    everything = files + [f for d in sub[:20] for f in d.iterdir() if f.is_file()]
-    if any(f.name.lower().endswith(_NIFTI) for f in everything):
-        return "nifti"
-    if any(_is_dicom(f) for f in everything[:50]):
-        return "dicom"
-    from medseg.data.formats.coco import is_coco_folder
-
-    if is_coco_folder(path):  # a COCO export: its images, read as training read them
-        return "coco"
-    return "folder"
-
-
 def parse_flips(text: str) -> list[list[int]]:
     """``"-1;-2;-1,-2"`` -> ``[[-1], [-2], [-1, -2]]``: TTA flips as groups of spatial axes (negative,
     counted from the last: -1 width, -2 height, -3 depth)."""
@@ -157,7 +100,7 @@ def predict(
     their probabilities (``Segmenter.load``)."""
     import sys
 
-    from medseg.data.formats import get_reader
+    from medseg.data.formats import get_reader, guess_format
     from medseg.inference.segmenter import Segmenter, model_channels
 
     input, output = Path(input), Path(output)
@@ -185,7 +128,7 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
     import sys
 
     output.mkdir(parents=True, exist_ok=True)
-    for name in _AGGREGATE.get(fmt, []):
+    for name in reader.aggregate_files:
         if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)
             (output / name).unlink()
     written: list[Path] = []

@@ -410,8 +410,8 @@ class Segmenter:
         postprocess_overrides: dict[str, Any] | None = None,
     ):
         """Yield ``(case_id, Prediction)`` for every case a reader finds under ``path``."""
-        from medseg.data.formats import get_reader
-        from medseg.inference.predict import case_path, guess_format, image_reader_options
+        from medseg.data.formats import get_reader, guess_format
+        from medseg.inference.predict import case_path, image_reader_options
 
         path = Path(path)
         fmt = fmt or guess_format(path)

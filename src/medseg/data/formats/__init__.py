@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.errors import MedsegError
 from medseg.registry import Registry
 
 FORMATS: Registry[type[Reader]] = Registry(
@@ -28,4 +30,17 @@ def get_reader(name: str, **options: Any) -> Reader:
     return FORMATS.get(name)(**options)
 
 
-__all__ = ["FORMATS", "get_reader", "Reader", "CaseSpec", "CaseData", "DatasetSpec"]
+def guess_format(path: str | Path) -> str:
+    """The format whose ``sniff`` is surest of ``path`` (``--format`` overrides); ties go to the format
+    registered first."""
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError("no such file or folder", path)
+    scores = [(FORMATS.get(n).sniff(path), -i, n) for i, n in enumerate(FORMATS.builtin_order())]
+    best = max(scores)
+    if best[0] <= 0:
+        raise MedsegError("cannot tell the data set's format; pass --format (see `medseg formats`)", path)
+    return best[2]
+
+
+__all__ = ["FORMATS", "get_reader", "guess_format", "Reader", "CaseSpec", "CaseData", "DatasetSpec"]

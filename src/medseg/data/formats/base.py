@@ -106,6 +106,21 @@ def patient_of(case_id: str, regex: str | None, where: str | Path) -> str:
     return m.group(1) if rx.groups else m.group(0)
 
 
+def expect_prediction(path: Path, case_id: str, what: str = "") -> Path:
+    """``path`` if it exists, else the error that the case has no prediction (naming its folder)."""
+    if not path.is_file():
+        raise MedsegError(f"no prediction for case {case_id}{what} (expected {path.name})", path.parent)
+    return path
+
+
+def check_2d(m: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
+    """A predicted slice must be 2D and of the truth's size."""
+    if m.ndim != 2:
+        raise MedsegError(f"expected a 2D mask, got an array of shape {m.shape}", path)
+    if m.shape != tuple(shape[2:]):
+        raise MedsegError(f"prediction is {m.shape[0]}x{m.shape[1]} but the truth slice is {shape[2]}x{shape[3]}", path)
+
+
 class Reader(ABC):
     """Base class of a format reader. Subclasses set ``name``, ``description`` and ``Options``."""
 
@@ -116,6 +131,8 @@ class Reader(ABC):
     # False where the layout stores no voxel size (TIFF/PNG/JPEG slices): spacing is a 1 mm placeholder,
     # so distances are in pixels
     has_spacing: ClassVar[bool] = True
+    # files write_prediction builds up over all cases (appended per case): replaced whole by predict --overwrite
+    aggregate_files: ClassVar[tuple[str, ...]] = ()
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -134,6 +151,17 @@ class Reader(ABC):
     @abstractmethod
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
         """Read one case's arrays; raise MedsegError naming the file if it cannot be read."""
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """How surely ``path`` is in this layout: 0 not, 1 plausibly, 2 by its tell-tale files, 3 by an
+        explicit layout (``guess_format`` takes the highest; ties go to the earlier registered format)."""
+        return 0
+
+    def read_prediction(self, root: Path, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
+        """Read back what ``write_prediction`` wrote for ``case`` under ``root`` as ``mask[z, k, h, w]``
+        of ``shape``; a MedsegError naming the file when it is missing or does not fit."""
+        raise MedsegError(f"reading a {self.name!r} predictions folder is not supported", root)
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
         """How many slices ``load`` will return for ``case`` (progress bars); cheap, no pixel data read.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader, binary_mask, check_2d, expect_prediction
 from medseg.errors import MedsegError
 
 _JSON_NAMES = ("_annotations.coco.json", "annotations.json", "instances.json")
@@ -162,6 +162,24 @@ class COCOReader(Reader):
             for a in case.sources["annotations"]:
                 mask[0, a["class"]] |= _rasterise(a, h, w, path)
         return CaseData(image=np.ascontiguousarray(image), mask=mask, spacing=(1.0, 1.0, 1.0), slices=[path.stem])
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        return 2 if is_coco_folder(Path(path)) else 0
+
+    def read_prediction(self, root, spec, case, shape):
+        """``<image stem>[_<class>]_mask.png`` (0/255) per class, as ``write_prediction`` writes them."""
+        from medseg.data.formats.folder import read_image
+
+        out = np.zeros(shape, np.uint8)
+        for j, name in enumerate(spec.classes):
+            suffix = "" if len(spec.classes) == 1 else f"_{_safe(name)}"
+            p = expect_prediction(Path(root) / f"{case.id}{suffix}_mask.png", case.id)
+            m = read_image(p)
+            m = m if m.ndim == 2 else m[..., 0]
+            check_2d(m, shape, p)
+            out[0, j] = binary_mask(m, p)
+        return out
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         from PIL import Image

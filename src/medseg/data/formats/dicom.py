@@ -21,7 +21,8 @@ import numpy as np
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
-from medseg.data.formats.nifti import labels_to_mask, load_nifti, nifti_array, to_zyx, write_volume_nifti
+from medseg.data.formats.nifti import (labels_to_mask, load_nifti, nifti_array, read_label_prediction, to_zyx,
+                                      write_volume_nifti)
 from medseg.errors import MedsegError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -30,6 +31,20 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def _safe_id(text: str) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("_")
     return s or "series"
+
+
+def is_dicom(f: Path) -> bool:
+    """``.dcm``, or a file without extension that has the DICOM preamble."""
+    if f.suffix.lower() == ".dcm":
+        return True
+    if f.suffix:
+        return False
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def series_affine(first_pos: np.ndarray, last_pos: np.ndarray, n: int, row_cos: np.ndarray, col_cos: np.ndarray,
@@ -232,6 +247,21 @@ class DicomReader(Reader):
             affine=affine,
             meta={"series_uid": case.sources["series_uid"], "n_files": len(case.sources["files"])},
         )
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """A DICOM file (``.dcm``, or the ``DICM`` preamble), or such files in the folder or its subfolders."""
+        path = Path(path)
+        if path.is_file():
+            return 2 if is_dicom(path) else 0
+        if not path.is_dir():
+            return 0
+        top = sorted(path.iterdir())[:2000]
+        files = [p for p in top if p.is_file()] + [f for d in [p for p in top if p.is_dir()][:20] for f in d.iterdir()]
+        return 1 if any(is_dicom(f) for f in files[:50] if f.is_file()) else 0
+
+    def read_prediction(self, root, spec, case, shape):
+        return read_label_prediction(Path(root), spec, case, shape)  # written as NIfTI in the series' geometry
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
         return len(case.sources["files"])

@@ -33,7 +33,8 @@ from typing import Literal
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, binary_mask
+from medseg.data.formats.base import (CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, binary_mask, check_2d,
+                                     expect_prediction)
 from medseg.errors import MedsegError, warn
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -390,6 +391,39 @@ class FolderReader(Reader):
                 raise MedsegError(e.problem, p, hint="-o mask_threshold=127 thresholds grey masks; "
                                   "-o mask_mode=labels reads label values") from None
         return (m > thr).astype(np.uint8)
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """An ``images/`` folder (the explicit layout) surely; any other folder or image file weakly: plain
+        images are the catch-all, and ``scan`` says what such a folder lacks."""
+        path = Path(path)
+        if path.is_file():
+            return 1 if path.suffix.lower() in EXTENSIONS else 0
+        if not path.is_dir():
+            return 0
+        return 3 if (path / "images").is_dir() else 1
+
+    def read_prediction(self, root, spec, case, shape):
+        root = Path(root)
+        folder = root / "masks" if (root / "masks").is_dir() else root
+        palette = spec.meta.get("palette")
+        k = shape[1]
+        out = np.zeros(shape, np.uint8)
+        for z, stem in enumerate(case.sources["stems"]):
+            p = expect_prediction(folder / f"{stem}.png", case.id, f" ({stem})")
+            m = read_image(p)
+            if palette:
+                lab = map_palette(m, [tuple(c) for c in palette], p)
+            else:
+                lab = m if m.ndim == 2 else m[..., 0]
+                if k == 1:
+                    lab = binary_mask(lab, p).astype(np.uint8)
+            check_2d(lab, shape, p)
+            if int(lab.max()) > k:
+                raise MedsegError(f"label {int(lab.max())} in a prediction but only {k} classes", p)
+            for j in range(k):
+                out[z, j] = lab == j + 1
+        return out
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         """``out_dir/masks/<stem>.png`` for an ``images/`` layout, ``out_dir/<stem>.png`` for a flat folder

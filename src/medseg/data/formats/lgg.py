@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader, binary_mask
+from medseg.data.formats.base import (CaseData, CaseSpec, DatasetSpec, Reader, binary_mask, check_2d,
+                                     expect_prediction)
 from medseg.errors import MedsegError, warn
 
 _SLICE = re.compile(r"^(?P<case>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
@@ -117,6 +118,34 @@ class LGGReader(Reader):
             spacing=(1.0, 1.0, 1.0),
             slices=[str(n) for n in case.sources["numbers"]],
         )
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """Slices named ``<case>_<n>.tif`` in the folder, or in its patient folders."""
+        path = Path(path)
+        if not path.is_dir():
+            return 0
+        top = sorted(path.iterdir())[:2000]
+        if any(p.is_file() and _SLICE.match(p.name) for p in top):
+            return 2
+        for d in [p for p in top if p.is_dir()][:20]:
+            if any(_SLICE.match(p.name) for p in d.iterdir() if p.is_file()):
+                return 2
+        return 0
+
+    def read_prediction(self, root, spec, case, shape):
+        numbers = case.sources["numbers"]
+        if len(numbers) != shape[0]:
+            raise MedsegError(f"case {case.id}: {len(numbers)} slices in the layout, {shape[0]} in the truth", root)
+        out = np.zeros(shape, np.uint8)
+        for z, n in enumerate(numbers):
+            p = expect_prediction(Path(root) / case.id / f"{case.id}_{n}_mask.tif", case.id, f" slice {n}")
+            m = read_tiff(p)
+            if m.ndim == 3:
+                m = m[..., 0]
+            check_2d(m, shape, p)
+            out[z, 0] = binary_mask(m, p)
+        return out
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         import tifffile

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
+from medseg.data.formats.base import (CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, expect_prediction,
+                                     patient_of)
 from medseg.errors import MedsegError
 
 _MODALITY = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -94,6 +95,25 @@ def labels_to_mask(lab: np.ndarray, values: list[int], where: Path | str) -> np.
     if extra:
         raise MedsegError(f"label values {extra[:5]} are not among the known labels {values}", where)
     return np.stack([(lab == v) for v in values], axis=1).astype(np.uint8)
+
+
+def read_label_prediction(root: Path, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """``<case>.nii.gz`` (or ``.nii``) under ``root`` -- a label map as ``write_label_nifti`` writes it -- as
+    ``mask[z, k, h, w]`` with the data set's label values."""
+    p = root / f"{case.id}.nii.gz"
+    if not p.is_file() and (root / f"{case.id}.nii").is_file():
+        p = root / f"{case.id}.nii"
+    expect_prediction(p, case.id)
+    lab = nifti_array(load_nifti(p), p)
+    if lab.ndim == 4 and lab.shape[3] == 1:
+        lab = lab[..., 0]
+    if lab.ndim != 3:
+        raise MedsegError(f"expected a 3D label map, got shape {lab.shape}", p)
+    zyx = to_zyx(lab)[:, 0]
+    if zyx.shape != (shape[0], *shape[2:]):
+        raise MedsegError(f"prediction shape {zyx.shape} (z, y, x) differs from the truth's {(shape[0], *shape[2:])}", p)
+    values = spec.meta.get("label_values") or list(range(1, shape[1] + 1))
+    return labels_to_mask(zyx, values, p)
 
 
 def write_label_nifti(
@@ -351,6 +371,23 @@ class NiftiReader(Reader):
             affine=np.asarray(first.affine, float),
             meta=meta,
         )
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """A NIfTI file, the MSD layout (imagesTr/, labelsTr/), or NIfTI files in the folder or its subfolders."""
+        path = Path(path)
+        if path.is_file():
+            return 2 if path.name.lower().endswith((".nii", ".nii.gz")) else 0
+        if not path.is_dir():
+            return 0
+        if (path / "imagesTr").is_dir() or (path / "labelsTr").is_dir():
+            return 2
+        top = sorted(path.iterdir())[:2000]
+        files = [p for p in top if p.is_file()] + [f for d in [p for p in top if p.is_dir()][:20] for f in d.iterdir()]
+        return 1 if any(f.name.lower().endswith((".nii", ".nii.gz")) for f in files) else 0
+
+    def read_prediction(self, root, spec, case, shape):
+        return read_label_prediction(Path(root), spec, case, shape)
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
         shape = load_nifti(case.sources["image"]).shape  # the header only

@@ -138,6 +138,19 @@ class UWMGIReader(Reader):
     name = "uwmgi"
     description = "UW-Madison GI tract (Kaggle): train.csv (RLE) + train/caseN/caseN_dayM/scans/*.png"
     patients = "caseN of caseN_dayM (a patient's days are one patient)"
+    aggregate_files = ("submission.csv",)
+
+    @classmethod
+    def sniff(cls, path: Path) -> int:
+        """``train.csv``, ``caseN`` folders, or ``scans/`` folders up to three levels down."""
+        path = Path(path)
+        if not path.is_dir():
+            return 0
+        if path.name == "scans" or (path / "train.csv").is_file():
+            return 2
+        if any(q.is_dir() and re.match(r"^case\d+", q.name) for q in path.iterdir()):
+            return 2
+        return 2 if any(p.is_dir() for pat in ("scans", "*/scans", "*/*/scans", "*/*/*/scans") for p in path.glob(pat)) else 0
 
     class Options(Reader.Options):
         rle_order: Literal["C", "F"] = "C"
