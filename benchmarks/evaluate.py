@@ -90,7 +90,7 @@ def uwmgi_full(tmp: Path, case_days: int) -> dict:
     """The whole ``evaluate`` path on a submission CSV: decode, every metric per case-day, score, report."""
     from medseg.data.formats import get_reader
     from medseg.data.formats.uwmgi import submission_rows, write_submission
-    from medseg.data.synthetic import write_uwmgi_synthetic
+    from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
     from medseg.evaluation.evaluate import evaluate
 
     root = write_uwmgi_synthetic(tmp / "uw", n_cases=case_days, days_per_case=1, slices_per_day=144, seed=0)

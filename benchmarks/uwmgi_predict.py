@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from medseg.data import synthetic
+    from medseg.data.formats import uwmgi_synthetic as synthetic
     from medseg.inference.predict import predict
 
     tmp = Path(tempfile.mkdtemp(prefix="medseg-uwbench-"))

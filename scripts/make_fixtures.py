@@ -262,7 +262,7 @@ def make_dicom(shared: Path) -> None:
 
 def make_uwmgi(shared: Path) -> None:
     try:
-        from medseg.data.synthetic import write_uwmgi_from_derived
+        from medseg.data.formats.uwmgi_synthetic import write_uwmgi_from_derived
     except ImportError as e:
         print(f"warning: skipping the uwmgi fixture: medseg.data.synthetic.write_uwmgi_from_derived is not available ({e})")
         return

@@ -918,8 +918,8 @@ def _evaluate_negative_tolerance(tmp):
 
 def _evaluate_bad_uw_score(tmp):
     pred, truth = _pred_copy(tmp)
-    return Case(["evaluate", pred, truth, "--out", tmp / "ev", "--uw-score", "kaggle"], "--uw-score",
-                "competition, mlebench", absent=[tmp / "ev"])
+    return Case(["evaluate", pred, truth, "--out", tmp / "ev", "--uw-score", "kaggle"], "unknown score variant 'kaggle'",
+                "known: competition, mlebench", absent=[tmp / "ev"])
 
 
 def _evaluate_out_is_a_file(tmp):

@@ -231,7 +231,7 @@ def test_png_folder_predictions(tmp_path: Path):
 def test_uwmgi_submission(tmp_path: Path):
     from medseg.data.formats.uwmgi import read_train_csv, write_submission
     from medseg.data.rle import decode, encode
-    from medseg.data.synthetic import write_uwmgi_synthetic
+    from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
     from medseg.evaluation.uwmgi_score import uwmgi_score
 
     root = write_uwmgi_synthetic(tmp_path / "uw", n_cases=2, days_per_case=1, slices_per_day=6, seed=1)
@@ -261,7 +261,7 @@ def test_uwmgi_submission(tmp_path: Path):
     s2 = evaluate(tmp_path / "sub.csv", prep, out=tmp_path / "ev1b", report=False)
     assert s2["uwmgi"] == s["uwmgi"]
     # --uw-score mlebench: the public grader's definition, from the same submission
-    s3 = evaluate(tmp_path / "sub.csv", root, out=tmp_path / "ev1c", report=False, uw_score="mlebench")
+    s3 = evaluate(tmp_path / "sub.csv", root, out=tmp_path / "ev1c", report=False, score_variant="mlebench")
     ref3 = uwmgi_score(sub, {(i, c): r for i, per in truth.items() for c, r in per.items()}, shapes, variant="mlebench")
     assert s3["uwmgi"]["variant"] == "mlebench" and s["uwmgi"]["variant"] == "competition"
     assert s3["uwmgi"]["score"] == pytest.approx(ref3.score, abs=1e-12)
@@ -321,3 +321,42 @@ def test_label_folder_of_nifti_volumes_keeps_spacing_in_mm(tmp_path: Path):
     s = evaluate(tmp_path / "pred", tmp_path / "truth", out=tmp_path / "ev", report=False)
     assert s["per_class"]["foreground"]["dice"]["mean"] == 1.0
     assert s["conventions"]["distance_unit"] == "mm" and s["spatial_dims"] == 3
+
+
+def test_a_data_set_score_is_a_plug_in(tmp_path: Path):
+    """A data set's own score comes from the registry (``medseg.scores``): evaluate reports whatever score
+    applies to the truth's format, and names none itself."""
+    from PIL import Image
+
+    from medseg.scores import SCORES, TaskScore
+
+    @SCORES.register("test_fraction")
+    class _Fraction(TaskScore):
+        name, label = "test_fraction", "fraction score"
+
+        @classmethod
+        def applies(cls, fmt, classes):
+            return fmt == "folder" and classes == ["spot"]
+
+        def class_terms(self, pred, truth):  # the Dice sum: matched pixels / truth pixels
+            return np.array([float((pred & truth).sum()), float(truth.sum()), 0.0, 0.0])
+
+        def value(self, total):
+            return total[..., 0] / np.maximum(total[..., 1], 1)
+
+    try:
+        for d in ("images", "masks", "pred/masks"):
+            (tmp_path / d).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "a.png")
+        t = np.zeros((8, 8), np.uint8)
+        t[2:6, 2:6] = 255
+        Image.fromarray(t).save(tmp_path / "masks" / "a.png")
+        p = t.copy()
+        p[2:4] = 0
+        Image.fromarray(p).save(tmp_path / "pred" / "masks" / "a.png")
+        s = evaluate(tmp_path / "pred", tmp_path, out=tmp_path / "ev", report=False, fmt="folder",
+                     options={"classes": "spot"})
+        assert s["task_score"] == "test_fraction"
+        assert s["test_fraction"]["score"] == pytest.approx(8 / 16) and s["test_fraction"]["label"] == "fraction score"
+    finally:
+        SCORES._entries.pop("test_fraction")

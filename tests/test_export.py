@@ -226,7 +226,7 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
     import medseg.inference.export as exp
     from medseg import Segmenter
     from medseg.inference.bundle import build_model, load_bundle
-    from medseg.inference.segmenter import _torch_net
+    from medseg.inference.backends import torch_backend
 
     bp = _swin_bundle(tmp_path / "swin.pt")
     module = build_model(load_bundle(bp))
@@ -242,7 +242,7 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
     assert exp.logit_difference(module, tmp_path / "s.onnx", list(x.shape)) < 1e-4
     # through the predict pipeline at other sizes (larger: windows; smaller: padded to one window)
     onnx_seg = Segmenter.load(tmp_path / "s.onnx", tta=False)
-    torch_seg = Segmenter(onnx_seg.spec, [_torch_net(module)], tta=False)
+    torch_seg = Segmenter(onnx_seg.spec, [torch_backend(module)], tta=False)
     for shape in ((3, 1, 80, 112), (1, 1, 40, 50)):
         image = np.random.default_rng(1).normal(100, 20, shape).astype(np.float32)
         o, t = onnx_seg.predict(image, probabilities=True), torch_seg.predict(image, probabilities=True)
@@ -286,9 +286,9 @@ def test_export_size_option(tmp_path):
     image = np.random.default_rng(3).integers(0, 255, (2, 3, 40, 60), dtype=np.uint8)
     o = Segmenter.load(tmp_path / "f.onnx", tta=False)
     from medseg.inference.bundle import build_model, load_bundle
-    from medseg.inference.segmenter import _torch_net
+    from medseg.inference.backends import torch_backend
 
-    t = Segmenter(o.spec, [_torch_net(build_model(load_bundle(bp)))], tta=False)
+    t = Segmenter(o.spec, [torch_backend(build_model(load_bundle(bp)))], tta=False)
     np.testing.assert_allclose(_probs(o, image), _probs(t, image), atol=1e-3)
     for bad, msg in (("32", "bad --size '32'"), ("a,b", "bad --size 'a,b'")):
         with pytest.raises(MedsegError, match=msg):
@@ -390,3 +390,22 @@ def test_pipeline_inputs_are_distinct_slices_with_their_logits(tmp_path, lgg_pre
     with torch.inference_mode():
         ref = seg.models[0](torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.concatenate([y for _, y in got]), ref, atol=1e-4)
+
+
+def test_backends_refuse_a_device_that_is_not_there():
+    """The device seam: a CUDA device on a machine without one is a one-line error, never a traceback."""
+    import torch
+
+    from medseg.errors import MedsegError
+    from medseg.inference.backends import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MedsegError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedsegError, match="PyTorch sees no CUDA GPU here"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(MedsegError, match="does not exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -31,7 +31,7 @@ def test_class_terms_hand_computed():
     prob[0, 0, 0], prob[0, 0, 1] = 0.9, 0.6
     prob[1] = 0.0
     prob[1, 3, 3] = 0.55  # a false positive on the empty slice
-    t = class_terms(prob, truth, [(0.5, None), (0.5, 0.6), (0.7, None)])
+    t = class_terms(prob, truth, [(0.5, None), (0.5, 0.6), (0.7, None)], objective="uwmgi")
     # (0.5, off): Dice 1 and 0 (2 scored slices); HD from voxel (1,3,3) -> (0.5,.75,.75) to (0,0,.25)
     hd = math.sqrt(0.5**2 + 0.75**2 + 0.5**2) / math.sqrt(3)
     np.testing.assert_allclose(t[0], [1.0, 2, hd, 1])
@@ -47,7 +47,7 @@ def test_class_terms_agree_with_the_competition_score():
     truth = (rng.random((5, 12, 10)) < 0.2).astype(np.uint8)
     truth[2] = 0
     grid = candidates([0.3, 0.5], [0.8, 0.95])
-    terms = class_terms(prob, truth, grid)
+    terms = class_terms(prob, truth, grid, objective="uwmgi")
     ids = [f"case1_day1_slice_{z + 1:04d}" for z in range(5)]
     for (t, p), row in zip(grid, terms):
         mask = prob > t
@@ -70,7 +70,7 @@ def test_best_combination_is_the_exhaustive_optimum():
         tables.append(t)
     brute = max(itertools.product(*[range(len(t)) for t in tables]),
                 key=lambda ix: combine(*sum(t[i] for t, i in zip(tables, ix)))[0])
-    idx, score = best_combination(tables)
+    idx, score = best_combination(tables, "uwmgi")
     assert tuple(idx) == brute
     assert score == pytest.approx(combine(*sum(t[i] for t, i in zip(tables, brute)))[0])
 
@@ -80,14 +80,14 @@ def test_best_combination_coordinate_ascent_beyond_the_budget(monkeypatch):
     tables = [np.array([[5.0, 10, 0.5, 1], [9.0, 10, 0.1, 1], [6.0, 10, 0.3, 1]]),
               np.array([[2.0, 10, 0.9, 1], [3.0, 10, 0.8, 1], [8.0, 10, 0.2, 1]])]
     monkeypatch.setattr(tunelib, "_MAX_COMBINATIONS", 1)
-    assert best_combination(tables)[0] == [1, 2]
+    assert best_combination(tables, "uwmgi")[0] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------ on a run directory
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     from medseg.data.prepare import prepare
-    from medseg.data.synthetic import write_uwmgi_synthetic
+    from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
 
     tmp = tmp_path_factory.mktemp("tune")
     data = write_uwmgi_synthetic(tmp / "uw", n_cases=2, days_per_case=1, slices_per_day=6, seed=2)
@@ -195,7 +195,7 @@ def test_cli_tune_prints_and_rejects_bad_grids(tmp_path, prepared):
     r = CliRunner().invoke(app, ["tune", str(run), "--dry-run"])
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "tuned on 1 validation case-days of fold 0" in out and "-> 1.0000" in out
+    assert "tuned on 1 validation case of fold 0: UW-Madison score" in out and "-> 1.0000" in out
     assert "large_bowel t 0.30, presence 0.60" in out
     r = CliRunner().invoke(app, ["tune", str(run), "--thresholds", "0.3,abc"])
     assert isinstance(r.exception, MedsegError) and "--thresholds must be comma-separated numbers" in str(r.exception)

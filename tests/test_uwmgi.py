@@ -11,7 +11,7 @@ from PIL import Image
 from medseg.data.formats import get_reader
 from medseg.data.formats.uwmgi import CLASSES, read_submission, read_train_csv, submission_rows, write_submission
 from medseg.data.rle import decode, encode
-from medseg.data.synthetic import write_uwmgi_synthetic
+from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
 from medseg.errors import MedsegError
 
 

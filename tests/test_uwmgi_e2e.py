@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medseg.cli import app
-from medseg.data.synthetic import write_uwmgi_synthetic
+from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
@@ -132,7 +132,7 @@ def test_competition_layout_to_scored_submission(tmp_path: Path):
 
     out = _cli("tune", tmp_path / "run")
     tuned = json.loads((tmp_path / "run" / "tune.json").read_text())
-    assert f"competition score {tuned['score_before']:.4f} -> {tuned['score']:.4f}" in out
+    assert f"UW-Madison score {tuned['score_before']:.4f} -> {tuned['score']:.4f}" in out
     assert tuned["score"] >= tuned["score_before"] and tuned["case_days"] == len(val)
     b = torch.load(fold / "model.pt", weights_only=True)
     assert b["postprocess"]["thresholds"] == [c["threshold"] for c in tuned["classes"]]

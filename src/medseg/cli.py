@@ -161,7 +161,7 @@ def evaluate(
     from medseg.evaluation.evaluate import evaluate as run_evaluate
 
     run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance,
-                 console=console, report=report, uw_score=uw_score, options=_kv(option, "--option"))
+                 console=console, report=report, score_variant=uw_score, options=_kv(option, "--option"))
 
 
 @app.command()

@@ -31,6 +31,7 @@ from medseg.evaluation.metrics import (
     summarize,
 )
 from medseg.rundir import RunDir
+from medseg.scores import SCORES, score_for
 
 CASE_COLUMNS = ["case_id", "patient", "class", "truth_voxels", "pred_voxels", *METRICS]
 SLICE_METRICS = ("dice", "iou", "precision", "recall")
@@ -62,12 +63,11 @@ def _default_out(pred: Path, run: bool) -> Path:
     return pred.with_name((pred.stem if pred.is_file() else pred.name) + "_evaluation")
 
 
-def _is_uwmgi(truth: Any, preds: Any) -> bool:
-    if preds.kind == "submission":
-        return True
-    if truth.prepared is not None:
-        return truth.prepared.info.get("source_format") == "uwmgi"
-    return getattr(getattr(truth, "spec", None), "format", None) == "uwmgi"
+def task_score(truth: Any) -> Any:
+    """The data set's own score (``medseg.scores``) when its data brings one, from the truth's format."""
+    fmt = truth.prepared.info.get("source_format") if truth.prepared is not None else \
+        getattr(getattr(truth, "spec", None), "format", None)
+    return score_for(fmt, truth.classes)
 
 
 def evaluate(
@@ -81,18 +81,18 @@ def evaluate(
     nsd_tolerance: float = 1.0,
     console: Any = None,
     report: bool = True,
-    uw_score: str = "competition",
+    score_variant: str = "competition",
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary.
-    ``uw_score`` picks the UW-Madison score's definition (``uwmgi_score.VARIANTS``)."""
+    ``score_variant`` picks the definition of the data set's own score where it has several."""
     from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
-
-    from medseg.evaluation.uwmgi_score import check_variant
 
     t0 = time.perf_counter()
     check_empty(empty)
-    check_variant(uw_score)
+    known = sorted({v for n in SCORES.names() for v in SCORES.get(n).variants})
+    if score_variant not in known:
+        raise MedsegError(f"unknown score variant {score_variant!r} (known: {', '.join(known)})")
     if not (nsd_tolerance >= 0 and math.isfinite(nsd_tolerance)):
         raise MedsegError(f"--nsd-tolerance must be a finite distance >= 0 mm, got {nsd_tolerance}")
     pred = Path(pred)
@@ -131,7 +131,7 @@ def evaluate(
         stage = Path(tempfile.mkdtemp(prefix="medseg-evaluate-"))
     try:
         summary = _evaluate(pred, truth_obj, preds, ids, stage, out_dir, run=run, empty=empty,
-                            nsd_tolerance=nsd_tolerance, report=report, t0=t0, uw_score=uw_score)
+                            nsd_tolerance=nsd_tolerance, report=report, t0=t0, score_variant=score_variant)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in stage.iterdir():
             shutil.move(str(f), str(out_dir / f.name))  # a rename when both are on one file system
@@ -143,18 +143,15 @@ def evaluate(
 
 
 def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, final_dir: Path, *, run: bool,
-              empty: str, nsd_tolerance: float, report: bool, t0: float, uw_score: str) -> dict[str, Any]:
-    from medseg.evaluation.uwmgi_score import combine, mlebench_hd, volume_terms
-
+              empty: str, nsd_tolerance: float, report: bool, t0: float, score_variant: str) -> dict[str, Any]:
     classes = truth_obj.classes
     two_d = truth_obj.spatial_dims == 2
-    uw = _is_uwmgi(truth_obj, preds)
+    score = task_score(truth_obj)
 
     rows: list[dict[str, Any]] = []
     case_score: dict[str, float] = {}
     slice_vals: dict[str, dict[str, list[np.ndarray]]] = {c: {m: [] for m in SLICE_METRICS} for c in classes}
-    uw_sums = [0.0, 0, 0.0, 0]
-    uw_rows: list[dict[str, Any]] = []
+    terms = np.zeros(4)
     seen_slices: set[str] = set()
     slice_file = out_dir / "metrics_slices.csv"
     fh = open(slice_file, "w", newline="") if two_d else None
@@ -181,27 +178,14 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
                     for k, cls in enumerate(classes):
                         sw.writerow([case_id, t.patient, name, cls, int(so["truth_pixels"][z, k]),
                                      int(so["pred_pixels"][z, k]), *(_num(float(so[m][z, k])) for m in SLICE_METRICS)])
-            if uw:
-                seen_slices.update(t.slices or [])
-                for k, cls in enumerate(classes):
-                    d, hd = volume_terms(p[:, k], t.mask[:, k])
-                    uw_sums[0] += float(d.sum())
-                    uw_sums[1] += int(d.size)
-                    if hd is not None and uw_score == "competition":
-                        uw_sums[2] += hd
-                        uw_sums[3] += 1
-                    uw_rows.append({"case_day": case_id, "class": cls, "dice": float(d.mean()) if d.size else None,
-                                    "hd": hd})
-                if uw_score == "mlebench":
-                    hd = mlebench_hd(p, t.mask)
-                    if hd is not None:
-                        uw_sums[2] += hd
-                        uw_sums[3] += 1
+            seen_slices.update(t.slices or [])
+            if score is not None:
+                terms += score.case_terms(p, t.mask, score_variant)
     finally:
         if fh:
             fh.close()
-    if preds.kind == "submission":
-        extra = sorted({sid for sid, _ in preds.submission} - seen_slices)
+    if preds.table is not None:
+        extra = sorted(preds.table.slice_ids - seen_slices)
         if extra:
             raise MedsegError(f"{len(extra)} ids of the submission are not in the ground truth, e.g. {extra[0]}",
                               preds.path)
@@ -223,13 +207,10 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             cls: {m: summarize(np.concatenate(v) if v else []) for m, v in slice_vals[cls].items()}
             for cls in classes
         }
-    if uw:
-        score, mdice, mhd = combine(*uw_sums)
-        summary["uwmgi"] = {"score": score, "dice": mdice, "hd": mhd, "n_dice": uw_sums[1], "n_hd": uw_sums[3],
-                            "variant": uw_score,
-                            "definition": "the competition's written definition (Hausdorff per case-day and class)"
-                            if uw_score == "competition" else "the public mle-bench grader's (classes merged per "
-                            "case-day, column-major RLE order, prediction > 10x truth -> distance 1)"}
+    if score is not None:
+        summary["task_score"] = score.name
+        summary[score.name] = {**score.result(terms), "label": score.label, "variant": score_variant,
+                               "definition": score.definition(score_variant)}
     summary["seconds_metrics"] = time.perf_counter() - t0
     files = {"metrics": "metrics.csv", "summary": "summary.json"}
     if two_d:
@@ -350,10 +331,10 @@ def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
     console.print(t)
     d = summary["dataset"]
     line = f"mean Dice {f(d['mean_dice'])}, mIoU {f(d['miou'])}, patient-level Dice {f(d['patient_mean_dice'])}"
-    if "uwmgi" in summary:
-        u = summary["uwmgi"]
-        line += (f"; UW-Madison score {u['score']:.4f} (Dice {u['dice']:.4f}, HD {u['hd']:.4f}"
-                 f"{', mle-bench grader' if u.get('variant') == 'mlebench' else ''})")
+    if summary.get("task_score"):
+        u = summary[summary["task_score"]]
+        line += (f"; {u['label']} {u['score']:.4f} (Dice {u['dice']:.4f}, HD {u['hd']:.4f}"
+                 f"{'' if u.get('variant') in (None, 'competition') else ', ' + u['variant']})")
     console.print(line, highlight=False)
     if summary.get("decision"):
         console.print(f"masks: {summary['decision']}", highlight=False)

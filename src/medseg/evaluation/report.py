@@ -223,8 +223,9 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     parts.append("<section id='summary'><h2>Summary</h2><div>")
     kpis = [("mean Dice", d["mean_dice"]), ("mIoU", d["miou"]), ("patient-level Dice", d["patient_mean_dice"]),
             (f"mean HD95 ({unit})", d["mean_hd95"]), ("mean NSD", d["mean_nsd"])]
-    if "uwmgi" in summary:
-        kpis.insert(0, ("UW-Madison score", summary["uwmgi"]["score"]))
+    if summary.get("task_score"):
+        own = summary[summary["task_score"]]
+        kpis.insert(0, (own["label"], own["score"]))
     parts += [f"<span class='kpi'>{e(k)}: <b>{_fmt(v, 4)}</b></span>" for k, v in kpis]
     parts.append(f"</div><p class='meta'>per case (3D, distances in {unit}), statistics over cases</p>"
                  "<table id='summary-table'><thead><tr><th>class</th>")

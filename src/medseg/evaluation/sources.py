@@ -1,9 +1,11 @@
 """Where predictions and ground truth come from, as cases of ``mask[z, k, h, w]`` uint8 0/1.
 
-Ground truth: a prepared dataset, or a native layout a registered reader understands.
+Ground truth: a prepared dataset, a native layout a registered reader understands (or a labels table
+file its format owns), or a plain folder of label maps.
 Predictions: a predictions folder in the input's own layout (read back by its reader's
-``read_prediction``), a prepared dataset, a run's ``fold_K/val_predictions/<case>.npz``, or a
-UW-Madison submission CSV. Everything is loaded one case at a time.
+``read_prediction``), a prepared dataset, a run's ``fold_K/val_predictions/<case>.npz``, or one file
+holding every case's predictions (a submission) that the truth's format reads. Everything is loaded one
+case at a time.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.formats import guess_format
+from medseg.data.formats import FORMATS, guess_format
 from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import decide, merge_config
@@ -279,10 +281,11 @@ def open_truth(path: Path, fmt: str | None = None, images: Path | None = None,
         return PreparedTruth(path)
     if fmt is None and is_label_folder(path):
         return LabelFolderTruth(path)
-    if path.is_file() and path.suffix.lower() == ".csv":
-        # a UW-Madison train.csv: images in --images (or the train/ folder beside it)
-        root = Path(images) if images else path.parent
-        return NativeTruth(root, fmt or "uwmgi", {"csv": str(path.resolve())})
+    if path.is_file():  # a labels table (a competition's CSV), read by the format that owns such files
+        for name in [fmt] if fmt else FORMATS.builtin_order():
+            found = FORMATS.get(name).truth_from_file(path, images)
+            if found is not None:
+                return NativeTruth(found[0], name, {**found[1], **(options or {})})
     return NativeTruth(path, fmt or guess_format(path), options)
 
 
@@ -298,7 +301,7 @@ class Predictions:
     ids: set[str] | None = None  # case ids available (None: every truth case, checked on load)
     run_dir: Path | None = None
     curves: dict[str, Path] = field(default_factory=dict)  # fold -> training metrics.csv
-    submission: dict[tuple[str, str], str] | None = None
+    table: Any = None  # one-file predictions (PredictionTable) of kind "submission"
     rules: str | None = None  # how a run's probabilities became masks (said in the summary)
 
 
@@ -382,26 +385,21 @@ def folder_predictions(path: Path, truth: Truth) -> Predictions:
     return Predictions("folder", Path(path), load)
 
 
-def submission_predictions(path: Path, truth: Truth) -> Predictions:
-    from medseg.data import rle
-    from medseg.data.formats.uwmgi import read_submission
-
-    sub = read_submission(path)
-    classes = truth.classes
+def table_predictions(path: Path, truth: Truth) -> Predictions:
+    """Predictions of every case in one file (a submission), read by the truth's format."""
+    fmt = truth.prepared.info.get("source_format") if truth.prepared is not None else \
+        getattr(getattr(truth, "spec", None), "format", None)
+    table = FORMATS.get(fmt).read_prediction_table(path) if fmt in FORMATS else None
+    if table is None:
+        raise MedsegError(f"a {fmt or 'data set of this'} format's predictions are not one file: "
+                          "give the predictions folder", path)
 
     def load(case_id: str, t: TruthCase) -> np.ndarray:
         if not t.slices:
-            raise MedsegError(f"case {case_id} has no slice ids to match the submission's", truth.path)
-        out = np.zeros(t.mask.shape, np.uint8)
-        h, w = t.mask.shape[2:]
-        for z, sid in enumerate(t.slices):
-            for k, cls in enumerate(classes):
-                if (sid, cls) not in sub:
-                    raise MedsegError(f"no row for id {sid}, class {cls}", path)
-                out[z, k] = rle.decode(sub[(sid, cls)], (h, w), where=path, row=f"id {sid}, class {cls}")
-        return out
+            raise MedsegError(f"case {case_id} has no slice ids to match the file's", truth.path)
+        return table.masks(t.slices, truth.classes, t.mask.shape[2:])
 
-    return Predictions("submission", Path(path), load, submission=sub)
+    return Predictions("submission", Path(path), load, table=table)
 
 
 def open_predictions(path: Path, truth: Truth | None) -> Predictions:
@@ -410,12 +408,16 @@ def open_predictions(path: Path, truth: Truth | None) -> Predictions:
         if not path.is_dir():
             raise MedsegError("expected a folder of label maps named like the truth's", path)
         return label_folder_predictions(path, truth)
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return submission_predictions(path, truth)
+    if path.is_file() and not is_prepared(path):
+        return table_predictions(path, truth)
     if is_prepared(path):
         return prepared_predictions(path)
-    if path.is_dir() and (path / "submission.csv").is_file() and not any(path.glob("*/*_mask.tif")):
-        return submission_predictions(path / "submission.csv", truth)
+    if path.is_dir():  # a predictions folder holding the format's one-file predictions
+        fmt = getattr(getattr(truth, "spec", None), "format", None) or (
+            truth.prepared.info.get("source_format") if truth is not None and truth.prepared is not None else None)
+        for name in FORMATS.get(fmt).aggregate_files if fmt in FORMATS else ():
+            if (path / name).is_file():
+                return table_predictions(path / name, truth)
     if not path.exists():
         raise MedsegError("no such file or folder", path)
     return folder_predictions(path, truth)

@@ -1,12 +1,13 @@
 """``medseg tune RUN``: per-class decision thresholds, the class-presence rule and the largest-component
-rule, chosen on the validation folds, written into every fold's ``model.pt``. The objective is the
-UW-Madison competition score on UW-Madison data, else the mean per-case Dice (each case's whole volume,
-as the literature scores LGG). Multilabel models and one-class softmax models (LGG: the threshold
-applies to the foreground probability) are tuned; a softmax over several classes decides by argmax.
+rule, chosen on the validation folds, written into every fold's ``model.pt``. The objective is the data
+set's own score where its data brings one (``medseg.scores``), else the mean per-case Dice (each case's
+whole volume, as the literature scores LGG). Multilabel models and one-class softmax models (the
+threshold applies to the foreground probability) are tuned; a softmax over several classes decides by
+argmax.
 
-    medseg tune runs/uwmgi_25d             # with the model's own TTA setting (inference.tta of its config)
-    medseg tune runs/uwmgi_25d --no-tta    # from RUN/fold_K/val_predictions/*.npz, and TTA off in the bundles
-    medseg tune runs/uwmgi_25d --tta       # re-predict the validation cases with flip TTA, and TTA on
+    medseg tune runs/exp             # with the model's own TTA setting (inference.tta of its config)
+    medseg tune runs/exp --no-tta    # from RUN/fold_K/val_predictions/*.npz, and TTA off in the bundles
+    medseg tune runs/exp --tta       # re-predict the validation cases with flip TTA, and TTA on
 
 The probabilities tuned on are those ``medseg predict`` will produce: without TTA, the validation
 predictions training stored (the same network on the same slices); with TTA (the bundle's
@@ -15,13 +16,13 @@ predictions training stored (the same network on the same slices); with TTA (the
 
 For each class j and each candidate ``(t, p)`` of the grid (threshold ``t``; presence ``p``: zero the
 class on a slice whose maximum probability is under ``p``, or no presence rule), the out-of-fold
-predictions of every validated case-day are decided exactly as ``medseg predict`` decides them
+predictions of every validated case are decided exactly as ``medseg predict`` decides them
 (``prob > t``, then :func:`medseg.inference.postprocess.postprocess` with the bundle's rules) and scored
-with :func:`medseg.evaluation.uwmgi_score.volume_terms`, the function ``medseg evaluate`` scores
-submissions with. The competition score is a ratio of sums, and each class contributes its own sums
-(Dice sum, scored slices, Hausdorff sum, scored case-days), so the best combination over classes is
-found exactly by summing the per-class tables over every combination of candidates, not by tuning
-classes one at a time. Ties keep the bundle's current setting, then the smaller grid value.
+with the score's own terms, the ones ``medseg evaluate`` uses. A data-set score is a ratio of sums, and
+each class contributes its own sums (a Dice sum and count, a distance sum and count), so the best
+combination over classes is found exactly by summing the per-class tables over every combination of
+candidates, not by tuning classes one at a time. Ties keep the bundle's current setting, then the
+smaller grid value.
 
 A presence threshold at or below the decision threshold changes nothing (a slice whose maximum is
 under ``t`` has no pixel over ``t``), so only ``p > t`` is tried. The whole grid is scored twice: with
@@ -42,6 +43,7 @@ import numpy as np
 from medseg.atomic import atomic_write_text
 from medseg.errors import MedsegError
 from medseg.rundir import RunDir
+from medseg.scores import score_for, score_named
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -70,18 +72,19 @@ def class_terms(
     grid: Sequence[Candidate],
     rules: dict[str, Any] | None = None,
     spatial_dims: int = 2,
-    objective: str = "uwmgi",
+    objective: str = "dice",
 ) -> np.ndarray:
     """Score sums of one class of one case(-day) for every candidate of ``grid``, ``[len(grid), 4]``:
-    for ``uwmgi`` (Dice sum, scored slices, Hausdorff sum, scored volumes); for ``dice`` (the volume's
-    Dice, 1, 0, 0), a volume with neither truth nor prediction scoring 1.
+    for a data-set score (``medseg.scores``, by name) its terms; for ``dice`` (the volume's Dice, 1, 0, 0),
+    a volume with neither truth nor prediction scoring 1.
 
     ``prob[z, h, w]`` is the class's probability, ``truth[z, h, w]`` its mask; ``rules`` the bundle's
     other post-processing (``min_size``, ``largest_cc``), applied after the presence rule as in
     ``medseg predict``."""
     from medseg.evaluation.metrics import case_dice
-    from medseg.evaluation.uwmgi_score import volume_terms
     from medseg.inference.postprocess import postprocess
+
+    score = None if objective == "dice" else score_named(objective)
 
     prob = np.asarray(prob, dtype=np.float32)
     truth = np.asarray(truth) != 0
@@ -92,24 +95,24 @@ def class_terms(
     for c, (t, p) in enumerate(grid):
         mask = (prob > t).astype(np.uint8)[:, None]  # [z, 1, h, w]
         postprocess(mask, slice_max, {"presence": None if p is None else [p], **rules}, spatial_dims)
-        if objective == "dice":
+        if score is None:
             out[c] = (case_dice(mask[:, 0], truth, empty="one"), 1, 0.0, 0)
-            continue
-        dice, hd = volume_terms(mask[:, 0], truth)
-        out[c] = (float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1)
+        else:
+            out[c] = score.class_terms(mask[:, 0], truth)
     return out
 
 
-def best_combination(tables: Sequence[np.ndarray], objective: str = "uwmgi") -> tuple[list[int], float]:
+def best_combination(tables: Sequence[np.ndarray], objective: str = "dice") -> tuple[list[int], float]:
     """The candidate index per class maximising the objective of the summed tables (``tables[j]``:
     ``[candidates_j, 4]`` sums of class j, see :func:`class_terms`), and that score."""
+    task_score = None if objective == "dice" else score_named(objective)
 
     def score(total: np.ndarray) -> np.ndarray:
-        d, nd, h, nh = (total[..., i] for i in range(4))
+        if task_score is not None:
+            return task_score.value(total)
+        d, nd = total[..., 0], total[..., 1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_dice = np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
-            mean_hd = np.where(nh > 0, h / np.maximum(nh, 1), 0.0)
-        return mean_dice if objective == "dice" else 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
+            return np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
 
     sizes = [len(t) for t in tables]
     if math.prod(sizes) <= _MAX_COMBINATIONS:
@@ -181,10 +184,9 @@ def tune(
         raise MedsegError(f"the prepared dataset (classes {ds.classes}) does not hold the model's classes {classes} "
                           "with masks", ds_path)
     from medseg.inference.postprocess import merge_config, thresholds_for
-    from medseg.training.run import is_uwmgi
-
-    objective = "uwmgi" if is_uwmgi(ds) else "dice"
-    unit = "case-days" if objective == "uwmgi" else "cases"
+    task_score = score_for(ds.info.get("source_format"), ds.classes)
+    objective = task_score.name if task_score is not None else "dice"
+    unit = "cases"
     pp = merge_config(b0.get("postprocess"), None)
     variants = [pp]  # the bundle's clean-up rules, then the largest component over the case's volume
     lcc = {**pp, "largest_cc": True, "components": "volume" if ds.spatial_dims == 2 else None}
@@ -264,9 +266,9 @@ def tune(
         result["written"] = True
         atomic_write_text(rd.tune_path, json.dumps(result, indent=1))
     if console is not None:
-        console.print(f"tuned on {len(jobs)} validation {unit} of fold{'s' if len(fold_dirs) > 1 else ''} "
+        console.print(f"tuned on {len(jobs)} validation {unit if len(jobs) != 1 else unit[:-1]} of fold{'s' if len(fold_dirs) > 1 else ''} "
                       f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: "
-                      f"{'competition score' if objective == 'uwmgi' else 'mean Dice per case'} {before:.4f} -> {best:.4f}",
+                      f"{task_score.label if task_score is not None else 'mean Dice per case'} {before:.4f} -> {best:.4f}",
                       highlight=False)
         lcc = ("keep the largest component" + (" (over the volume)" if rules.get("components") == "volume" else
                                                " (per slice)") if rules.get("largest_cc") else "no component rule")

@@ -33,6 +33,7 @@ from typing import Any, Union
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.scores import SCORES, TaskScore
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 _ID = re.compile(r"^(?P<day>case\d+_day\d+)_slice_(?P<n>\d+)$")
@@ -143,6 +144,45 @@ def mlebench_hd(pred: np.ndarray, truth: np.ndarray) -> float | None:
     if n_p == 0 or n_t == 0 or n_p > 10 * n_t:
         return 1.0
     return hausdorff_normalized(np.ascontiguousarray(p), np.ascontiguousarray(t))
+
+
+@SCORES.register("uwmgi")
+class UWMGIScore(TaskScore):
+    """The competition score as a data-set score: training picks checkpoints by it, tune optimises it."""
+
+    name = "uwmgi"
+    label = "UW-Madison score"
+    variants = VARIANTS
+
+    @classmethod
+    def applies(cls, fmt: str | None, classes: list[str]) -> bool:
+        # read by the uwmgi reader, or another layout holding exactly its three organs (the derived sample)
+        return fmt == "uwmgi" or sorted(classes) == sorted(CLASSES)
+
+    def class_terms(self, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        dice, hd = volume_terms(pred, truth)
+        return np.array([float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1], float)
+
+    def case_terms(self, pred: np.ndarray, truth: np.ndarray, variant: str = "competition") -> np.ndarray:
+        total = super().case_terms(pred, truth)
+        if check_variant(variant) == "mlebench":  # one merged distance per case-day instead of one per class
+            hd = mlebench_hd(pred, truth)
+            total[2:] = (0.0, 0) if hd is None else (hd, 1)
+        return total
+
+    def definition(self, variant: str = "competition") -> str:
+        if check_variant(variant) == "competition":
+            return "the competition's written definition (Hausdorff per case-day and class)"
+        return ("the public mle-bench grader's (classes merged per case-day, column-major RLE order, "
+                "prediction > 10x truth -> distance 1)")
+
+    def value(self, total: np.ndarray) -> np.ndarray:
+        total = np.asarray(total, np.float64)
+        d, nd, h, nh = (total[..., i] for i in range(4))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_dice = np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
+            mean_hd = np.where(nh > 0, h / np.maximum(nh, 1), 0.0)
+        return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
 
 
 def combine(dice_sum: float, n_dice: int, hd_sum: float, n_hd: int) -> tuple[float, float, float]:

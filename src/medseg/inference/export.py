@@ -126,13 +126,13 @@ def logit_difference(module: Any, onnx_path: Path, shape: list[int]) -> float:
     (inf when onnxruntime cannot run the input at all, e.g. a graph frozen at another size)."""
     import torch
 
-    from medseg.inference.segmenter import _onnx_net
+    from medseg.inference.backends import onnx_backend
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with torch.inference_mode():
         ref = module(torch.from_numpy(x)).numpy()
     try:
-        got = _onnx_net(onnx_path, None)(x)
+        got = onnx_backend(onnx_path)(x)
     except MedsegError:
         raise
     except Exception:  # onnxruntime's shape errors: the graph does not take this size
@@ -242,7 +242,7 @@ def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement
 
     from medseg.inference.postprocess import thresholds_for
     from medseg.inference.quantize import mask_agreement, pipeline_inputs, quantize_int8
-    from medseg.inference.segmenter import _onnx_net
+    from medseg.inference.backends import onnx_backend
 
     if slices < 1:
         raise MedsegError(f"calibration slices must be at least 1, got {slices}")
@@ -256,7 +256,7 @@ def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement
     tmp = output.with_name(output.stem + f".int8-tmp-{os.getpid()}.onnx")
     try:
         quantize_int8(output, tmp, [x for x, _ in calib], input_name="input")
-        q = _onnx_net(tmp, None)
+        q = onnx_backend(tmp)
         agree = mask_agreement([y for _, y in check], [q(x) for x, _ in check], seg.class_kind,
                                thresholds_for(seg.spec["postprocess"], len(seg.classes)))
         if agree < min_agreement:

@@ -17,7 +17,6 @@ probabilities of the whole case are kept; float32 exists one batch at a time (2D
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.backends import activate, onnx_backend, torch_backend
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
 from medseg.rundir import RunDir
 
@@ -33,13 +33,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
 SHIPPED: dict[str, str] = {"lgg-unet": "lgg-unet.pt"}
 DEFAULT_FLIPS: list[list[int]] = [[-1], [-2]]
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -126,58 +119,6 @@ def model_divisor(model: Any, arch: dict[str, Any]) -> int:
         except Exception:  # an older models module: fall back to a safe power of two
             d = None
     return int(d or 32)
-
-
-# ----------------------------------------------------------------------------------------- backends
-def _torch_net(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
-    # models that measured faster in channels_last on CPU say so (medseg.models contract)
-    # (2D only; a copy, so the module kept for export stays in the default layout)
-    # (MemberMean, an instance, answers for its members)
-    cl = bool(getattr(model, "channels_last", False)) and getattr(model, "spatial_dims", 2) == 2
-    if cl:
-        import copy
-
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            t = torch.from_numpy(x)
-            if cl:
-                t = t.contiguous(memory_format=torch.channels_last)
-            y = model(t)
-            if isinstance(y, (list, tuple)):  # deep supervision: the full-resolution head
-                y = y[0]
-            return y.float().contiguous().numpy()
-
-    return run
-
-
-def _onnx_net(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or cpu_cores()
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise MedsegError(f"cannot load ONNX model ({type(e).__name__}: {e})", path) from None
-    in_name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {in_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    return run
-
-
-def _activate(logits: np.ndarray, class_kind: str) -> np.ndarray:
-    if class_kind == "multiclass":
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-logits))
 
 
 # ----------------------------------------------------------------------------------------- segmenter
@@ -317,13 +258,13 @@ class Segmenter:
             nets = []
             for i, m in enumerate(models):
                 export_module(m, spec, tmp / f"fold{i}.onnx")
-                nets.append(_onnx_net(tmp / f"fold{i}.onnx", threads))
+                nets.append(onnx_backend(tmp / f"fold{i}.onnx", threads))
             return cls(spec, nets, tta, "onnx", batch_size, models)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return cls(spec, [_torch_net(m) for m in models], tta, "torch", batch_size, models)
+        return cls(spec, [torch_backend(m) for m in models], tta, "torch", batch_size, models)
 
     @classmethod
     def _load_onnx(cls, path: Path, tta: Any, threads: int | None, batch_size: int) -> "Segmenter":
@@ -337,7 +278,7 @@ class Segmenter:
             raise MedsegError(f"cannot read the ONNX sidecar JSON ({e})", side) from None
         if spec.get("format") != "medseg.pipeline/1":
             raise MedsegError(f"not a medseg ONNX sidecar (format {spec.get('format')!r})", side)
-        return cls(spec, [_onnx_net(path, threads)], tta, "onnx", batch_size)
+        return cls(spec, [onnx_backend(path, threads)], tta, "onnx", batch_size)
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -434,7 +375,7 @@ class Segmenter:
         for net in self.nets:
             for flip in [None, *self.flips]:
                 xi = x if flip is None else np.ascontiguousarray(np.flip(x, flip))
-                p = _activate(net(xi), kind)
+                p = activate(net(xi), kind)
                 if flip is not None:
                     p = np.flip(p, flip)
                 acc = p.copy() if acc is None else np.add(acc, p, out=acc)

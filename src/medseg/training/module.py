@@ -15,16 +15,23 @@ from torch.nn import functional as F
 from medseg.config import ExperimentConfig
 from medseg.data.augment import augment_batch
 from medseg.losses import build_loss
+from medseg.scores import score_named
 
 
 class TaskInfo(dict):
     """classes, class_kind, channels, in_channels, out_channels, spatial_dims, norm, fingerprint,
-    patients (case id -> patient), uwmgi (score validation with the UW-Madison competition score)."""
+    patients (case id -> patient), score (the data set's own score, ``medseg.scores``, or None)."""
 
 
 def selection_metric(task: dict[str, Any]) -> str:
-    """The validation score that picks the best model: the competition score on UW-Madison data."""
-    return "val_uwmgi_score" if task.get("uwmgi") else "val_dice_mean"
+    """The validation score that picks the best model: the data set's own score where it has one."""
+    return f"val_{task['score']}_score" if task.get("score") else "val_dice_mean"
+
+
+def score_columns(score: Any, terms: np.ndarray) -> dict[str, float]:
+    """``{val_<name>_<part>: value}`` of a data-set score's summed terms."""
+    res = score.result(terms)
+    return {f"val_{score.name}_{p}": float(res[p]) for p in score.parts}
 
 
 def lr_lambda(cfg: ExperimentConfig, progress: Callable[[], float] | None = None):
@@ -95,21 +102,6 @@ def dice_scores(stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cla
     return scores
 
 
-def add_uwmgi_terms(sums: list[Any], pred: np.ndarray, truth: np.ndarray) -> None:
-    """One validation case = one case-day: adds its competition 2D Dice and 3D Hausdorff terms per class to
-    ``sums`` (dice sum, dice count, hd sum, hd count), from the function ``medseg evaluate`` scores
-    submissions with."""
-    from medseg.evaluation.uwmgi_score import volume_terms
-
-    for k in range(pred.shape[1]):
-        dice, hd = volume_terms(pred[:, k], truth[:, k])
-        sums[0] += float(dice.sum())
-        sums[1] += int(dice.size)
-        if hd is not None:
-            sums[2] += hd
-            sums[3] += 1
-
-
 class SegModule(pl.LightningModule):
     def __init__(self, cfg: ExperimentConfig, task: dict[str, Any]):
         super().__init__()
@@ -127,14 +119,14 @@ class SegModule(pl.LightningModule):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = build_loss(cfg.loss, task["class_kind"], task["classes"], task.get("fingerprint"))
-        self.uwmgi = bool(task.get("uwmgi"))
+        self.task_score = score_named(task.get("score"))
         self.select = selection_metric(task)
         self.best_score = -math.inf
         self.last_scores: dict[str, float] = {}
         self.val_store: dict[str, dict[str, np.ndarray]] = {}
         self._val_stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self._val_losses: list[float] = []
-        self._uw_sums = [0.0, 0, 0.0, 0]  # competition score running sums (see uwmgi_score.combine)
+        self._score_terms = np.zeros(4)  # the data set's own score: running sums of its terms
         self._t0 = 0.0
         self._val_epoch = -1
         self._images = 0
@@ -230,7 +222,7 @@ class SegModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_stats = []
         self._val_losses = []
-        self._uw_sums = [0.0, 0, 0.0, 0]
+        self._score_terms = np.zeros(4)
         self.val_store = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
@@ -243,8 +235,8 @@ class SegModule(pl.LightningModule):
         prob = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         pred = to_masks(prob, self.task["class_kind"], self.cfg.postprocess.thresholds)
         self._val_stats.append((self.task["patients"][batch["id"]], *overlap_counts(pred, mask)))
-        if self.uwmgi:
-            add_uwmgi_terms(self._uw_sums, pred.cpu().numpy(), mask.cpu().numpy())
+        if self.task_score is not None:
+            self._score_terms += self.task_score.case_terms(pred.cpu().numpy(), mask.cpu().numpy())
         if self.global_rank == 0:
             self.val_store[batch["id"]] = {"prob": prob.cpu().numpy().astype(np.float16), "mask": pred.cpu().numpy()}
 
@@ -257,10 +249,8 @@ class SegModule(pl.LightningModule):
             return
         scores = dice_scores(self._val_stats, self.task["classes"])
         scores["val_loss"] = float(np.mean(self._val_losses))
-        if self.uwmgi:
-            from medseg.evaluation.uwmgi_score import combine
-
-            scores["val_uwmgi_score"], scores["val_uwmgi_dice"], scores["val_uwmgi_hd"] = combine(*self._uw_sums)
+        if self.task_score is not None:
+            scores.update(score_columns(self.task_score, self._score_terms))
         self.last_scores = scores
         self._val_epoch = self.current_epoch
         for k, v in scores.items():

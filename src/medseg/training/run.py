@@ -19,6 +19,7 @@ from medseg.config import ExperimentConfig, config_dict, dump_config, load_confi
 from medseg.errors import MedsegError
 from medseg.inference.bundle import safe_load
 from medseg.rundir import RunDir
+from medseg.scores import score_for, score_named
 
 # keys that may change between a run and its --resume (extending training, another machine)
 RESUMABLE_KEYS = {"train.epochs", "data.workers", "train.devices", "train.num_nodes", "train.accelerator", "train.strategy"}
@@ -88,7 +89,7 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
         "norm": norm_config(ds, cfg.data.normalization),
         "fingerprint": ds.fingerprint,
         "patients": {c.id: c.patient for c in ds.cases},
-        "uwmgi": is_uwmgi(ds),
+        "score": task_score_name(ds),
     }
     try:
         m = create_model(cfg.model.name, task["in_channels"], task["out_channels"], spatial_dims=task["spatial_dims"], **cfg.model.kwargs)
@@ -113,12 +114,11 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, di
     return ds, task
 
 
-def is_uwmgi(ds: Any) -> bool:
-    """UW-Madison data (read by the ``uwmgi`` reader, or with exactly its three organs as classes):
-    validation adds the competition score per case-day and selects the best model by it."""
-    from medseg.data.formats.uwmgi import CLASSES
-
-    return ds.info.get("source_format") == "uwmgi" or sorted(ds.classes) == sorted(CLASSES)
+def task_score_name(ds: Any) -> str | None:
+    """The data-set score (``medseg.scores``) of a prepared data set, if its data brings one: validation
+    then adds it per case and selects the best model by it."""
+    score = score_for(ds.info.get("source_format"), ds.classes)
+    return None if score is None else score.name
 
 
 def _folds(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
@@ -311,9 +311,10 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
     module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
     monitor = selection_metric(task)
     runlog = RunLog(fold_dir, task["classes"], console, prefix=f"{label}: " if label else "")
-    if task.get("uwmgi"):  # competition score columns in metrics.csv, after val_dice_mean
+    score = score_named(task.get("score"))
+    if score is not None:  # the data set's own score in metrics.csv, after val_dice_mean
         i = runlog.columns.index("val_dice_mean") + 1
-        runlog.columns[i:i] = ["val_uwmgi_score", "val_uwmgi_dice", "val_uwmgi_hd"]
+        runlog.columns[i:i] = score.columns()
     callbacks: list[Any] = [ValidationScores(), ValidationSchedule(cfg.train.val_every), runlog]
     if cfg.train.max_minutes:
         callbacks.append(TimeBudget(cfg.train.max_minutes))
@@ -479,7 +480,7 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
     import torch
 
     from medseg.inference.bundle import load_bundle, save_bundle
-    from medseg.training.module import add_uwmgi_terms, dice_scores, overlap_counts, to_masks
+    from medseg.training.module import dice_scores, overlap_counts, score_columns, to_masks
 
     members = [RunDir.member_dir(fold_dir, i) for i in range(cfg.train.members)]
     bundles = [load_bundle(m / "model.pt") for m in members]
@@ -487,7 +488,8 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
     if fold != "full":
         store: dict[str, dict[str, Any]] = {}
         stats: list[Any] = []
-        uw = [0.0, 0, 0.0, 0]
+        score = score_named(task.get("score"))
+        terms = np.zeros(4)
         for cid in ds.fold(fold)[1]:
             probs = []
             for m in members:
@@ -497,14 +499,12 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
             pred = to_masks(torch.from_numpy(prob), task["class_kind"], cfg.postprocess.thresholds)
             truth = torch.from_numpy(np.array(ds.mask(ds.index(cid))))  # a copy: the memory map is read-only
             stats.append((task["patients"][cid], *overlap_counts(pred, truth)))
-            if task.get("uwmgi"):
-                add_uwmgi_terms(uw, pred.numpy(), truth.numpy())
+            if score is not None:
+                terms += score.case_terms(pred.numpy(), truth.numpy())
             store[cid] = {"prob": prob.astype(np.float16), "mask": pred.numpy()}
         scores = dice_scores(stats, task["classes"])
-        if task.get("uwmgi"):
-            from medseg.evaluation.uwmgi_score import combine
-
-            scores["val_uwmgi_score"], scores["val_uwmgi_dice"], scores["val_uwmgi_hd"] = combine(*uw)
+        if score is not None:
+            scores.update(score_columns(score, terms))
         _replace_val_predictions(fold_dir, store)
     bundle = dict(bundles[0], members=[b["state_dict"] for b in bundles[1:]])
     bundle["meta"] = {**bundles[0]["meta"], "config": config_dict(cfg), "scores": scores,
@@ -574,14 +574,15 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
             fit_fold(cfg, task, ds, k, fold_dir, resume, console)
             results[str(k)] = _best_scores(fold_dir, selection_metric(task))
     if str(fold) == "all" and _rank() == 0:
-        summary = _cv_summary(results, task["classes"], selection_metric(task))
+        summary = _cv_summary(results, task["classes"], selection_metric(task), task.get("score"))
         atomic_write_text(rd.cv_summary_path, json.dumps(summary, indent=1))
         if console is not None:
             console.print(f"cross-validation: mean per-patient Dice {summary['mean']['val_dice_mean']:.4f} "
                           f"± {summary['std']['val_dice_mean']:.4f} over {len(folds)} folds")
-            if "val_uwmgi_score" in summary["mean"]:
-                console.print(f"cross-validation: mean competition score {summary['mean']['val_uwmgi_score']:.4f} "
-                              f"± {summary['std']['val_uwmgi_score']:.4f}")
+            key = f"val_{task.get('score')}_score"
+            if key in summary["mean"]:
+                console.print(f"cross-validation: mean {score_named(task['score']).label} {summary['mean'][key]:.4f} "
+                              f"± {summary['std'][key]:.4f}")
     return results
 
 
@@ -599,12 +600,12 @@ def _best_scores(fold_dir: Path, metric: str = "val_dice_mean") -> dict[str, Any
     return {k: (float(v) if v not in ("", None) else None) for k, v in best.items()}
 
 
-def _cv_summary(results: dict[str, Any], classes: list[str], selected_by: str = "val_dice_mean") -> dict[str, Any]:
+def _cv_summary(results: dict[str, Any], classes: list[str], selected_by: str = "val_dice_mean",
+                score: str | None = None) -> dict[str, Any]:
     import numpy as np
 
-    keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean", "val_uwmgi_score"]
+    keys = [f"val_dice_{c}" for c in classes] + ["val_dice_mean"] + ([f"val_{score}_score"] if score else [])
     vals = {k: [r[k] for r in results.values() if r.get(k) is not None] for k in keys}
-    vals = {k: v for k, v in vals.items() if v or k != "val_uwmgi_score"}  # UW-Madison data only
     return {
         "selected_by": selected_by,
         "folds": results,

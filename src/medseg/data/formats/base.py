@@ -106,6 +106,17 @@ def patient_of(case_id: str, regex: str | None, where: str | Path) -> str:
     return m.group(1) if rx.groups else m.group(0)
 
 
+class PredictionTable(ABC):
+    """Predictions of all cases in one file, keyed by slice id and class (``read_prediction_table``)."""
+
+    path: Path
+    slice_ids: set[str]
+
+    @abstractmethod
+    def masks(self, slices: list[str], classes: list[str], size: tuple[int, int]) -> np.ndarray:
+        """``mask[z, k, h, w]`` of the slices ``slices``; a MedsegError naming the file for a missing row."""
+
+
 def expect_prediction(path: Path, case_id: str, what: str = "") -> Path:
     """``path`` if it exists, else the error that the case has no prediction (naming its folder)."""
     if not path.is_file():
@@ -162,6 +173,17 @@ class Reader(ABC):
         """Read back what ``write_prediction`` wrote for ``case`` under ``root`` as ``mask[z, k, h, w]``
         of ``shape``; a MedsegError naming the file when it is missing or does not fit."""
         raise MedsegError(f"reading a {self.name!r} predictions folder is not supported", root)
+
+    @classmethod
+    def truth_from_file(cls, path: Path, images: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """(root, options) to read ground truth given as one file of this format (a labels table such as
+        a competition's CSV), with its images under ``images``; None if this format has no such file."""
+        return None
+
+    @classmethod
+    def read_prediction_table(cls, path: Path) -> PredictionTable | None:
+        """Predictions of every case in one file (a submission), if this format writes them so."""
+        return None
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
         """How many slices ``load`` will return for ``case`` (progress bars); cheap, no pixel data read.

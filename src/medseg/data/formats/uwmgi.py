@@ -27,7 +27,7 @@ import numpy as np
 from medseg.atomic import atomic_path
 from medseg.data import rle as rlelib
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader
+from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, PredictionTable, Reader
 from medseg.errors import MedsegError
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]  # competition order
@@ -151,6 +151,17 @@ class UWMGIReader(Reader):
         if any(q.is_dir() and re.match(r"^case\d+", q.name) for q in path.iterdir()):
             return 2
         return 2 if any(p.is_dir() for pat in ("scans", "*/scans", "*/*/scans", "*/*/*/scans") for p in path.glob(pat)) else 0
+
+    @classmethod
+    def truth_from_file(cls, path: Path, images: Path | None = None) -> tuple[Path, dict] | None:
+        # the competition's train.csv: its images in ``images`` (or the train/ folder beside it)
+        if Path(path).suffix.lower() != ".csv":
+            return None
+        return (Path(images) if images else Path(path).parent), {"csv": str(Path(path).resolve())}
+
+    @classmethod
+    def read_prediction_table(cls, path: Path) -> PredictionTable:
+        return _Submission(Path(path))
 
     class Options(Reader.Options):
         rle_order: Literal["C", "F"] = "C"
@@ -344,6 +355,24 @@ def write_submission(rows: Iterable[tuple[str, str, str]], path: str | Path) -> 
         w.writerow(["id", "class", "predicted"])
         w.writerows(rows)
     return path
+
+
+class _Submission(PredictionTable):
+    """A submission CSV as predictions of every case-day."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = read_submission(path)
+        self.slice_ids = {sid for sid, _ in self.rows}
+
+    def masks(self, slices: list[str], classes: list[str], size: tuple[int, int]) -> np.ndarray:
+        out = np.zeros((len(slices), len(classes), *size), np.uint8)
+        for z, sid in enumerate(slices):
+            for k, cls in enumerate(classes):
+                if (sid, cls) not in self.rows:
+                    raise MedsegError(f"no row for id {sid}, class {cls}", self.path)
+                out[z, k] = rlelib.decode(self.rows[(sid, cls)], size, where=self.path, row=f"id {sid}, class {cls}")
+        return out
 
 
 def read_submission(path: str | Path) -> dict[tuple[str, str], str]:

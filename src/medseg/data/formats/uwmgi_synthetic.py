@@ -4,7 +4,7 @@ demos and fixtures)::
     OUT/train.csv                                                  id,class,segmentation
     OUT/train/caseN/caseN_dayM/scans/slice_XXXX_W_H_PW_PH.png      16-bit grayscale
 
-    from medseg.data.synthetic import write_uwmgi_synthetic
+    from medseg.data.formats.uwmgi_synthetic import write_uwmgi_synthetic
     root = write_uwmgi_synthetic("/tmp/uwmgi")      # then: medseg prepare uwmgi /tmp/uwmgi out/
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data.formats.uwmgi import CLASSES  # the competition's order
 from medseg.data.rle import encode
 from medseg.errors import MedsegError
 
-CLASSES = ["large_bowel", "small_bowel", "stomach"]  # competition order (kept in sync with formats/uwmgi)
 # (width, height, pixel spacing mm) of the competition's scans; 360 wide x 310 high is the one
 # non-square size (file name slice_XXXX_360_310_1.50_1.50.png, array shape (310, 360))
 SIZES = [(266, 266, 1.50), (234, 234, 1.50), (276, 276, 1.63), (360, 310, 1.50)]
@@ -154,7 +154,7 @@ _DERIVED_NAME = re.compile(r"^(?P<case>case\d+)_(?P<day>day\d+)_slice_(?P<n>\d+)
 
 
 def write_uwmgi_from_derived(
-    src: str | Path = "/work/shared/data/uwmgi-derived-sample",
+    src: str | Path,
     dst: str | Path = "uwmgi",
     n_slices: int | None = 30,
     size: tuple[int, int, float] = (234, 234, 1.50),
