@@ -49,7 +49,7 @@ def _rss_mb() -> float:
 
 
 def _random_bundle(path: Path, channels: list[str]) -> Path:
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
     from medseg.models import create_model
 
     import torch
@@ -74,7 +74,7 @@ def _random_bundle(path: Path, channels: list[str]) -> Path:
 
 
 def _random_bundle_3d(path: Path) -> Path:
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
     from medseg.models import create_model
 
     import torch

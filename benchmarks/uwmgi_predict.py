@@ -36,7 +36,7 @@ def random_bundle(path: Path) -> Path:
     """The 2.5D UW-Madison model of configs/uwmgi_25d_unet.yaml with random weights."""
     import torch
 
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
     from medseg.models import create_model, model_info
 
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from medseg.inference.bundle import load_bundle, save_bundle
-from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR
+from medseg.bundle import load_bundle, save_bundle
+from medseg.bundle import SHIPPED, WEIGHTS_DIR
 
 
 def main() -> None:

@@ -198,7 +198,7 @@ _SWIN_KW = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1
 def _swin_bundle(path):
     import torch
 
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
     from medseg.models import create_model
 
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
 
     import medseg.inference.export as exp
     from medseg import Segmenter
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
     from medseg.inference.backends import torch_backend
 
     bp = _swin_bundle(tmp_path / "swin.pt")
@@ -255,13 +255,15 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
     assert exp.logit_difference(module, tmp_path / "dyn.onnx", [2, 1, 64, 64]) < 1e-4
     assert exp.logit_difference(module, tmp_path / "dyn.onnx", [2, 1, 96, 128]) > 1e-3
     # ... so even without the known-architecture list, export_onnx re-exports it for one size
-    monkeypatch.setattr(exp, "FIXED_SIZE_ARCHS", set())
+    import medseg.inference.onnx_graph as graph
+
+    monkeypatch.setattr(graph, "FIXED_SIZE_ARCHS", set())
     said = _Said()
     exp.export_onnx(bp, tmp_path / "auto.onnx", console=said)
     assert json.loads((tmp_path / "auto.json").read_text())["input"]["fixed_size"] == [64, 64]
     assert "valid for one input size only (differs at [96, 128]): exported for [64, 64]" in said.lines[0]
     # the onnx backend straight from the bundle takes the same route
-    monkeypatch.setattr(exp, "FIXED_SIZE_ARCHS", {"swin_unetr"})
+    monkeypatch.setattr(graph, "FIXED_SIZE_ARCHS", {"swin_unetr"})
     ob = Segmenter.load(bp, tta=False, backend="onnx")
     assert ob.spec["input"]["fixed_size"] == [64, 64]
     image = np.random.default_rng(2).normal(100, 20, (2, 1, 96, 70)).astype(np.float32)
@@ -285,7 +287,7 @@ def test_export_size_option(tmp_path):
     assert json.loads((tmp_path / "f.json").read_text())["input"]["fixed_size"] == [32, 48]
     image = np.random.default_rng(3).integers(0, 255, (2, 3, 40, 60), dtype=np.uint8)
     o = Segmenter.load(tmp_path / "f.onnx", tta=False)
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
     from medseg.inference.backends import torch_backend
 
     t = Segmenter(o.spec, [torch_backend(build_model(load_bundle(bp)))], tta=False)

@@ -14,7 +14,7 @@ from conftest import FIXTURES
 
 import medseg.models
 from medseg.errors import MedsegError
-from medseg.inference.bundle import save_bundle
+from medseg.bundle import save_bundle
 
 LGG_CHANNELS = ["pre-contrast", "FLAIR", "post-contrast"]
 _REAL_CREATE = medseg.models.create_model
@@ -118,7 +118,7 @@ def write_lgg(root: Path, cases: dict[str, int], size=(40, 44), seed=0) -> Path:
 
 def _reference_probs(bundle_path: Path, image: np.ndarray) -> np.ndarray:
     """Softmax probabilities straight from the module, with normalisation and padding done by hand."""
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
 
     b = load_bundle(bundle_path)
     model = build_model(b)
@@ -246,7 +246,7 @@ def test_resize_mode_returns_input_size(tmp_path):
     assert pred.mask.shape == (2, 1, 50, 70)
     # same as: resize to 32x32 by hand, run, resize the probabilities back
     import torch.nn.functional as F
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
 
     model = build_model(load_bundle(bp))
     x = image.astype(np.float64)
@@ -262,7 +262,7 @@ def test_resize_mode_returns_input_size(tmp_path):
 def test_2p5d_context_stack(tmp_path):
     """2.5D: the input of slice z is slices z-s..z+s (clamped), offset-major channels."""
     from medseg import Segmenter
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
 
     bp = make_bundle(tmp_path / "c.pt", input={"mode": "2.5d", "context": 1, "stride": 2, "size": [32, 32]})
     image = np.random.default_rng(7).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)
@@ -290,7 +290,7 @@ def test_3d_sliding_window_gaussian(tmp_path):
     assert pred.mask.shape == (20, 2, 24, 18)
     assert pred.mask.sum(1).max() <= 1  # multiclass: exclusive
     # a volume of exactly one window: Gaussian weights cancel out, so it is the module's softmax
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
 
     model = build_model(load_bundle(bp))
     cube = image[:16, :, :16, :16]
@@ -356,7 +356,7 @@ def test_3d_slabs_equal_one_pass(tmp_path, monkeypatch):
 def test_lightning_checkpoint_as_model(tmp_path):
     """RUN/fold_K/checkpoints/*.ckpt: the checkpoint's weights with the fold's model.pt description."""
     from medseg import Segmenter
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
 
     fold = tmp_path / "run" / "fold_0"
     make_bundle(fold / "model.pt", seed=0)
@@ -772,7 +772,7 @@ def test_training_config_sets_predict_defaults_and_cli_overrides(tmp_path):
 
     classes = ["a", "b"]
     raw_path = make_bundle(tmp_path / "raw.pt", channels=["gray"], classes=classes, class_kind="multilabel")
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
 
     raw = load_bundle(raw_path)
     model = build_model(raw)

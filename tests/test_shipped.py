@@ -8,7 +8,7 @@ import tifffile
 import torch
 
 from conftest import FIXTURES
-from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR
+from medseg.bundle import SHIPPED, WEIGHTS_DIR
 
 WEIGHTS = WEIGHTS_DIR / SHIPPED["lgg-unet"]
 LGG = FIXTURES / "lgg" / "kaggle_3m"

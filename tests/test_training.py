@@ -101,7 +101,7 @@ def test_one_epoch_lowers_the_loss_and_writes_the_run_dir(tmp_path, syn):
 
 
 def test_bundle_and_val_predictions_match_the_head(tmp_path, syn, syn_ml):
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
     from medseg.training.run import train
 
     for prep, kind, out_ch in ((syn, "multiclass", 3), (syn_ml, "multilabel", 2)):
@@ -266,7 +266,7 @@ def test_sigint_and_sigkill_mid_run_then_resume(tmp_path, syn):
 
 @pytest.mark.parametrize("mode", ["2.5d", "3d"])
 def test_25d_and_3d_runs_store_their_input_geometry(tmp_path, syn, mode):
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.training.run import train
 
     over = {"data__mode": mode, "train__epochs": 1, "train__steps_per_epoch": 2}
@@ -332,7 +332,7 @@ def test_early_stopping_stops_after_patience_validations(tmp_path, syn):
 
 
 def test_ema_bundle_holds_the_scored_averaged_weights(tmp_path, syn):
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.training.run import train
 
     run = tmp_path / "ema"
@@ -368,7 +368,7 @@ def test_auto_precision_is_bf16_on_cpus_with_amx_and_the_bundle_records_it(tmp_p
 
     import medseg.training.run as run_mod
     from medseg.config import load_config
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
 
     cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=2)
     monkeypatch.setattr(run_mod, "cpu_has_bf16_units", lambda: True)
@@ -381,7 +381,7 @@ def test_auto_precision_is_bf16_on_cpus_with_amx_and_the_bundle_records_it(tmp_p
     # validation ran the network in fp32, as predict does: the bundle reproduces the stored probabilities
     from medseg.data import normalize
     from medseg.data.prepared import PreparedDataset
-    from medseg.inference.bundle import build_model
+    from medseg.bundle import build_model
 
     f = sorted((tmp_path / "bf16" / "fold_0" / "val_predictions").glob("*.npz"))[0]
     img = np.asarray(PreparedDataset.open(syn).image(f.stem))
@@ -445,7 +445,7 @@ def test_checkpoint_writes_replace_the_old_file_whole_or_not_at_all(tmp_path, mo
 
 def test_fold_full_trains_on_every_case_and_keeps_the_final_weights(tmp_path, syn):
     from medseg.data.prepared import PreparedDataset
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.inference.segmenter import Segmenter, resolve_model
     from medseg.training.run import train
 
@@ -525,9 +525,9 @@ def test_lr_lambda_follows_progress_and_time_budget_survives_resume():
 def test_members_train_side_by_side_and_bundle_as_one_model_averaging_them(tmp_path, syn):
     from medseg.config import load_config
     from medseg.data.prepared import PreparedDataset
-    from medseg.inference.bundle import build_model, load_bundle
+    from medseg.bundle import build_model, load_bundle
     from medseg.inference.export import export_onnx
-    from medseg.inference.member_mean import MemberMean
+    from medseg.models.member_mean import MemberMean
     from medseg.inference.segmenter import Segmenter
     from medseg.training.run import check_task, merge_members, train
 
@@ -639,7 +639,7 @@ def test_init_starts_each_fold_and_member_from_the_source_runs_own(tmp_path, syn
     a wrong source stops before any training, naming the file and the problem."""
     import json
 
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.training.run import train
 
     def learnt(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # BatchNorm's running statistics move at any lr

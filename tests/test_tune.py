@@ -114,7 +114,7 @@ def _fake_run(tmp: Path, prepared: Path, class_kind: str = "multilabel") -> Path
     row of pixels (so a threshold < 0.45 is needed), and a 0.55 blob on each slice where the organ is
     absent (so a presence threshold in 0.6..0.8 is needed)."""
     from medseg.data.prepared import PreparedDataset, case_filename
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
 
     ds = PreparedDataset.open(prepared)
     run = tmp / "run"
@@ -138,7 +138,7 @@ def _fake_run(tmp: Path, prepared: Path, class_kind: str = "multilabel") -> Path
 
 
 def test_tune_finds_the_planted_thresholds_and_writes_the_bundle(tmp_path, prepared):
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.inference.segmenter import Segmenter
 
     run = _fake_run(tmp_path, prepared)
@@ -157,7 +157,7 @@ def test_tune_finds_the_planted_thresholds_and_writes_the_bundle(tmp_path, prepa
 
 
 def test_tune_dry_run_and_custom_grid(tmp_path, prepared):
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
 
     run = _fake_run(tmp_path, prepared)
     res = tune(run, thresholds=[0.5], presence=[0.9], write=False)
@@ -205,7 +205,7 @@ def test_tune_with_tta_scores_what_predict_does(tmp_path, prepared):
     """With TTA the validation cases are predicted again; the 'before' score is then exactly the score of
     the masks `medseg predict` makes with the bundle's current settings, and TTA is stored as on."""
     from medseg.data.prepared import PreparedDataset
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
     from medseg.inference.segmenter import Segmenter
 
     run = _fake_run(tmp_path, prepared)
@@ -258,7 +258,7 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
     slice 4, away from it (only the largest component over the volume removes it; per slice it is the
     largest on its slice). Softmax probabilities are stored with their background channel."""
     from medseg.data.prepared import PreparedDataset, case_filename
-    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.bundle import load_bundle, save_bundle
     from medseg.inference.segmenter import Segmenter
     from medseg.models import create_model
 

@@ -311,7 +311,7 @@ def _resolved(path: str, base: Path) -> str:
 
 
 def _is_shipped(name: str) -> bool:
-    from medseg.inference.segmenter import SHIPPED
+    from medseg.bundle import SHIPPED
 
     return name in SHIPPED and not Path(name).exists()
 

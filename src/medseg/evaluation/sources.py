@@ -360,7 +360,7 @@ def run_predictions(run: Path) -> tuple[Predictions, Path]:
 
 def _tuned_rules(rd: RunDir) -> dict[str, tuple[dict[str, Any], str]]:
     """{fold folder: (post-processing rules, class kind)} for the folds whose model.pt ``tune`` wrote."""
-    from medseg.inference.bundle import load_bundle
+    from medseg.bundle import load_bundle
 
     out = {}
     for _, fold in rd.fold_dirs("all") if rd.trained_folds() else []:

@@ -158,7 +158,7 @@ def tune(
     its content. ``tta``: None follows the bundle's ``tta.enabled``; True/False override it (and are
     stored in the bundles, so that ``medseg predict`` runs as tuned)."""
     from medseg.data.prepared import PreparedDataset
-    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.bundle import load_bundle, save_bundle
 
     run = Path(run)
     if not run.is_dir():

@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.onnx_graph import FIXED_SIZE_ARCHS, check_sizes, export_module, fixed_size_for  # noqa: F401
 
-# architectures whose traced graph is valid for the export's spatial size only (see the module docstring)
-FIXED_SIZE_ARCHS = {"swin_unetr"}
-_DEFAULT_SIDE = 256
 _TOLERANCE = 1e-3  # largest logit difference, relative to the logits' range
 
 
@@ -44,81 +42,6 @@ def parse_size(text: str) -> list[int]:
     if len(vals) not in (2, 3) or any(v < 1 for v in vals):
         raise MedsegError(f"bad --size {text!r}: expected H,W (or D,H,W for 3D models), e.g. 256,256")
     return vals
-
-
-def fixed_size_for(spec: dict[str, Any], size: list[int] | None = None, force: bool = False) -> list[int] | None:
-    """The one spatial size to export the network for, or None for dynamic spatial axes.
-
-    ``size`` (``--size``) asks for a fixed size; otherwise only ``FIXED_SIZE_ARCHS`` (or ``force``) get
-    one: the training size (``input.size``), else 256 per side, rounded up to the network's divisor.
-    """
-    inp = spec["input"]
-    nsp = 3 if inp["mode"] == "3d" else 2
-    d = int(inp["divisor"])
-    if size is not None:
-        if len(size) != nsp:
-            raise MedsegError(f"--size needs {nsp} values for this {nsp}D model, got {size}")
-        if inp["mode"] != "3d" and any(s % d for s in size):
-            raise MedsegError(f"--size {size}: each side must be a multiple of {d} for this network")
-        if inp["mode"] == "3d" and [int(s) for s in inp["size"]] != list(size):
-            raise MedsegError(f"--size {size}: a 3D model runs on windows of its patch size {inp['size']}")
-        return [int(s) for s in size]
-    if not force and spec["arch"]["name"] not in FIXED_SIZE_ARCHS:
-        return None
-    if inp["mode"] == "3d":
-        return [int(s) for s in inp["size"]]  # sliding windows of the patch size: the net sees no other
-    side = [int(s) for s in (inp.get("size") or [_DEFAULT_SIDE, _DEFAULT_SIDE])[-2:]]
-    return [-(-s // d) * d for s in side]
-
-
-def _dummy_shape(spec: dict[str, Any]) -> list[int]:
-    inp = spec["input"]
-    c = spec["arch"]["in_channels"]
-    if inp.get("fixed_size"):
-        return [1, c, *[int(s) for s in inp["fixed_size"]]]
-    if inp["mode"] == "3d":
-        return [1, c, *[int(s) for s in inp["size"]]]
-    side = max(2 * int(inp["divisor"]), 64)
-    size = inp.get("size") or [side, side]
-    return [1, c, *[int(s) for s in size[-2:]]]
-
-
-def export_module(model: Any, spec: dict[str, Any], path: Path, opset: int = 17, dynamo: bool = False) -> Path:
-    """Write ``model`` (a torch module in eval mode) as ONNX: dynamic batch axis, and dynamic spatial
-    axes unless ``spec["input"]["fixed_size"]`` is set."""
-    import warnings
-
-    import torch
-
-    shape = _dummy_shape(spec)
-    fixed = bool(spec["input"].get("fixed_size"))
-    x = torch.randn(*shape)
-    nsp = 0 if fixed else len(shape) - 2
-    axes = {0: "batch", **{2 + i: f"s{i}" for i in range(nsp)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dims = {0: torch.export.Dim("batch"), **{2 + i: torch.export.Dim.AUTO for i in range(nsp)}}
-            torch.onnx.export(model, (x,), str(path), opset_version=max(opset, 18), input_names=["input"],
-                              output_names=["logits"], dynamo=True, dynamic_shapes=(dims,), verbose=False)
-        else:
-            torch.onnx.export(model, (x,), str(path), opset_version=opset, input_names=["input"],
-                              output_names=["logits"], dynamo=False,
-                              dynamic_axes={"input": axes, "logits": axes})
-    return path
-
-
-def check_sizes(spec: dict[str, Any]) -> list[list[int]]:
-    """Input shapes to compare onnxruntime with PyTorch on: batch 2 at the export size, and for a dynamic
-    2D graph another size too (a multiple of the divisor)."""
-    shape = _dummy_shape(spec)
-    shapes = [[2, *shape[1:]]]
-    if not spec["input"].get("fixed_size") and spec["input"]["mode"] != "3d":
-        d = int(spec["input"]["divisor"])
-        shapes.append([2, shape[1], shape[2] + d, shape[3] + 2 * d])
-    return shapes
 
 
 def logit_difference(module: Any, onnx_path: Path, shape: list[int]) -> float:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medseg.data.formats.base import case_path
 from medseg.errors import MedsegError
 
 def parse_flips(text: str) -> list[list[int]]:
@@ -39,18 +40,6 @@ def parse_probabilities(text: str | None, option: str) -> float | list[float] | 
     return vals[0] if len(vals) == 1 else vals
 
 
-def case_path(case: Any, spec: Any) -> str:
-    """A file (or folder) that names ``case`` in error messages."""
-    s = case.sources or {}
-    for key in ("images", "files", "image", "path", "file", "folder", "dir"):
-        v = s.get(key)
-        if isinstance(v, (list, tuple)) and v:
-            return str(v[0])
-        if isinstance(v, (str, Path)):
-            return str(v)
-    return str(spec.root)
-
-
 def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> None:
     if output.exists() and not output.is_dir():
         raise MedsegError("output exists and is not a folder", output)
@@ -66,17 +55,6 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
             hint="pass --overwrite to write into it (only the files medseg writes are replaced; nothing is deleted), "
             "or choose an empty folder",
         )
-
-
-def image_reader_options(fmt: str, channels: int | None) -> dict[str, Any]:
-    """Image readers' channel mode from the model: a grey scan saved as RGB (three equal channels)
-    reaches a 3-channel model as its three stored channels (the folder reader would make it grey); a
-    file stored with one channel still meets the channel-mismatch error."""
-    if fmt == "folder" and channels == 3:
-        return {"channels": "stored"}
-    if fmt == "coco" and channels == 1:
-        return {"grayscale": True}
-    return {}
 
 
 def predict(
@@ -100,7 +78,7 @@ def predict(
     their probabilities (``Segmenter.load``)."""
     import sys
 
-    from medseg.data.formats import get_reader, guess_format
+    from medseg.data.formats import FORMATS, get_reader, guess_format
     from medseg.inference.segmenter import Segmenter, model_channels
 
     input, output = Path(input), Path(output)
@@ -108,7 +86,7 @@ def predict(
     fmt = fmt or guess_format(input)
     # the input's errors come before the model's: the channel count is peeked, the model loaded later
     n = model_channels(model, folds) if fmt in ("folder", "coco") else None
-    reader = get_reader(fmt, **image_reader_options(fmt, n))
+    reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(n))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
     seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)

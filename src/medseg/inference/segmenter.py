@@ -24,14 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from medseg.bundle import (SHIPPED, WEIGHTS_DIR, build_model, bundle_from_checkpoint, load_bundle,  # noqa: F401
+                           resolve_model, split_models)
 from medseg.errors import MedsegError
 from medseg.inference.backends import activate, onnx_backend, torch_backend
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
-from medseg.rundir import RunDir
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-# Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
-SHIPPED: dict[str, str] = {"lgg-unet": "lgg-unet.pt"}
 DEFAULT_FLIPS: list[list[int]] = [[-1], [-2]]
 
 
@@ -46,30 +44,6 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------------------- resolving
-def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tuple[str, list[Path]]:
-    """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file."""
-    text = str(model)
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p.name if p.name not in ("", ".") else text, RunDir(p).bundles(folds)
-    if p.is_file():
-        if p.suffix == ".ckpt":  # RUN/fold_K/checkpoints/last.ckpt -> "fold_K/last"
-            fold = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-            return f"{fold.name}/{p.stem}", [p]
-        return p.stem if p.suffix == ".onnx" else (p.parent.name if p.name == "model.pt" else p.stem), [p]
-    if text in SHIPPED:
-        w = WEIGHTS_DIR / SHIPPED[text]
-        if not w.is_file():
-            raise MedsegError(f"shipped model {text!r} is not installed (its weights are missing)", w)
-        return text, [w]
-    if text.endswith((".pt", ".onnx", ".pth", ".ckpt")) or "/" in text:
-        raise MedsegError("model file or folder not found", p)
-    raise MedsegError(
-        f"unknown model {text!r}: not a run directory, model file or .onnx file, and not a shipped model "
-        f"(shipped: {', '.join(sorted(SHIPPED))})"
-    )
-
-
 def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:
     """How many image channels ``model`` (or an ensemble's first member) takes, from its bundle or ONNX
     sidecar without building the network; None when it cannot be told (loading it will say why)."""
@@ -78,7 +52,6 @@ def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | Non
         f = files[0]
         if f.suffix == ".onnx":
             return len(json.loads(f.with_suffix(".json").read_text())["channels"])
-        from medseg.inference.bundle import bundle_from_checkpoint, load_bundle
 
         b = bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f)
         return len(b["channels"])
@@ -240,8 +213,6 @@ class Segmenter:
             if backend == "torch":
                 raise MedsegError("an .onnx file runs with the onnx backend only", files[0])
             return cls._load_onnx(files[0], tta, threads, batch_size)
-        from medseg.inference.bundle import build_model, bundle_from_checkpoint, load_bundle
-
         bundles = [bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f) for f in files]
         _check_compatible(bundles, files)
         models = [build_model(b) for b in bundles]
@@ -249,7 +220,7 @@ class Segmenter:
         if backend == "onnx":
             import tempfile
 
-            from medseg.inference.export import export_module, fixed_size_for
+            from medseg.inference.onnx_graph import export_module, fixed_size_for
 
             fixed = fixed_size_for(spec)
             if fixed:
@@ -351,12 +322,12 @@ class Segmenter:
         postprocess_overrides: dict[str, Any] | None = None,
     ):
         """Yield ``(case_id, Prediction)`` for every case a reader finds under ``path``."""
-        from medseg.data.formats import get_reader, guess_format
-        from medseg.inference.predict import case_path, image_reader_options
+        from medseg.data.formats import FORMATS, get_reader, guess_format
+        from medseg.data.formats.base import case_path
 
         path = Path(path)
         fmt = fmt or guess_format(path)
-        reader = get_reader(fmt, **image_reader_options(fmt, len(self.channels)))
+        reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(len(self.channels)))
         spec = reader.scan(path, require_masks=False)
         for case in spec.cases:
             data = reader.load(spec, case)
@@ -596,22 +567,6 @@ def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=size, mode="bilinear",
                       align_corners=False)
     return t.numpy()
-
-
-def split_models(model: str | Path | Sequence[str | Path]) -> list[str | Path]:
-    """``"runs/a,runs/b"`` or ``["runs/a", "runs/b"]`` -> the models of an ensemble (a path that exists
-    with a comma in its name stays whole)."""
-    if isinstance(model, (list, tuple)):
-        if not model:
-            raise MedsegError("no model given")
-        return list(model)
-    text = str(model)
-    if "," in text and not Path(text).expanduser().exists():
-        parts = [p.strip() for p in text.split(",")]
-        if not all(parts):
-            raise MedsegError(f"empty model name in {text!r} (models are separated by commas)")
-        return parts
-    return [model]
 
 
 def parse_weights(text: str) -> list[float]:

@@ -17,7 +17,7 @@ import yaml
 from medseg.atomic import atomic_write_text
 from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
 from medseg.errors import MedsegError
-from medseg.inference.bundle import safe_load
+from medseg.bundle import safe_load
 from medseg.rundir import RunDir
 from medseg.scores import score_for, score_named
 
@@ -250,7 +250,7 @@ def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -
 
 
 def _on_best_writer(cfg: ExperimentConfig, task: dict[str, Any], fold: int, fold_dir: Path):
-    from medseg.inference.bundle import save_bundle
+    from medseg.bundle import save_bundle
 
     def write(module: Any) -> None:
         scores = dict(module.last_scores)
@@ -379,7 +379,7 @@ def fit_fold(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: int | s
         where = f"{last} (end of epoch {_ckpt_epoch(last)})" if last.is_file() else "no checkpoint yet (nothing to resume)"
         raise TrainingInterrupted(f"interrupted; last checkpoint: {where}; continue with --resume") from None
     if full and trainer.global_rank == 0:  # no validation picks a best epoch: keep the final weights
-        from medseg.inference.bundle import save_bundle
+        from medseg.bundle import save_bundle
 
         save_bundle(bundle_for(module, cfg, task, "full", trainer.current_epoch, {}), fold_dir / "model.pt")
     return trainer, module
@@ -479,7 +479,7 @@ def merge_members(cfg: ExperimentConfig, task: dict[str, Any], ds: Any, fold: in
     import numpy as np
     import torch
 
-    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.bundle import load_bundle, save_bundle
     from medseg.training.module import dice_scores, overlap_counts, score_columns, to_masks
 
     members = [RunDir.member_dir(fold_dir, i) for i in range(cfg.train.members)]

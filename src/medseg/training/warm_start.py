@@ -14,7 +14,7 @@ from medseg.errors import MedsegError
 def _source(spec: str, fold: int | str, ds: Any) -> Path:
     """The bundle to start fold ``fold`` from. A run directory gives its own fold ``fold`` (so a fold's
     validation patients stay unseen), after checking the run was split as this dataset is."""
-    from medseg.inference.segmenter import resolve_model
+    from medseg.bundle import resolve_model
 
     run = Path(spec).expanduser()
     if run.is_dir() and not (run / "model.pt").is_file() and fold != "full":
@@ -41,7 +41,7 @@ def warm_start_weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str,
 
 
 def _weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: int) -> dict[str, Any]:
-    from medseg.inference.bundle import bundle_from_checkpoint, load_bundle
+    from medseg.bundle import bundle_from_checkpoint, load_bundle
 
     path = _source(str(cfg.train.init), fold, ds)
     if path.suffix == ".onnx":

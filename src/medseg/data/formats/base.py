@@ -117,6 +117,18 @@ class PredictionTable(ABC):
         """``mask[z, k, h, w]`` of the slices ``slices``; a MedsegError naming the file for a missing row."""
 
 
+def case_path(case: CaseSpec, spec: DatasetSpec) -> str:
+    """A file (or folder) that names ``case`` in error messages."""
+    s = case.sources or {}
+    for key in ("images", "files", "image", "path", "file", "folder", "dir"):
+        v = s.get(key)
+        if isinstance(v, (list, tuple)) and v:
+            return str(v[0])
+        if isinstance(v, (str, Path)):
+            return str(v)
+    return str(spec.root)
+
+
 def expect_prediction(path: Path, case_id: str, what: str = "") -> Path:
     """``path`` if it exists, else the error that the case has no prediction (naming its folder)."""
     if not path.is_file():
@@ -173,6 +185,11 @@ class Reader(ABC):
         """Read back what ``write_prediction`` wrote for ``case`` under ``root`` as ``mask[z, k, h, w]``
         of ``shape``; a MedsegError naming the file when it is missing or does not fit."""
         raise MedsegError(f"reading a {self.name!r} predictions folder is not supported", root)
+
+    @classmethod
+    def options_for_model(cls, channels: int | None) -> dict[str, Any]:
+        """Reader options that fit a model taking ``channels`` image channels (predicting)."""
+        return {}
 
     @classmethod
     def truth_from_file(cls, path: Path, images: Path | None = None) -> tuple[Path, dict[str, Any]] | None:

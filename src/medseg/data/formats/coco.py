@@ -164,6 +164,10 @@ class COCOReader(Reader):
         return CaseData(image=np.ascontiguousarray(image), mask=mask, spacing=(1.0, 1.0, 1.0), slices=[path.stem])
 
     @classmethod
+    def options_for_model(cls, channels: int | None) -> dict:
+        return {"grayscale": True} if channels == 1 else {}
+
+    @classmethod
     def sniff(cls, path: Path) -> int:
         return 2 if is_coco_folder(Path(path)) else 0
 

@@ -393,6 +393,12 @@ class FolderReader(Reader):
         return (m > thr).astype(np.uint8)
 
     @classmethod
+    def options_for_model(cls, channels: int | None) -> dict:
+        # a grey scan saved as RGB (three equal channels) reaches a 3-channel model as its three stored
+        # channels (auto would make it grey); a file stored with one channel still meets the channel check
+        return {"channels": "stored"} if channels == 3 else {}
+
+    @classmethod
     def sniff(cls, path: Path) -> int:
         """An ``images/`` folder (the explicit layout) surely; any other folder or image file weakly: plain
         images are the catch-all, and ``scan`` says what such a folder lacks."""

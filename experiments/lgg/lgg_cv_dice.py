@@ -1,20 +1,20 @@
 """Cross-validation Dice of trained LGG runs, segmented as ``medseg predict`` segments them: the
 bundle's TTA and tuned post-processing, and optionally an ensemble of runs trained on the same split.
 
-    .venv/bin/python benchmarks/lgg_cv_dice.py best=runs/lgg_unet_best \\
+    .venv/bin/python experiments/lgg/lgg_cv_dice.py best=runs/lgg_unet_best \\
         "best+recipe=runs/lgg_unet_best,runs/lgg_unet" --folds 0,1 [--tta | --no-tta]
-    .venv/bin/python benchmarks/lgg_cv_dice.py "scales=runs/lgg_unet,runs/lgg_unet@96,runs/lgg_unet@160"
+    .venv/bin/python experiments/lgg/lgg_cv_dice.py "scales=runs/lgg_unet,runs/lgg_unet@96,runs/lgg_unet@160"
 
 Each ``NAME=RUN[,RUN...]`` is one row; ``--postprocess-from TUNED_RUN`` scores every row with the
 threshold and component rule ``medseg tune`` chose on TUNED_RUN, or written in a file laid out as
-its ``tune.json`` (e.g. ``benchmarks/lgg_postprocess.json``, the rules tuned on the 5-fold recipe
+its ``tune.json`` (e.g. ``experiments/lgg/lgg_postprocess.json``, the rules tuned on the 5-fold recipe
 run). For fold K, the row's model is fold K of each run (several: their probabilities averaged, the
 first run's threshold and post-processing); ``RUN@SIZE`` is the run's model fed slices resized to
 SIZE x SIZE instead of its training size (scale test-time augmentation); every run must hold out
 the same patients in fold K, so that every score is on patients no member saw. The score is the LGG
 headline metric: the mean over the fold's validation patients of the 3D Dice of the patient's whole
 volume at its native 256 x 256 (a patient without tumour scores 1 if the prediction is empty too).
-Prints a table (per fold, mean ± std over folds) and writes benchmarks/results/lgg_cv_dice.json with
+Prints a table (per fold, mean ± std over folds) and writes experiments/lgg/results/lgg_cv_dice.json with
 every patient's score.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _val_ids(run: Path, fold: int) -> list[str]:
@@ -59,7 +59,7 @@ def _bundle(run: Path, fold: int, size: int | None, tmp: Path) -> Path:
         sys.exit(f"{src}: no such file: fold {fold} of {run} was not trained (trained: {', '.join(trained) or 'none'})")
     if size is None:
         return src
-    from medseg.inference.bundle import load_bundle, save_bundle
+    from medseg.bundle import load_bundle, save_bundle
 
     b = load_bundle(src)
     if not b["input"].get("resize"):
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="flip TTA on or off (default: each bundle's own setting)")
     ap.add_argument("--postprocess-from", type=Path, default=None, help="a tuned run (or its tune.json): its rules for every row")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_cv_dice.json"))
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "lgg" / "results" / "lgg_cv_dice.json"))
     args = ap.parse_args()
     folds = [int(v) for v in args.folds.split(",")]
     pp = tuned_postprocess(args.postprocess_from) if args.postprocess_from else None

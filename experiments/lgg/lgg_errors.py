@@ -1,7 +1,7 @@
 """Where a run's out-of-fold errors lie, and whether any voxel-level rule recovers them.
 
-    .venv/bin/python benchmarks/lgg_errors.py runs/lgg_unet_m2 [--tta] [--threshold 0.3] \\
-        [--small 6000] --out benchmarks/results/lgg_errors.json
+    .venv/bin/python experiments/lgg/lgg_errors.py runs/lgg_unet_m2 [--tta] [--threshold 0.3] \\
+        [--small 6000] --out experiments/lgg/results/lgg_errors.json
 
 Every validation patient of every fold is segmented as ``lgg_cv_dice.py`` segments it (the fold's
 model, the bundle's or ``--tta``'s flips), keeping the tumour probability. Then, at ``--threshold``
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments" / "lgg"))
 
 Rule = Callable[[np.ndarray], np.ndarray]
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="default: RUN/tune.json's, else 0.5")
     ap.add_argument("--small", type=int, default=6000, help="tumours under this many voxels are 'small'")
     ap.add_argument("--rim", default="1,2,3", help="rim widths R in pixels")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_errors.json"))
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "lgg" / "results" / "lgg_errors.json"))
     args = ap.parse_args()
     pairs = [parse_run(p) for p in args.run.split(",") if p]
     runs, sizes = [r for r, _ in pairs], [z for _, z in pairs]

@@ -1,4 +1,4 @@
-"""The benchmark scripts' bookkeeping and analysis (no training): pooling time-to-Dice results, scale TTA
+"""The LGG experiment scripts (experiments/lgg/) bookkeeping and analysis (no training): pooling time-to-Dice results, scale TTA
 members, the LGG error split."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "lgg" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -78,8 +78,8 @@ def test_cv_dice_scale_members_are_the_same_weights_fed_another_size(tmp_path):
 
     import torch
 
-    from medseg.inference.bundle import load_bundle, save_bundle
-    from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR
+    from medseg.bundle import load_bundle, save_bundle
+    from medseg.bundle import SHIPPED, WEIGHTS_DIR
 
     cv = _load("lgg_cv_dice")
     assert cv.parse_run("runs/a") == (Path("runs/a"), None)
@@ -170,7 +170,8 @@ def test_lgg_errors_end_to_end_on_the_tiny_lgg_sample(tmp_path, monkeypatch, cap
     from medseg.data.prepare import prepare
     from medseg.data.prepared import PreparedDataset
     from medseg.evaluation.metrics import case_dice
-    from medseg.inference.segmenter import SHIPPED, WEIGHTS_DIR, Segmenter
+    from medseg.bundle import SHIPPED, WEIGHTS_DIR
+    from medseg.inference.segmenter import Segmenter
 
     src = ROOT / "tests" / "fixtures" / "lgg_tiny" / "kaggle_3m"
     if not src.is_dir():

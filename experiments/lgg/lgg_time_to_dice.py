@@ -1,7 +1,7 @@
 """Time to accuracy on LGG: medseg's recipe vs MONAI's UNet with the plain tutorial recipe, same folds,
 same wall-clock budget, same evaluation.
 
-    .venv/bin/python benchmarks/lgg_time_to_dice.py [--prepared prepared/lgg] [--folds 0,1]
+    .venv/bin/python experiments/lgg/lgg_time_to_dice.py [--prepared prepared/lgg] [--folds 0,1]
         [--budget 30] [--marks 5,10,15,20,25,30] [--parallel] [--config configs/lgg_unet.yaml]
 
 For each fold, two trainings run for ``--budget`` minutes of wall clock each (data loading included,
@@ -16,9 +16,9 @@ Every snapshot is then scored the same way: each validation patient's every slic
 256x256, the mean per-patient 3D Dice (a patient without tumour scores 1 if the prediction is empty
 too, else 0). ``--parallel`` runs the two trainings side by side with one thread each (half the wall
 time, and a harder condition than 2 threads each); otherwise each runs alone with ``--threads``.
-Prints a table (Dice at every mark, per fold and mean) and writes benchmarks/results/lgg_time_to_dice.json.
+Prints a table (Dice at every mark, per fold and mean) and writes experiments/lgg/results/lgg_time_to_dice.json.
 
-    .venv/bin/python benchmarks/lgg_time_to_dice.py --combine RESULT.json [RESULT.json ...] --out ALL.json
+    .venv/bin/python experiments/lgg/lgg_time_to_dice.py --combine RESULT.json [RESULT.json ...] --out ALL.json
 
 pools results of earlier runs (one fold a run, say) into one table and JSON, without training.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- shared: snapshots and evaluation -------------------------------------------------------------
@@ -241,7 +241,7 @@ def main() -> None:
                     "peer of a fold, or with --workers medseg two folds of medseg)")
     ap.add_argument("--workers", default="medseg,peer", help="which trainings to run: medseg,peer (default), medseg or peer")
     ap.add_argument("--work", default="/tmp/medseg_ttd")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lgg_time_to_dice.json"))
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "lgg" / "results" / "lgg_time_to_dice.json"))
     ap.add_argument("--worker", choices=["medseg", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--fold", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--combine", nargs="+", metavar="RESULT", help="pool earlier results into --out; no training")

@@ -1,8 +1,8 @@
 """Which connected components to keep: the largest component against other rules, on a run's
 out-of-fold predictions (RUN/fold_K/val_predictions), mean per-patient 3D Dice as `lgg_cv_dice.py`.
 
-    .venv/bin/python benchmarks/lgg_component_rules.py runs/lgg_unet_fill [--threshold 0.3] \\
-        [--out benchmarks/results/lgg_component_rules.json]
+    .venv/bin/python experiments/lgg/lgg_component_rules.py runs/lgg_unet_fill [--threshold 0.3] \\
+        [--out experiments/lgg/results/lgg_component_rules.json]
 
 Each patient's tumour probability is thresholded, its components labelled over the volume (3D face
 connectivity, as ``components: volume``), and each rule keeps some of them:
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 Comp = dict[str, float]
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--threshold", type=float, default=0.3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lgg_component_rules.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "lgg" / "results" / "lgg_component_rules.json")
     a = ap.parse_args()
     from medseg.data.prepared import PreparedDataset
     from medseg.errors import MedsegError

@@ -23,11 +23,13 @@ heads have ``len(classes)`` outputs (sigmoid).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medseg.atomic import atomic_path
 from medseg.errors import MedsegError
+from medseg.rundir import RunDir
 
 BUNDLE_FORMAT = "medseg.bundle/1"
 _REQUIRED = ("arch", "state_dict", "classes", "class_kind", "channels", "input", "normalization")
@@ -129,6 +131,52 @@ def build_model(bundle: dict[str, Any]):
         nets.append(model.eval())
     if len(nets) == 1:
         return nets[0]
-    from medseg.inference.member_mean import MemberMean
+    from medseg.models.member_mean import MemberMean
 
     return MemberMean(nets, bundle["class_kind"]).eval()
+
+
+# ------------------------------------------------------------------------- finding a model
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Shipped models: name -> bundle file under src/medseg/weights/ (the weights themselves ship separately).
+SHIPPED: dict[str, str] = {"lgg-unet": "lgg-unet.pt"}
+
+
+def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tuple[str, list[Path]]:
+    """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file."""
+    text = str(model)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p.name if p.name not in ("", ".") else text, RunDir(p).bundles(folds)
+    if p.is_file():
+        if p.suffix == ".ckpt":  # RUN/fold_K/checkpoints/last.ckpt -> "fold_K/last"
+            fold = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+            return f"{fold.name}/{p.stem}", [p]
+        return p.stem if p.suffix == ".onnx" else (p.parent.name if p.name == "model.pt" else p.stem), [p]
+    if text in SHIPPED:
+        w = WEIGHTS_DIR / SHIPPED[text]
+        if not w.is_file():
+            raise MedsegError(f"shipped model {text!r} is not installed (its weights are missing)", w)
+        return text, [w]
+    if text.endswith((".pt", ".onnx", ".pth", ".ckpt")) or "/" in text:
+        raise MedsegError("model file or folder not found", p)
+    raise MedsegError(
+        f"unknown model {text!r}: not a run directory, model file or .onnx file, and not a shipped model "
+        f"(shipped: {', '.join(sorted(SHIPPED))})"
+    )
+
+
+def split_models(model: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """``"runs/a,runs/b"`` or ``["runs/a", "runs/b"]`` -> the models of an ensemble (a path that exists
+    with a comma in its name stays whole)."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise MedsegError("no model given")
+        return list(model)
+    text = str(model)
+    if "," in text and not Path(text).expanduser().exists():
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise MedsegError(f"empty model name in {text!r} (models are separated by commas)")
+        return parts
+    return [model]

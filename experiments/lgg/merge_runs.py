@@ -3,7 +3,7 @@ trains its members: one thread each, side by side) into a run whose folds hold t
 the same ``merge_members`` that ``medseg train`` calls after its members finish. docs/lgg.md used it
 for folds 0-3 of the two-member cross-validation (seed 0 and seed 1 came from two 5-fold runs):
 
-    .venv/bin/python benchmarks/merge_runs.py runs/lgg_unet_m2 runs/lgg_unet_bf16 runs/lgg_unet_bf16_s1 \\
+    .venv/bin/python experiments/lgg/merge_runs.py runs/lgg_unet_m2 runs/lgg_unet_bf16 runs/lgg_unet_bf16_s1 \\
         --config configs/lgg_unet.yaml --folds 0,1,2,3
 
 Each fold's ``member_I`` is a link to fold K of the I-th run; every run must hold out the same
