@@ -28,7 +28,7 @@ def _quiet_threads(monkeypatch):
     except Exception:
         pass
     # precision "auto" picks bf16 on CPUs with AMX: the suite's numbers must not depend on the CI machine
-    import medseg.training.run
+    import medseg.training.fit
 
-    monkeypatch.setattr(medseg.training.run, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(medseg.training.fit, "cpu_has_bf16_units", lambda: False)
     yield

@@ -1285,7 +1285,7 @@ def test_a_partial_folder_of_another_input_is_replaced(tmp_path):
 def test_crafted_checkpoint_runs_nothing_through_every_loader(tmp_path):
     from medseg.errors import MedsegError
     from medseg.bundle import bundle_from_checkpoint, load_bundle
-    from medseg.training.run import _ckpt_epoch, check_checkpoint
+    from medseg.training.fit import _ckpt_epoch, check_checkpoint
 
     marker = tmp_path / "pwned"
     ck = crafted_file(tmp_path / "run" / "fold_0" / "checkpoints" / "last.ckpt", marker)

@@ -17,7 +17,8 @@ import os, sys
 import torch
 torch.set_num_threads(1)
 from medseg.config import load_config
-from medseg.training.run import check_task, fit_fold
+from medseg.training.fit import fit_fold
+from medseg.training.task import check_task
 cfg_path, out = sys.argv[1], sys.argv[2]
 cfg = load_config(cfg_path)
 ds, task = check_task(cfg, None)

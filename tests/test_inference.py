@@ -768,7 +768,7 @@ def test_training_config_sets_predict_defaults_and_cli_overrides(tmp_path):
     from medseg import Segmenter
     from medseg.cli import app
     from medseg.config import parse_config
-    from medseg.training.run import bundle_for
+    from medseg.training.fit import bundle_for
 
     classes = ["a", "b"]
     raw_path = make_bundle(tmp_path / "raw.pt", channels=["gray"], classes=classes, class_kind="multilabel")
@@ -776,8 +776,10 @@ def test_training_config_sets_predict_defaults_and_cli_overrides(tmp_path):
 
     raw = load_bundle(raw_path)
     model = build_model(raw)
-    task = {"spatial_dims": 2, "classes": classes, "class_kind": "multilabel", "in_channels": 1, "out_channels": 2,
-            "channels": ["gray"], "norm": {"mode": "zscore_case"}, "fingerprint": {}}
+    from medseg.training.task import Task
+
+    task = Task(spatial_dims=2, classes=classes, class_kind="multilabel", in_channels=1, out_channels=2,
+                channels=["gray"], norm={"mode": "zscore_case"}, fingerprint={})
     image = np.random.default_rng(14).integers(0, 255, (6, 1, 32, 36), dtype=np.uint8)
     flips = [[-1, -2]]
     plain = Segmenter.load(raw_path, tta=flips).predict(image, probabilities=True)

@@ -349,7 +349,8 @@ def test_ema_bundle_holds_the_scored_averaged_weights(tmp_path, syn):
 
 def test_accumulation_counts_optimizer_steps_and_poly_warmup_reaches_the_floor(tmp_path, syn):
     from medseg.config import load_config
-    from medseg.training.run import precision_for, train
+    from medseg.training.fit import precision_for
+    from medseg.training.run import train
 
     cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=4, train__accumulate=2,
                optim={"name": "sgd", "lr": 0.01}, schedule={"name": "poly", "warmup_epochs": 0.5, "min_lr_ratio": 0.01})
@@ -366,15 +367,16 @@ def test_accumulation_counts_optimizer_steps_and_poly_warmup_reaches_the_floor(t
 def test_auto_precision_is_bf16_on_cpus_with_amx_and_the_bundle_records_it(tmp_path, syn, monkeypatch):
     import torch
 
-    import medseg.training.run as run_mod
+    import medseg.training.fit as fit_mod
+    from medseg.training.run import train
     from medseg.config import load_config
     from medseg.bundle import load_bundle
 
     cfg = _cfg(tmp_path, syn, train__epochs=1, train__steps_per_epoch=2)
-    monkeypatch.setattr(run_mod, "cpu_has_bf16_units", lambda: True)
-    assert run_mod.precision_for(load_config(cfg), "cpu") == "bf16-mixed"
-    assert run_mod.precision_for(load_config(cfg, {"train.precision": "32"}), "cpu") == "32-true"
-    run_mod.train(cfg, out=tmp_path / "bf16")
+    monkeypatch.setattr(fit_mod, "cpu_has_bf16_units", lambda: True)
+    assert fit_mod.precision_for(load_config(cfg), "cpu") == "bf16-mixed"
+    assert fit_mod.precision_for(load_config(cfg, {"train.precision": "32"}), "cpu") == "32-true"
+    train(cfg, out=tmp_path / "bf16")
     b = load_bundle(tmp_path / "bf16" / "fold_0" / "model.pt")
     assert b["meta"]["precision"] == "bf16-mixed" and b["meta"]["config"]["train"]["precision"] == "auto"
     assert all(t.dtype == torch.float32 for t in b["state_dict"].values() if t.is_floating_point())
@@ -390,8 +392,8 @@ def test_auto_precision_is_bf16_on_cpus_with_amx_and_the_bundle_records_it(tmp_p
         prob = torch.softmax(build_model(b)(torch.from_numpy(normalize.apply(img, m, s, c, 1))), 1).numpy()
     err = np.abs(prob - np.load(f)["prob"].astype(np.float32)).max()
     assert err < 5e-4, err  # float16 storage: half a unit in the last place is 2.4e-4
-    monkeypatch.setattr(run_mod, "cpu_has_bf16_units", lambda: False)
-    assert run_mod.precision_for(load_config(cfg), "cpu") == "32-true"
+    monkeypatch.setattr(fit_mod, "cpu_has_bf16_units", lambda: False)
+    assert fit_mod.precision_for(load_config(cfg), "cpu") == "32-true"
 
 
 def test_cli_reports_config_errors_on_one_line_and_exits_2(tmp_path, syn, capsys, monkeypatch):
@@ -529,7 +531,9 @@ def test_members_train_side_by_side_and_bundle_as_one_model_averaging_them(tmp_p
     from medseg.inference.export import export_onnx
     from medseg.models.member_mean import MemberMean
     from medseg.inference.segmenter import Segmenter
-    from medseg.training.run import check_task, merge_members, train
+    from medseg.training.members import merge_members
+    from medseg.training.run import train
+    from medseg.training.task import check_task
 
     run = tmp_path / "m"
     # precision 32: each member trains in its own process, where conftest's pin of the AMX check does not reach
@@ -594,7 +598,7 @@ def test_members_train_side_by_side_and_bundle_as_one_model_averaging_them(tmp_p
             for c in (0, 1):
                 pred = lab == c + 1
                 t = truth[:, c].astype(bool)
-                acc = pooled.setdefault((task["patients"][f.stem], c), np.zeros(3))
+                acc = pooled.setdefault((task.patients[f.stem], c), np.zeros(3))
                 acc += [(pred & t).sum(), pred.sum(), t.sum()]
         per_class = [np.nanmean([2 * a[0] / (a[1] + a[2]) if a[1] + a[2] else np.nan
                                  for (p, cc), a in pooled.items() if cc == c]) for c in (0, 1)]

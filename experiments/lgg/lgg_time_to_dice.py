@@ -112,7 +112,8 @@ def run_medseg(args, fold: int, out: Path) -> None:
     import torch
 
     from medseg.config import load_config
-    from medseg.training.run import check_task, fit_fold
+    from medseg.training.fit import fit_fold
+    from medseg.training.task import check_task
 
     # one network: with --parallel it has one thread, as each of the recipe's train.members does
     overrides = {"data.prepared": args.prepared, "train.val_every": "1000000", "data.workers": "0", "train.members": "1"}

@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--folds", default="0,1,2,3,4")
     a = ap.parse_args()
     from medseg.config import dump_config, load_config
-    from medseg.training.run import check_task, merge_members
+    from medseg.training.members import merge_members
+    from medseg.training.task import check_task
 
     if len(a.runs) < 2:
         sys.exit("give at least two runs to merge")

@@ -16,16 +16,7 @@ from medseg.config import ExperimentConfig
 from medseg.data.augment import augment_batch
 from medseg.losses import build_loss
 from medseg.scores import score_named
-
-
-class TaskInfo(dict):
-    """classes, class_kind, channels, in_channels, out_channels, spatial_dims, norm, fingerprint,
-    patients (case id -> patient), score (the data set's own score, ``medseg.scores``, or None)."""
-
-
-def selection_metric(task: dict[str, Any]) -> str:
-    """The validation score that picks the best model: the data set's own score where it has one."""
-    return f"val_{task['score']}_score" if task.get("score") else "val_dice_mean"
+from medseg.training.task import Task, selection_metric
 
 
 def score_columns(score: Any, terms: np.ndarray) -> dict[str, float]:
@@ -103,23 +94,23 @@ def dice_scores(stats: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cla
 
 
 class SegModule(pl.LightningModule):
-    def __init__(self, cfg: ExperimentConfig, task: dict[str, Any]):
+    def __init__(self, cfg: ExperimentConfig, task: Task):
         super().__init__()
         from medseg.models import create_model
 
         self.cfg = cfg
         self.task = task
-        self.multilabel = task["class_kind"] == "multilabel"
+        self.multilabel = task.class_kind == "multilabel"
         nd = 3 if cfg.data.mode == "3d" else 2
         self.nd = nd
-        self.model = create_model(cfg.model.name, task["in_channels"], task["out_channels"], spatial_dims=nd, **cfg.model.kwargs)
+        self.model = create_model(cfg.model.name, task.in_channels, task.out_channels, spatial_dims=nd, **cfg.model.kwargs)
         self.divisor = int(getattr(self.model, "required_divisor", 1))
         cl = cfg.train.channels_last
         self.channels_last = nd == 2 and (bool(getattr(type(self.model), "channels_last", True)) if cl == "auto" else bool(cl))
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss = build_loss(cfg.loss, task["class_kind"], task["classes"], task.get("fingerprint"))
-        self.task_score = score_named(task.get("score"))
+        self.loss = build_loss(cfg.loss, task.class_kind, task.classes, task.fingerprint)
+        self.task_score = score_named(task.score)
         self.select = selection_metric(task)
         self.best_score = -math.inf
         self.last_scores: dict[str, float] = {}
@@ -156,7 +147,7 @@ class SegModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int):
         x, y = batch
         with torch.no_grad():
-            x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx), len(self.task["channels"]))
+            x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx), len(self.task.channels))
         loss = self._loss(self(x), y)
         self._images += x.shape[0]
         dt = max(time.perf_counter() - self._t0, 1e-9)
@@ -233,8 +224,8 @@ class SegModule(pl.LightningModule):
         self._val_losses.append(float(self.loss(logits.movedim(0, 1)[None] if self.nd == 3 else logits,
                                                 mask.movedim(0, 1)[None] if self.nd == 3 else mask)))
         prob = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
-        pred = to_masks(prob, self.task["class_kind"], self.cfg.postprocess.thresholds)
-        self._val_stats.append((self.task["patients"][batch["id"]], *overlap_counts(pred, mask)))
+        pred = to_masks(prob, self.task.class_kind, self.cfg.postprocess.thresholds)
+        self._val_stats.append((self.task.patients[batch["id"]], *overlap_counts(pred, mask)))
         if self.task_score is not None:
             self._score_terms += self.task_score.case_terms(pred.cpu().numpy(), mask.cpu().numpy())
         if self.global_rank == 0:
@@ -247,7 +238,7 @@ class SegModule(pl.LightningModule):
         bundle would not hold the weights that were scored."""
         if not self._val_stats:
             return
-        scores = dice_scores(self._val_stats, self.task["classes"])
+        scores = dice_scores(self._val_stats, self.task.classes)
         scores["val_loss"] = float(np.mean(self._val_losses))
         if self.task_score is not None:
             scores.update(score_columns(self.task_score, self._score_terms))

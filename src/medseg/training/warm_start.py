@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.training.task import Task
 
 
 def _source(spec: str, fold: int | str, ds: Any) -> Path:
@@ -31,7 +32,7 @@ def _source(spec: str, fold: int | str, ds: Any) -> Path:
     return resolve_model(spec, "best")[1][0]
 
 
-def warm_start_weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: int = 0) -> dict[str, Any]:
+def warm_start_weights(cfg: Any, task: Task, ds: Any, fold: int | str, member: int = 0) -> dict[str, Any]:
     """The weights ``train.init`` names for ``fold``, checked against the config's network; member ``i``
     of a ``train.members`` run starts from the source's member ``i`` (cycling when it has fewer)."""
     try:
@@ -40,7 +41,7 @@ def warm_start_weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str,
         raise MedsegError(f"train.init: {e.problem}", e.path, e.hint) from None
 
 
-def _weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: int) -> dict[str, Any]:
+def _weights(cfg: Any, task: Task, ds: Any, fold: int | str, member: int) -> dict[str, Any]:
     from medseg.bundle import bundle_from_checkpoint, load_bundle
 
     path = _source(str(cfg.train.init), fold, ds)
@@ -48,8 +49,8 @@ def _weights(cfg: Any, task: dict[str, Any], ds: Any, fold: int | str, member: i
         raise MedsegError("an ONNX file cannot be trained; give the run directory or model.pt it was exported from", path)
     b = bundle_from_checkpoint(path) if path.suffix == ".ckpt" else load_bundle(path)
     a = b["arch"]
-    want = {"name": cfg.model.name, "in_channels": task["in_channels"], "out_channels": task["out_channels"],
-            "spatial_dims": task["spatial_dims"], "kwargs": dict(cfg.model.kwargs)}
+    want = {"name": cfg.model.name, "in_channels": task.in_channels, "out_channels": task.out_channels,
+            "spatial_dims": task.spatial_dims, "kwargs": dict(cfg.model.kwargs)}
     got = {k: a.get(k, {} if k == "kwargs" else None) for k in want}
     if got != want:
         diff = "; ".join(f"{k} {got[k]!r} here, {want[k]!r} in the config" for k in want if got[k] != want[k])
