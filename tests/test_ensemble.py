@@ -127,7 +127,7 @@ def test_slab_for_any_range_sees_the_windows_of_one_pass():
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    from medseg.inference.segmenter import slab_for
+    from medseg.inference.windows import slab_for
 
     def starts(size, roi, ov):
         return [s[0].start for s in dense_patch_slices((size,), (roi,), _get_scan_interval((size,), (roi,), 1, (ov,)))]

@@ -4,7 +4,7 @@ from PIL import Image
 
 from conftest import shared
 from medseg.data.formats import get_reader
-from medseg.data.formats.folder import map_palette, parse_palette
+from medseg.data.formats.palette import map_palette, parse_palette
 from medseg.errors import MedsegError
 
 UW_PALETTE = "stomach=255,0,0;large_bowel=0,255,0;small_bowel=255,255,0"

@@ -308,7 +308,7 @@ def test_z_slabs_see_the_windows_of_one_pass():
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    from medseg.inference.segmenter import z_slabs
+    from medseg.inference.windows import z_slabs
 
     def starts(size, roi, ov):
         return [s[0].start for s in dense_patch_slices((size,), (roi,), _get_scan_interval((size,), (roi,), 1, (ov,)))]

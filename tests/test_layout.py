@@ -97,3 +97,9 @@ def test_training_and_inference_do_not_import_each_other():
     crossing = sorted(f"{a} -> {b}" for a, bs in _graph().items() for b in bs
                       if {stage(a), stage(b)} == {"training", "inference"})
     assert not crossing, crossing
+
+
+def test_no_module_over_450_lines():
+    long = {str(f.relative_to(SRC)): n for f in (SRC / "medseg").rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 450}
+    assert not long, f"split these by job: {long}"

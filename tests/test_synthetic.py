@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import shared
 from medseg.data.formats import get_reader
-from medseg.data.formats.folder import map_palette
+from medseg.data.formats.palette import map_palette
 from medseg.data.rle import parse
 from medseg.data.formats.uwmgi_synthetic import write_uwmgi_from_derived, write_uwmgi_synthetic
 from medseg.errors import MedsegError

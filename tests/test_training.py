@@ -448,7 +448,8 @@ def test_checkpoint_writes_replace_the_old_file_whole_or_not_at_all(tmp_path, mo
 def test_fold_full_trains_on_every_case_and_keeps_the_final_weights(tmp_path, syn):
     from medseg.data.prepared import PreparedDataset
     from medseg.bundle import load_bundle
-    from medseg.inference.segmenter import Segmenter, resolve_model
+    from medseg.bundle import resolve_model
+    from medseg.inference.segmenter import Segmenter
     from medseg.training.run import train
 
     run = tmp_path / "full"

@@ -187,8 +187,7 @@ def predict(
     threshold: Optional[str] = typer.Option(None, help="decision threshold (multilabel or one-class models): one number, or one per class"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
-    from medseg.inference.predict import parse_flips, parse_probabilities, predict as run_predict
-    from medseg.inference.segmenter import parse_weights
+    from medseg.inference.predict import parse_flips, parse_probabilities, parse_weights, predict as run_predict
 
     pp = {"min_size": min_size, "largest_cc": largest_cc, "components": components,
           "presence": parse_probabilities(presence, "--presence"),

@@ -3,7 +3,7 @@
 The ONNX graph holds only the network (input ``input[b, c, h, w]`` or ``[b, c, d, h, w]`` float32 ->
 ``logits``), with dynamic batch and spatial axes where the traced graph is valid at every size.
 Everything around it (normalisation, 2.5D context, divisor/resize, classes, class kind, thresholds,
-post-processing, TTA flips) lives in ``OUTPUT.json`` (``medseg.inference.segmenter.pipeline_spec``), so
+post-processing, TTA flips) lives in ``OUTPUT.json`` (``medseg.inference.pipeline.pipeline_spec``), so
 ``Segmenter.load("model.onnx")`` runs the very same pipeline with onnxruntime as with PyTorch.
 
 Some networks compute shapes in Python from the input size, which tracing freezes: MONAI's Swin UNETR

@@ -29,6 +29,14 @@ def parse_flips(text: str) -> list[list[int]]:
     return out
 
 
+def parse_weights(text: str) -> list[float]:
+    """``"0.6,0.4"`` -> ``[0.6, 0.4]`` (ensemble weights)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MedsegError(f"bad --weights {text!r}: expected numbers separated by commas, e.g. 0.6,0.4") from None
+
+
 def parse_probabilities(text: str | None, option: str) -> float | list[float] | None:
     """``"0.5"`` -> 0.5, ``"0.5,0.3,0.4"`` -> per-class list (``--presence``, ``--threshold``)."""
     if text is None:
@@ -79,7 +87,8 @@ def predict(
     import sys
 
     from medseg.data.formats import FORMATS, get_reader, guess_format
-    from medseg.inference.segmenter import Segmenter, model_channels
+    from medseg.inference.pipeline import model_channels
+    from medseg.inference.segmenter import Segmenter
 
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()

@@ -1,18 +1,13 @@
 """``Segmenter``: load a trained model (bundle, run directory, ONNX file or shipped name) and segment arrays.
 
-    from medseg import Segmenter
     seg = Segmenter.load("runs/lgg")              # best fold; folds="all" ensembles every fold
-    pred = seg.predict("kaggle_3m/TCGA_CS_4941_19960909")
-    pred.mask   # uint8 [z, k, h, w], one channel per class
-    pred.prob   # float16 [z, k, h, w] per-class probabilities (predict(..., probabilities=True))
-    ens = Segmenter.load(["runs/uw_25d", "runs/uw_3d"], weights=[0.6, 0.4])  # weighted mean of models
+    pred = seg.predict("kaggle_3m/TCGA_CS_4941_19960909")   # .mask uint8 [z, k, h, w], .prob float16
+    ens = Segmenter.load(["runs/uw_25d", "runs/uw_3d"], weights=[0.6, 0.4])  # an Ensemble
 
-The pipeline (shared by the PyTorch and onnxruntime backends, so both give the same masks):
-normalise per case (``medseg.data.normalize``) -> stream slices in batches (2D / 2.5D, each slice padded
-to the network's divisor and cropped back, or resized to the training size and back) or Gaussian-weighted
-sliding windows (3D, MONAI's ``sliding_window_inference``) -> softmax / sigmoid -> mean over flips (TTA) and
-folds (ensemble) -> argmax / thresholds -> post-processing. Only masks (uint8) and, when asked, float16
-probabilities of the whole case are kept; float32 exists one batch at a time (2D).
+The pipeline, the same for every backend (``backends``): normalise per case -> slice batches (2D / 2.5D,
+padded to the divisor or resized to the training size and back) or sliding windows (3D, ``windows``) ->
+softmax / sigmoid -> mean over flips and folds -> argmax / thresholds -> post-processing. Only masks and,
+when asked, float16 probabilities of the whole case are kept; float32 exists one batch at a time.
 """
 from __future__ import annotations
 
@@ -24,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from medseg.bundle import (SHIPPED, WEIGHTS_DIR, build_model, bundle_from_checkpoint, load_bundle,  # noqa: F401
-                           resolve_model, split_models)
+from medseg.bundle import build_model, bundle_from_checkpoint, load_bundle, resolve_model, split_models
 from medseg.errors import MedsegError
 from medseg.inference.backends import activate, onnx_backend, torch_backend
+from medseg.inference.pipeline import _check_compatible, model_divisor, pipeline_spec
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
+from medseg.inference.windows import DECIDE_SLICES, SLAB_BYTES, resize, slab_for, sliding_windows, z_slabs
 
 DEFAULT_FLIPS: list[list[int]] = [[-1], [-2]]
 
@@ -44,56 +40,6 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------------------- resolving
-def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:
-    """How many image channels ``model`` (or an ensemble's first member) takes, from its bundle or ONNX
-    sidecar without building the network; None when it cannot be told (loading it will say why)."""
-    try:
-        _, files = resolve_model(split_models(model)[0], folds)
-        f = files[0]
-        if f.suffix == ".onnx":
-            return len(json.loads(f.with_suffix(".json").read_text())["channels"])
-
-        b = bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f)
-        return len(b["channels"])
-    except (MedsegError, OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
-    """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
-    inp = dict(bundle["input"])
-    inp.setdefault("mode", "2d")
-    inp.setdefault("context", 0)
-    inp.setdefault("stride", 1)
-    inp["divisor"] = int(inp.get("divisor") or divisor)
-    return {
-        "format": "medseg.pipeline/1",
-        "name": name,
-        "arch": {k: v for k, v in bundle["arch"].items()},
-        "classes": list(bundle["classes"]),
-        "class_kind": bundle["class_kind"],
-        "channels": list(bundle["channels"]),
-        "input": inp,
-        "normalization": bundle["normalization"],
-        "postprocess": merge_config(bundle.get("postprocess"), None),
-        "tta": dict(bundle.get("tta") or {}),
-    }
-
-
-def model_divisor(model: Any, arch: dict[str, Any]) -> int:
-    """The input-size divisor the network needs (``required_divisor`` per the models contract)."""
-    d = getattr(model, "required_divisor", None)
-    if d is None:
-        try:
-            from medseg.models import model_info
-
-            d = model_info(arch["name"], spatial_dims=arch.get("spatial_dims", 2), **arch.get("kwargs", {}))[
-                "required_divisor"]
-        except Exception:  # an older models module: fall back to a safe power of two
-            d = None
-    return int(d or 32)
-
-
 # ----------------------------------------------------------------------------------------- segmenter
 class Segmenter:
     """A loaded model (one or several folds) with its pre- and post-processing, or a weighted ensemble
@@ -118,7 +64,7 @@ class Segmenter:
         self.class_kind: str = spec["class_kind"]
         self.channels: list[str] = spec["channels"]
         self.flips = self._flips(tta)
-        self.members: list[Segmenter] = [self]  # an ensemble replaces this (``ensemble``)
+        self.members: list[Segmenter] = [self]  # an Ensemble holds several
         self.weights: list[float] = [1.0]
 
     @classmethod
@@ -147,20 +93,8 @@ class Segmenter:
                                       f"({m.spec[key]} vs {ref.spec[key]})", loc)
         if len(members) == 1:
             return members[0]
-        # the first member's description (decision and post-processing); members keep their own inputs
-        spec = dict(ref.spec, name="+".join(m.name for m in members))
-        seg = cls.__new__(cls)
-        seg.spec, seg.name = spec, spec["name"]
-        seg.classes, seg.class_kind, seg.channels = ref.classes, ref.class_kind, ref.channels
-        seg.nets = [n for m in members for n in m.nets]
-        seg.models = [mod for m in members for mod in m.models]
-        seg.backend = "+".join(dict.fromkeys(m.backend for m in members))
-        seg.batch_size = min(m.batch_size for m in members)
-        seg.flips = ref.flips
-        seg.members = members
         total = sum(w)
-        seg.weights = [v / total for v in w]
-        return seg
+        return Ensemble(members, [v / total for v in w])
 
     def _flips(self, tta: bool | Sequence[Sequence[int]] | None) -> list[list[int]]:
         cfg = self.spec.get("tta") or {}
@@ -354,37 +288,13 @@ class Segmenter:
         return acc / n
 
     def _chunks(self, image: np.ndarray):
-        """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order.
-
-        One model streams its own way (2D batches, 3D slabs); an ensemble walks z ranges (the slabs of
-        its first 3D member, else slice batches), adds each member's weighted probabilities of the
-        range, then hands the mean on: float32 never exists for more than a range.
-        """
+        """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order: a model
+        streams its own way (2D batches, 3D slabs); ``Ensemble`` overrides this."""
         from medseg.data.normalize import stats_for
 
-        z, _, h, w = image.shape
-        stats = [stats_for(image, m.spec["normalization"]) for m in self.members]
-        if not self.is_ensemble:
-            for lo, hi in self._ranges(image.shape):
-                yield from self._range_prob(image, stats[0], lo, hi)
-            return
-        out = int(self.spec["arch"]["out_channels"])
-        three = [m for m in self.members if m.spec["input"]["mode"] == "3d"]
-        if three:  # the accumulator costs another 4 bytes per output channel and voxel
-            ranges = three[0]._ranges(image.shape, extra_per_voxel=4 * out)
-        else:
-            bs = min(m._batch(h, w) for m in self.members)
-            ranges = [(s, min(z, s + bs)) for s in range(0, z, bs)]
-        for lo, hi in ranges:
-            acc = np.zeros((hi - lo, out, h, w), np.float32)
-            for m, st, wt in zip(self.members, stats, self.weights):
-                if wt == 0:
-                    continue
-                for idx, p in m._range_prob(image, st, lo, hi):
-                    acc[idx[0] - lo: idx[-1] + 1 - lo] += np.float32(wt) * p
-            for s in range(lo, hi, _DECIDE_SLICES):
-                e = min(hi, s + _DECIDE_SLICES)
-                yield np.arange(s, e), acc[s - lo:e - lo]
+        stats = stats_for(image, self.spec["normalization"])
+        for lo, hi in self._ranges(image.shape):
+            yield from self._range_prob(image, stats, lo, hi)
 
     def _batch(self, h: int, w: int) -> int:
         # at most batch_size slices and about as many pixels as 8 slices of 256x256, so large slices
@@ -431,8 +341,8 @@ class Segmenter:
         h, w = x.shape[-2:]
         if inp.get("resize") and inp.get("size"):
             size = tuple(int(s) for s in inp["size"][-2:])
-            p = self._net2d(_resize(x, size)) if (h, w) != size else self._net2d(x)
-            return _resize(p, (h, w)) if (h, w) != size else p
+            p = self._net2d(resize(x, size)) if (h, w) != size else self._net2d(x)
+            return resize(p, (h, w)) if (h, w) != size else p
         if inp.get("fixed_size"):  # windows of the network's one size (MONAI pads smaller slices)
             return self._net2d(x)
         d = int(inp["divisor"])
@@ -448,25 +358,13 @@ class Segmenter:
         fixed = self.spec["input"].get("fixed_size")
         if not fixed or tuple(x.shape[-2:]) == tuple(int(s) for s in fixed[-2:]):
             return self.probabilities(x)
-        import torch
-        from monai.inferers import sliding_window_inference
-
-        def predictor(t):
-            return torch.from_numpy(np.ascontiguousarray(self.probabilities(t.numpy())))
-
-        with torch.inference_mode():
-            p = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(x)), [int(s) for s in fixed[-2:]],
-                                         sw_batch_size=self.batch_size, predictor=predictor,
-                                         overlap=float(self.spec["input"].get("overlap", 0.5)), mode="gaussian")
-        return p.numpy()
+        return sliding_windows(x, [int(s) for s in fixed[-2:]], self.probabilities, self.batch_size,
+                               float(self.spec["input"].get("overlap", 0.5)))
 
     def _slab_prob(self, image, mean, std, clip, lo: int, hi: int):
         """Gaussian-weighted sliding windows (MONAI) on the slab around slices ``lo..hi-1``
         (``slab_for``), yielding the kept slices' probabilities in small chunks: only one slab's float32
         input and probabilities exist at a time, whatever the volume's depth."""
-        import torch
-        from monai.inferers import sliding_window_inference
-
         from medseg.data.normalize import apply
 
         inp = self.spec["input"]
@@ -475,22 +373,14 @@ class Segmenter:
         z, _, h, w = image.shape
         a, b = slab_for(lo, hi, z, roi[0], overlap)
 
-        def predictor(t):
-            return torch.from_numpy(np.ascontiguousarray(self.probabilities(t.numpy())))
-
         x = np.empty((image.shape[1], b - a, h, w), np.float32)  # [c, z, h, w], filled in chunks
-        for s in range(a, b, _DECIDE_SLICES):
-            e = min(b, s + _DECIDE_SLICES)
+        for s in range(a, b, DECIDE_SLICES):
+            e = min(b, s + DECIDE_SLICES)
             x[:, s - a:e - a] = apply(image[s:e], mean, std, clip, channel_axis=1).transpose(1, 0, 2, 3)
-        with torch.inference_mode():
-            p = sliding_window_inference(
-                torch.from_numpy(x[None]), roi, sw_batch_size=2, predictor=predictor,
-                overlap=overlap, mode="gaussian",
-            )
+        p = sliding_windows(x[None], roi, self.probabilities, 2, overlap)[0]  # [out, slab z, h, w]
         del x
-        p = p[0].numpy()  # [out, slab z, h, w]
-        for s in range(lo, hi, _DECIDE_SLICES):  # small chunks: argmax/reshape copies stay small
-            e = min(hi, s + _DECIDE_SLICES)
+        for s in range(lo, hi, DECIDE_SLICES):  # small chunks: argmax/reshape copies stay small
+            e = min(hi, s + DECIDE_SLICES)
             yield np.arange(s, e), p[:, s - a:e - a].transpose(1, 0, 2, 3)
 
     def _decide(self, p: np.ndarray, idx: np.ndarray, thr: list[float], mask, prob, slice_max) -> None:
@@ -513,74 +403,47 @@ class Segmenter:
         if prob is not None:
             prob[idx] = pc
 
+class Ensemble(Segmenter):
+    """The weighted mean of several models' probabilities (e.g. a 2.5D and a 3D model), made by
+    ``Segmenter.ensemble`` or ``Segmenter.load([...])``: each member keeps its own input mode,
+    normalisation, TTA and folds; the decision and post-processing are the first member's."""
 
-# 3D inference streams slabs along z through sliding windows: a slab's float32 buffers (ours and
-# MONAI's, see ``_ranges``) stay near SLAB_BYTES, so peak memory does not grow with the volume's depth
-# beyond the uint8 masks (a 512 x 512 x 200 volume with one channel, three outputs and 32-slice windows
-# runs in slabs of about 50 slices; see docs/inference.md for the measured peak).
-SLAB_BYTES = 512 * 2**20
-_DECIDE_SLICES = 16
+    def __init__(self, members: Sequence[Segmenter], weights: Sequence[float]):
+        ref = members[0]
+        # the first member's description (decision and post-processing); members keep their own inputs
+        self.spec = dict(ref.spec, name="+".join(m.name for m in members))
+        self.name = self.spec["name"]
+        self.classes, self.class_kind, self.channels = ref.classes, ref.class_kind, ref.channels
+        self.nets = [n for m in members for n in m.nets]
+        self.models = [mod for m in members for mod in m.models]
+        self.backend = "+".join(dict.fromkeys(m.backend for m in members))
+        self.batch_size = min(m.batch_size for m in members)
+        self.flips = ref.flips
+        self.members = list(members)
+        self.weights = list(weights)
 
+    def _chunks(self, image: np.ndarray):
+        """Walk z ranges (the slabs of the first 3D member, else slice batches), add each member's
+        weighted probabilities of the range, then hand the mean on: float32 never exists for more than
+        a range."""
+        from medseg.data.normalize import stats_for
 
-def z_slabs(depth: int, plane: int, roi_z: int, overlap: float, budget: int) -> list[tuple[int, int, int, int]]:
-    """``(a, b, lo, hi)`` per slab: run sliding windows on slices ``[a, b)``, keep ``[lo, hi)``.
-
-    ``budget`` is the number of voxels a slab may hold (``plane`` voxels per slice). The kept ranges tile
-    ``[0, depth)``. Each slab starts on a multiple of MONAI's window step along z and reaches one window
-    beyond its kept range on both sides, so every kept voxel is covered by exactly the windows (same
-    positions, same Gaussian weights) of a whole-volume ``sliding_window_inference``: the result equals
-    the whole-volume one while memory follows the slab, not the volume.
-    """
-    step = max(int(roi_z * (1 - overlap)), 1)  # MONAI's scan interval (_get_scan_interval)
-    if depth <= roi_z or depth * plane <= budget:
-        return [(0, depth, 0, depth)]
-    # the kept core: what the budget leaves beside the two halos, but at least two windows deep so the
-    # halos never cost more than the core (memory gives way to compute only that far)
-    core = max(-(-2 * roi_z // step) * step, (budget // max(plane, 1) - 2 * roi_z) // step * step)
-    if depth <= core + roi_z:
-        return [(0, depth, 0, depth)]
-    out = []
-    lo = 0
-    while lo < depth:
-        hi = min(depth, lo + core)
-        out.append((*slab_for(lo, hi, depth, roi_z, overlap), lo, hi))
-        lo = hi
-    return out
-
-
-def slab_for(lo: int, hi: int, depth: int, roi_z: int, overlap: float) -> tuple[int, int]:
-    """The slab ``[a, b)`` whose sliding windows cover slices ``[lo, hi)`` exactly as a whole-volume pass
-    does: it starts on a multiple of MONAI's window step at least one window before ``lo`` and ends one
-    window after ``hi`` (or at the volume's edges). Any ``[lo, hi)`` works, so an ensemble's members with
-    other window sizes can follow one member's slabs."""
-    step = max(int(roi_z * (1 - overlap)), 1)
-    a = 0 if lo == 0 else max(0, (lo - roi_z + 1) // step * step)
-    b = depth if hi == depth else min(depth, hi + roi_z)
-    return a, b
-
-
-def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``x[b, c, h, w]`` (same as training's resize)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=size, mode="bilinear",
-                      align_corners=False)
-    return t.numpy()
-
-
-def parse_weights(text: str) -> list[float]:
-    """``"0.6,0.4"`` -> ``[0.6, 0.4]`` (ensemble weights)."""
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise MedsegError(f"bad --weights {text!r}: expected numbers separated by commas, e.g. 0.6,0.4") from None
-
-
-def _check_compatible(bundles: list[dict[str, Any]], files: list[Path]) -> None:
-    """Folds of an ensemble must agree on what goes in and comes out."""
-    ref = bundles[0]
-    for b, f in zip(bundles[1:], files[1:]):
-        for key in ("classes", "class_kind", "channels", "input"):
-            if b[key] != ref[key]:
-                raise MedsegError(f"fold differs from {files[0]} in {key!r}: cannot ensemble", f)
+        z, _, h, w = image.shape
+        stats = [stats_for(image, m.spec["normalization"]) for m in self.members]
+        out = int(self.spec["arch"]["out_channels"])
+        three = [m for m in self.members if m.spec["input"]["mode"] == "3d"]
+        if three:  # the accumulator costs another 4 bytes per output channel and voxel
+            ranges = three[0]._ranges(image.shape, extra_per_voxel=4 * out)
+        else:
+            bs = min(m._batch(h, w) for m in self.members)
+            ranges = [(s, min(z, s + bs)) for s in range(0, z, bs)]
+        for lo, hi in ranges:
+            acc = np.zeros((hi - lo, out, h, w), np.float32)
+            for m, st, wt in zip(self.members, stats, self.weights):
+                if wt == 0:
+                    continue
+                for idx, p in m._range_prob(image, st, lo, hi):
+                    acc[idx[0] - lo: idx[-1] + 1 - lo] += np.float32(wt) * p
+            for s in range(lo, hi, DECIDE_SLICES):
+                e = min(hi, s + DECIDE_SLICES)
+                yield np.arange(s, e), acc[s - lo:e - lo]

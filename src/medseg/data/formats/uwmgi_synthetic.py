@@ -170,7 +170,8 @@ def write_uwmgi_from_derived(
     """
     from PIL import Image
 
-    from medseg.data.formats.folder import map_palette, read_image
+    from medseg.data.formats.folder import read_image
+    from medseg.data.formats.palette import map_palette
 
     src, dst = Path(src), Path(dst)
     img_dir, mask_dir = src / "images", src / "masks"

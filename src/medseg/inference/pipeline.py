@@ -1,0 +1,72 @@
+"""A model's pipeline, described apart from any backend: what a bundle says about its input, classes,
+normalisation, decision and TTA (``pipeline_spec``; the ONNX sidecar is this description), and the
+checks that several bundles can run as one model."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.bundle import bundle_from_checkpoint, load_bundle, resolve_model, split_models
+from medseg.errors import MedsegError
+from medseg.inference.postprocess import merge_config
+
+
+def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:
+    """How many image channels ``model`` (or an ensemble's first member) takes, from its bundle or ONNX
+    sidecar without building the network; None when it cannot be told (loading it will say why)."""
+    try:
+        _, files = resolve_model(split_models(model)[0], folds)
+        f = files[0]
+        if f.suffix == ".onnx":
+            return len(json.loads(f.with_suffix(".json").read_text())["channels"])
+
+        b = bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f)
+        return len(b["channels"])
+    except (MedsegError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
+    """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
+    inp = dict(bundle["input"])
+    inp.setdefault("mode", "2d")
+    inp.setdefault("context", 0)
+    inp.setdefault("stride", 1)
+    inp["divisor"] = int(inp.get("divisor") or divisor)
+    return {
+        "format": "medseg.pipeline/1",
+        "name": name,
+        "arch": {k: v for k, v in bundle["arch"].items()},
+        "classes": list(bundle["classes"]),
+        "class_kind": bundle["class_kind"],
+        "channels": list(bundle["channels"]),
+        "input": inp,
+        "normalization": bundle["normalization"],
+        "postprocess": merge_config(bundle.get("postprocess"), None),
+        "tta": dict(bundle.get("tta") or {}),
+    }
+
+
+def model_divisor(model: Any, arch: dict[str, Any]) -> int:
+    """The input-size divisor the network needs (``required_divisor`` per the models contract)."""
+    d = getattr(model, "required_divisor", None)
+    if d is None:
+        try:
+            from medseg.models import model_info
+
+            d = model_info(arch["name"], spatial_dims=arch.get("spatial_dims", 2), **arch.get("kwargs", {}))[
+                "required_divisor"]
+        except Exception:  # an older models module: fall back to a safe power of two
+            d = None
+    return int(d or 32)
+
+
+def _check_compatible(bundles: list[dict[str, Any]], files: list[Path]) -> None:
+    """Folds of an ensemble must agree on what goes in and comes out."""
+    ref = bundles[0]
+    for b, f in zip(bundles[1:], files[1:]):
+        for key in ("classes", "class_kind", "channels", "input"):
+            if b[key] != ref[key]:
+                raise MedsegError(f"fold differs from {files[0]} in {key!r}: cannot ensemble", f)
