@@ -829,6 +829,11 @@ def _predict_unknown_format(tmp):
                 absent=[tmp / "out"])
 
 
+def _predict_unknown_device(tmp):
+    return Case(["predict", "lgg-unet", LGG_TINY, tmp / "out", "--device", "gpu"], "unknown device 'gpu'",
+                "use auto, cpu, cuda or cuda:N", absent=[tmp / "out"])
+
+
 def _predict_corrupt_slice_leaves_no_folder(tmp):
     root = copy_lgg(tmp)
     shutil.rmtree(root / "TCGA_CS_5395_19981004")

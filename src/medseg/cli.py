@@ -185,6 +185,7 @@ def predict(
     presence: Optional[str] = typer.Option(None, help="zero a class whose max probability is below this: "
                                            "one number, or one per class (0.5,0.3,0.4)"),
     threshold: Optional[str] = typer.Option(None, help="decision threshold (multilabel or one-class models): one number, or one per class"),
+    device: str = typer.Option("auto", help="auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
     from medseg.inference.predict import parse_flips, parse_probabilities, parse_weights, predict as run_predict
@@ -198,7 +199,7 @@ def predict(
         tta = parse_flips(tta_flips)
     run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
                 save_probabilities=save_probabilities, overwrite=overwrite, console=console,
-                backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None)
+                backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None, device=device)
 
 
 @app.command()

@@ -79,6 +79,7 @@ def predict(
     postprocess: dict[str, Any] | None = None,
     progress: bool | None = None,
     weights: list[float] | None = None,
+    device: str = "auto",
 ) -> list[Path]:
     """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
 
@@ -87,6 +88,7 @@ def predict(
     import sys
 
     from medseg.data.formats import FORMATS, get_reader, guess_format
+    from medseg.inference.backends import resolve_device
     from medseg.inference.pipeline import model_channels
     from medseg.inference.segmenter import Segmenter
 
@@ -98,7 +100,8 @@ def predict(
     reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(n))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
-    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights)
+    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights,
+                         device=resolve_device(device))
     created = not output.exists()
     try:
         return _run(seg, reader, spec, fmt, output, save_probabilities, console, postprocess, progress, t0)
@@ -152,7 +155,7 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
     if console is not None:
         console.print(
             f"[green]predicted[/] {len(spec.cases)} case{'s' if len(spec.cases) != 1 else ''}, {n_slices} slices "
-            f"with {seg.name} ({seg.backend}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}"
+            f"with {seg.name} ({seg.backend}{' on ' + seg.device if seg.device != 'cpu' else ''}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}"
             f"{', weights ' + ','.join(f'{w:.3g}' for w in seg.weights) if seg.is_ensemble else ''}, "
             f"tta {'x' + str(1 + len(seg.flips)) if seg.flips else 'off'}) in {dt:.1f} s "
             f"({n_slices / max(dt, 1e-9):.1f} slices/s) -> {output}"

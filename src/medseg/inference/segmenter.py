@@ -4,10 +4,8 @@
     pred = seg.predict("kaggle_3m/TCGA_CS_4941_19960909")   # .mask uint8 [z, k, h, w], .prob float16
     ens = Segmenter.load(["runs/uw_25d", "runs/uw_3d"], weights=[0.6, 0.4])  # an Ensemble
 
-The pipeline, the same for every backend (``backends``): normalise per case -> slice batches (2D / 2.5D,
-padded to the divisor or resized to the training size and back) or sliding windows (3D, ``windows``) ->
-softmax / sigmoid -> mean over flips and folds -> argmax / thresholds -> post-processing. Only masks and,
-when asked, float16 probabilities of the whole case are kept; float32 exists one batch at a time.
+The pipeline, the same for every backend and device (``backends``): normalise -> slice batches or 3D
+sliding windows (``windows``) -> softmax / sigmoid -> mean over flips and folds -> decision -> clean-up.
 """
 from __future__ import annotations
 
@@ -39,11 +37,9 @@ class Prediction:
     class_kind: str = "multiclass"
 
 
-# ----------------------------------------------------------------------------------------- resolving
 # ----------------------------------------------------------------------------------------- segmenter
 class Segmenter:
-    """A loaded model (one or several folds) with its pre- and post-processing, or a weighted ensemble
-    of such models (``members``; see ``Segmenter.load`` with a list)."""
+    """A loaded model (one or several folds) with its pre- and post-processing (``Ensemble``: several)."""
 
     def __init__(
         self,
@@ -53,10 +49,12 @@ class Segmenter:
         backend: str = "torch",
         batch_size: int = 8,
         models: list[Any] | None = None,
+        device: str = "cpu",
     ):
         self.spec = spec
         self.nets = nets
         self.backend = backend
+        self.device = device
         self.batch_size = batch_size
         self.models = models or []  # the torch modules (for export)
         self.name = spec["name"]
@@ -123,6 +121,7 @@ class Segmenter:
         threads: int | None = None,
         batch_size: int = 8,
         weights: Sequence[float] | None = None,
+        device: str = "cpu",
     ) -> "Segmenter":
         """Load ``model``: a shipped name, a run directory, a ``model.pt`` bundle, a training checkpoint
         (``fold_K/checkpoints/*.ckpt``, read with its fold's ``model.pt``) or an ``.onnx`` file.
@@ -134,10 +133,11 @@ class Segmenter:
         ``tta``: None (the model's default), True (the model's flips, else flips of both image axes),
         False, or a list of axis lists such as ``[[-1], [-2], [-1, -2]]``.
         ``backend``: "auto" (onnxruntime for .onnx files, else PyTorch), "torch" or "onnx".
+        ``device``: "cpu", "cuda", "cuda:N" or "auto" (a GPU when PyTorch sees one).
         """
         names = split_models(model)
         if len(names) > 1 or weights is not None:
-            members = [cls.load(m, folds, tta, backend, threads, batch_size) for m in names]
+            members = [cls.load(m, folds, tta, backend, threads, batch_size, device=device) for m in names]
             return cls.ensemble(members, weights, where=names)
         model = names[0]
         if backend not in ("auto", "torch", "onnx"):
@@ -146,7 +146,7 @@ class Segmenter:
         if files[0].suffix == ".onnx":
             if backend == "torch":
                 raise MedsegError("an .onnx file runs with the onnx backend only", files[0])
-            return cls._load_onnx(files[0], tta, threads, batch_size)
+            return cls._load_onnx(files[0], tta, threads, batch_size, device)
         bundles = [bundle_from_checkpoint(f) if f.suffix == ".ckpt" else load_bundle(f) for f in files]
         _check_compatible(bundles, files)
         models = [build_model(b) for b in bundles]
@@ -163,16 +163,16 @@ class Segmenter:
             nets = []
             for i, m in enumerate(models):
                 export_module(m, spec, tmp / f"fold{i}.onnx")
-                nets.append(onnx_backend(tmp / f"fold{i}.onnx", threads))
-            return cls(spec, nets, tta, "onnx", batch_size, models)
+                nets.append(onnx_backend(tmp / f"fold{i}.onnx", threads, device))
+            return cls(spec, nets, tta, "onnx", batch_size, models, device)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return cls(spec, [torch_backend(m) for m in models], tta, "torch", batch_size, models)
+        return cls(spec, [torch_backend(m, device) for m in models], tta, "torch", batch_size, models, device)
 
     @classmethod
-    def _load_onnx(cls, path: Path, tta: Any, threads: int | None, batch_size: int) -> "Segmenter":
+    def _load_onnx(cls, path: Path, tta: Any, threads: int | None, batch_size: int, device: str = "cpu") -> "Segmenter":
         side = path.with_suffix(".json")
         if not side.is_file():
             raise MedsegError(f"the ONNX model's pre/post-processing description {side.name} is missing "
@@ -183,7 +183,7 @@ class Segmenter:
             raise MedsegError(f"cannot read the ONNX sidecar JSON ({e})", side) from None
         if spec.get("format") != "medseg.pipeline/1":
             raise MedsegError(f"not a medseg ONNX sidecar (format {spec.get('format')!r})", side)
-        return cls(spec, [onnx_backend(path, threads)], tta, "onnx", batch_size)
+        return cls(spec, [onnx_backend(path, threads, device)], tta, "onnx", batch_size, device=device)
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -417,6 +417,7 @@ class Ensemble(Segmenter):
         self.nets = [n for m in members for n in m.nets]
         self.models = [mod for m in members for mod in m.models]
         self.backend = "+".join(dict.fromkeys(m.backend for m in members))
+        self.device = "+".join(dict.fromkeys(m.device for m in members))
         self.batch_size = min(m.batch_size for m in members)
         self.flips = ref.flips
         self.members = list(members)
