@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medseg.bundle import bundle_from_checkpoint, load_bundle, resolve_model, split_models
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import merge_config
+
+
+@dataclass
+class Prediction:
+    """A case's segmentation: ``mask[z, k, h, w]`` uint8 0/1 and optional ``prob[z, k, h, w]`` float16."""
+
+    mask: np.ndarray
+    prob: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+    class_kind: str = "multiclass"
 
 
 def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | None:

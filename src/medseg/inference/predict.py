@@ -136,18 +136,30 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
     task = bar.add_task("", total=total, unit="slices") if bar else None
     if bar:
         bar.start()
-    try:
-        for case in spec.cases:
-            data = reader.load(spec, case)
-            pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
-                               postprocess_overrides=postprocess, where=case_path(case, spec))
-            written += reader.write_prediction(spec, case, pred.mask, output, pred.prob if save_probabilities else None)
-            n_slices += data.image.shape[0]
+    # reading the next case and writing the last one overlap the network's work on this one (one thread
+    # each: a reader's writes stay in case order, as a submission that appends needs)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as loads, ThreadPoolExecutor(1) as writes:
+        pending = []
+        try:
+            ahead = loads.submit(reader.load, spec, spec.cases[0]) if spec.cases else None
+            for i, case in enumerate(spec.cases):
+                data = ahead.result()
+                if i + 1 < len(spec.cases):
+                    ahead = loads.submit(reader.load, spec, spec.cases[i + 1])
+                pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
+                                   postprocess_overrides=postprocess, where=case_path(case, spec))
+                pending.append(writes.submit(reader.write_prediction, spec, case, pred.mask, output,
+                                             pred.prob if save_probabilities else None))
+                n_slices += data.image.shape[0]
+                if bar:
+                    bar.update(task, advance=data.image.shape[0], description=case.id)
+            for f in pending:
+                written += f.result()
+        finally:
             if bar:
-                bar.update(task, advance=data.image.shape[0], description=case.id)
-    finally:
-        if bar:
-            bar.stop()
+                bar.stop()
     finish = getattr(reader, "finish_predictions", None)  # e.g. a submission CSV gathered over cases
     if callable(finish):
         written += list(finish(spec, output) or [])
