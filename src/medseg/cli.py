@@ -131,7 +131,8 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
 ) -> None:
     """Train a model on a prepared dataset."""
-    from medseg.training.run import TrainingInterrupted, train as run_train
+    from medseg.training.fit import TrainingInterrupted
+    from medseg.training.run import train as run_train
 
     try:
         run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)

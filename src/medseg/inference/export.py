@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.onnx_graph import FIXED_SIZE_ARCHS, check_sizes, export_module, fixed_size_for  # noqa: F401
+from medseg.inference.onnx_graph import check_sizes, export_module, fixed_size_for
 
 _TOLERANCE = 1e-3  # largest logit difference, relative to the logits' range
 

@@ -16,7 +16,7 @@ from medseg.config import dump_config, load_config
 from medseg.errors import MedsegError
 from medseg.rundir import RunDir
 from medseg.scores import score_named
-from medseg.training.fit import TrainingInterrupted, _rank, check_checkpoint, fit_fold  # noqa: F401 (TrainingInterrupted: the CLI's)
+from medseg.training.fit import _rank, check_checkpoint, fit_fold
 from medseg.training.members import fit_members
 from medseg.training.task import check_resume, check_task, folds_of, selection_metric
 
