@@ -29,6 +29,7 @@ from typing import Any
 
 from medseg.atomic import atomic_path
 from medseg.errors import MedsegError
+from medseg.models.member_mean import MemberMean
 from medseg.rundir import RunDir
 
 BUNDLE_FORMAT = "medseg.bundle/1"
@@ -131,7 +132,6 @@ def build_model(bundle: dict[str, Any]):
         nets.append(model.eval())
     if len(nets) == 1:
         return nets[0]
-    from medseg.models.member_mean import MemberMean
 
     return MemberMean(nets, bundle["class_kind"]).eval()
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, MedsegWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.")
 console = Console()
@@ -251,8 +251,6 @@ def export(
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    from medseg.errors import MedsegWarning
-
     if issubclass(category, MedsegWarning):
         print(f"warning: {message}", file=sys.stderr)
     else:

@@ -24,7 +24,7 @@ from medseg.atomic import atomic_write_text
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
 from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done_path
 from medseg.data.splits import make_splits
-from medseg.errors import MedsegError, warn
+from medseg.errors import MedsegError, MedsegWarning, warn
 
 _SAMPLES_PER_CASE = 20_000
 _PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
@@ -45,8 +45,6 @@ class _CaseResult:
 
 def _process_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: CaseSpec, tmp: str) -> _CaseResult:
     import warnings
-
-    from medseg.errors import MedsegWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedsegWarning)

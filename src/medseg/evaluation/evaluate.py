@@ -23,13 +23,9 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.evaluation.metrics import (
-    METRICS,
-    case_metrics,
-    check_empty,
-    slice_overlap,
-    summarize,
-)
+from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
+from medseg.evaluation.report import pick_cases, write_report
+from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
 from medseg.rundir import RunDir
 from medseg.scores import SCORES, score_for
 
@@ -86,7 +82,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary.
     ``score_variant`` picks the definition of the data set's own score where it has several."""
-    from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
 
     t0 = time.perf_counter()
     check_empty(empty)
@@ -216,8 +211,6 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
     if two_d:
         files["slices"] = "metrics_slices.csv"
     if report:
-        from medseg.evaluation.report import pick_cases, write_report
-
         shown = []
         for label, cid in pick_cases(case_score):
             t = truth_obj.load(cid)

@@ -17,8 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.formats import FORMATS, guess_format
+from medseg.bundle import load_bundle
+from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
+from medseg.data.formats.folder import _is_gray, read_image
+from medseg.data.formats.nifti import load_nifti, nifti_array, nifti_stem, to_zyx
+from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import decide, merge_config
 from medseg.rundir import RunDir
@@ -58,8 +62,6 @@ class Truth:
 
 class PreparedTruth(Truth):
     def __init__(self, path: Path):
-        from medseg.data.prepared import PreparedDataset
-
         ds = PreparedDataset.open(path)
         if not ds.info.get("has_masks", True) or any(c.mask is None for c in ds.cases):
             raise MedsegError("the prepared dataset has no masks (prepared with --images-only)", path)
@@ -72,7 +74,6 @@ class PreparedTruth(Truth):
         self._native: Any = False
         known = ds.info.get("spacing_known")
         if known is None:  # prepared before the flag existed: the source reader tells
-            from medseg.data.formats import FORMATS
 
             fmt = ds.info.get("source_format")
             known = FORMATS.get(fmt).has_spacing if fmt in FORMATS else True
@@ -90,8 +91,6 @@ class PreparedTruth(Truth):
 
     def native(self):
         if self._native is False:
-            from medseg.data.formats import get_reader
-
             info = self.prepared.info
             self._native = None
             if info.get("source_format") and info.get("source") and Path(info["source"]).exists():
@@ -109,8 +108,6 @@ class PreparedTruth(Truth):
 
 class NativeTruth(Truth):
     def __init__(self, path: Path, fmt: str, options: dict[str, Any] | None = None):
-        from medseg.data.formats import get_reader
-
         self.path = Path(path)
         self.reader = get_reader(fmt, **(options or {}))
         self.spec = self.reader.scan(self.path, require_masks=True)
@@ -151,7 +148,6 @@ _LABEL_2D = (".png", ".tif", ".tiff", ".bmp")
 
 def _label_files(folder: Path) -> dict[str, Path]:
     """{stem: file} of the label maps straight in ``folder`` (2D images or NIfTI volumes)."""
-    from medseg.data.formats.nifti import nifti_stem
 
     out: dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
@@ -175,8 +171,6 @@ def is_label_folder(path: Path) -> bool:
 def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """(``labels[z, h, w]`` integer, spacing) of one label map file: a 2D image or a NIfTI volume."""
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        from medseg.data.formats.nifti import load_nifti, nifti_array, to_zyx
-
         img = load_nifti(path)
         lab = nifti_array(img, path)
         if lab.ndim == 4 and lab.shape[3] == 1:
@@ -187,7 +181,6 @@ def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
             raise MedsegError("label map holds non-integer values", path)
         z = [float(v) for v in img.header.get_zooms()[:3]]
         return to_zyx(lab.astype(np.int64))[:, 0], (z[2], z[1], z[0])
-    from medseg.data.formats.folder import _is_gray, read_image
 
     m = read_image(path)
     if m.ndim == 3:
@@ -228,8 +221,6 @@ class LabelFolderTruth(Truth):
         """``labels[z, h, w]`` -> ``mask[z, k, h, w]`` with this truth's classes."""
         k = len(self.classes)
         if self.binary:
-            from medseg.data.formats.base import binary_mask
-
             return binary_mask(lab, where)[:, None].astype(np.uint8)
         extra = sorted(set(np.unique(lab).tolist()) - set(range(k + 1)))
         if extra:
@@ -313,8 +304,6 @@ def _check_shape(m: np.ndarray, t: TruthCase, where: Path) -> np.ndarray:
 
 
 def prepared_predictions(path: Path) -> Predictions:
-    from medseg.data.prepared import PreparedDataset
-
     ds = PreparedDataset.open(path)
 
     def load(case_id: str, t: TruthCase) -> np.ndarray:
@@ -360,7 +349,6 @@ def run_predictions(run: Path) -> tuple[Predictions, Path]:
 
 def _tuned_rules(rd: RunDir) -> dict[str, tuple[dict[str, Any], str]]:
     """{fold folder: (post-processing rules, class kind)} for the folds whose model.pt ``tune`` wrote."""
-    from medseg.bundle import load_bundle
 
     out = {}
     for _, fold in rd.fold_dirs("all") if rd.trained_folds() else []:

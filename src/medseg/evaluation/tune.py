@@ -41,7 +41,12 @@ from typing import Any
 import numpy as np
 
 from medseg.atomic import atomic_write_text
+from medseg.bundle import load_bundle, save_bundle
+from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError
+from medseg.evaluation.metrics import case_dice
+from medseg.inference.postprocess import merge_config, postprocess, thresholds_for
+from medseg.inference.segmenter import Segmenter
 from medseg.rundir import RunDir
 from medseg.scores import score_for, score_named
 
@@ -81,8 +86,6 @@ def class_terms(
     ``prob[z, h, w]`` is the class's probability, ``truth[z, h, w]`` its mask; ``rules`` the bundle's
     other post-processing (``min_size``, ``largest_cc``), applied after the presence rule as in
     ``medseg predict``."""
-    from medseg.evaluation.metrics import case_dice
-    from medseg.inference.postprocess import postprocess
 
     score = None if objective == "dice" else score_named(objective)
 
@@ -157,8 +160,6 @@ def tune(
     ``write``) store them in each fold's ``model.pt`` ``postprocess``; writes ``RUN/tune.json`` and returns
     its content. ``tta``: None follows the bundle's ``tta.enabled``; True/False override it (and are
     stored in the bundles, so that ``medseg predict`` runs as tuned)."""
-    from medseg.data.prepared import PreparedDataset
-    from medseg.bundle import load_bundle, save_bundle
 
     run = Path(run)
     if not run.is_dir():
@@ -183,7 +184,6 @@ def tune(
     if ds.classes != classes or any(c.mask is None for c in ds.cases):
         raise MedsegError(f"the prepared dataset (classes {ds.classes}) does not hold the model's classes {classes} "
                           "with masks", ds_path)
-    from medseg.inference.postprocess import merge_config, thresholds_for
     task_score = score_for(ds.info.get("source_format"), ds.classes)
     objective = task_score.name if task_score is not None else "dice"
     unit = "cases"
@@ -210,8 +210,6 @@ def tune(
         i = ds.index(cid)
         if use_tta:
             if fk not in seg:
-                from medseg.inference.segmenter import Segmenter
-
                 seg[fk] = Segmenter.load(fd / "model.pt", tta=True)
             prob = seg[fk].predict(np.asarray(ds.image(i)), probabilities=True, spatial_dims=ds.spatial_dims).prob
         else:

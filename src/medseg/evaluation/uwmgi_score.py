@@ -32,6 +32,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from medseg.data.rle import decode
 from medseg.errors import MedsegError
 from medseg.scores import SCORES, TaskScore
 
@@ -197,7 +198,6 @@ def _as_mask(value: MaskLike, shape: tuple[int, int], where: str | Path | None, 
         if value.shape != tuple(shape):
             raise MedsegError(f"{row}: mask shape {value.shape} differs from the slice shape {tuple(shape)}", where)
         return value != 0
-    from medseg.data.rle import decode
 
     return decode(value, shape, order="C", where=where, row=row).astype(bool)
 

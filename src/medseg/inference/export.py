@@ -28,7 +28,11 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.backends import onnx_backend
 from medseg.inference.onnx_graph import check_sizes, export_module, fixed_size_for
+from medseg.inference.postprocess import thresholds_for
+from medseg.inference.quantize import mask_agreement, pipeline_inputs, quantize_int8
+from medseg.inference.segmenter import Segmenter
 
 _TOLERANCE = 1e-3  # largest logit difference, relative to the logits' range
 
@@ -48,8 +52,6 @@ def logit_difference(module: Any, onnx_path: Path, shape: list[int]) -> float:
     """Largest |onnxruntime - PyTorch| logit difference on a random input, relative to the logits' range
     (inf when onnxruntime cannot run the input at all, e.g. a graph frozen at another size)."""
     import torch
-
-    from medseg.inference.backends import onnx_backend
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with torch.inference_mode():
@@ -86,7 +88,6 @@ def export_onnx(
     ``calibration_slices`` of its slices and checked on as many others (:mod:`medseg.inference.quantize`):
     the masks must agree with PyTorch's on ``min_agreement`` of the pixels, else nothing is written.
     """
-    from medseg.inference.segmenter import Segmenter
 
     import os
 
@@ -162,10 +163,6 @@ def _export(seg: Any, model: Any, final: Path, output: Path, opset: int, console
 def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement: float) -> dict[str, Any]:
     """Replace the float ``output`` by its int8 version; returns the sidecar's ``onnx.int8`` record."""
     import os
-
-    from medseg.inference.postprocess import thresholds_for
-    from medseg.inference.quantize import mask_agreement, pipeline_inputs, quantize_int8
-    from medseg.inference.backends import onnx_backend
 
     if slices < 1:
         raise MedsegError(f"calibration slices must be at least 1, got {slices}")

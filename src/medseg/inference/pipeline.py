@@ -14,6 +14,7 @@ import numpy as np
 from medseg.bundle import bundle_from_checkpoint, load_bundle, resolve_model, split_models
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import merge_config
+from medseg.models import model_info
 
 
 @dataclass
@@ -67,8 +68,6 @@ def model_divisor(model: Any, arch: dict[str, Any]) -> int:
     d = getattr(model, "required_divisor", None)
     if d is None:
         try:
-            from medseg.models import model_info
-
             d = model_info(arch["name"], spatial_dims=arch.get("spatial_dims", 2), **arch.get("kwargs", {}))[
                 "required_divisor"]
         except Exception:  # an older models module: fall back to a safe power of two

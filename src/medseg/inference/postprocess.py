@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from medseg.errors import MedsegError
+
 DEFAULTS: dict[str, Any] = {"thresholds": None, "presence": None, "min_size": 0, "largest_cc": False, "components": None}
 COMPONENTS = ("slice", "volume")
 
@@ -140,7 +142,6 @@ def merge_config(base: dict[str, Any] | None, overrides: dict[str, Any] | None) 
 def check_config(cfg: dict[str, Any], classes: Sequence[str], where: Any = None) -> None:
     """Per-class ``thresholds``/``presence`` lists must have one value per class, and ``components`` be
     known (MedsegError otherwise)."""
-    from medseg.errors import MedsegError
 
     if cfg.get("components") not in (None, *COMPONENTS):
         raise MedsegError(f"components must be one of {', '.join(COMPONENTS)}, got {cfg.get('components')!r}", where)

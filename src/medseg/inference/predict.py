@@ -6,8 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.errors import MedsegError
+from medseg.inference.backends import resolve_device
+from medseg.inference.pipeline import model_channels
+from medseg.inference.segmenter import Segmenter
 
 def parse_flips(text: str) -> list[list[int]]:
     """``"-1;-2;-1,-2"`` -> ``[[-1], [-2], [-1, -2]]``: TTA flips as groups of spatial axes (negative,
@@ -86,11 +90,6 @@ def predict(
     ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
     their probabilities (``Segmenter.load``)."""
     import sys
-
-    from medseg.data.formats import FORMATS, get_reader, guess_format
-    from medseg.inference.backends import resolve_device
-    from medseg.inference.pipeline import model_channels
-    from medseg.inference.segmenter import Segmenter
 
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError
 
 
@@ -21,7 +22,6 @@ def pipeline_inputs(seg: Any, prepared: str | Path, slices: int, seed: int = 0) 
     """Up to ``slices`` (network input, PyTorch logits) batches that ``seg`` builds and computes from the
     cases of a prepared dataset, cases taken in a seeded random order, tumour-bearing and empty slices
     alike; TTA off, so every batch is a distinct slice."""
-    from medseg.data.prepared import PreparedDataset
 
     root = Path(prepared)
     if not root.exists():

@@ -17,8 +17,12 @@ from typing import Any
 import numpy as np
 
 from medseg.bundle import build_model, bundle_from_checkpoint, load_bundle, resolve_model, split_models
+from medseg.data.formats import FORMATS, get_reader, guess_format
+from medseg.data.formats.base import case_path
+from medseg.data.normalize import apply, stats_for
 from medseg.errors import MedsegError
 from medseg.inference.backends import activate, onnx_backend, torch_backend
+from medseg.inference.onnx_graph import export_module, fixed_size_for
 from medseg.inference.pipeline import Prediction, _check_compatible, model_divisor, pipeline_spec
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
 from medseg.inference.windows import DECIDE_SLICES, SLAB_BYTES, resize, slab_for, sliding_windows, z_slabs
@@ -143,8 +147,6 @@ class Segmenter:
         if backend == "onnx":
             import tempfile
 
-            from medseg.inference.onnx_graph import export_module, fixed_size_for
-
             fixed = fixed_size_for(spec)
             if fixed:
                 spec["input"]["fixed_size"] = fixed
@@ -245,8 +247,6 @@ class Segmenter:
         postprocess_overrides: dict[str, Any] | None = None,
     ):
         """Yield ``(case_id, Prediction)`` for every case a reader finds under ``path``."""
-        from medseg.data.formats import FORMATS, get_reader, guess_format
-        from medseg.data.formats.base import case_path
 
         path = Path(path)
         fmt = fmt or guess_format(path)
@@ -284,7 +284,6 @@ class Segmenter:
     def _chunks(self, image: np.ndarray):
         """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order: a model
         streams its own way (2D batches, 3D slabs); ``Ensemble`` overrides this."""
-        from medseg.data.normalize import stats_for
 
         stats = stats_for(image, self.spec["normalization"])
         for lo, hi in self._ranges(image.shape):
@@ -321,7 +320,6 @@ class Segmenter:
 
     def _slices_prob(self, image, idx, mean, std, clip) -> np.ndarray:
         """Per-class probabilities [b, out, h, w] of slices ``idx`` (2D or 2.5D)."""
-        from medseg.data.normalize import apply
 
         inp = self.spec["input"]
         z = image.shape[0]
@@ -360,7 +358,6 @@ class Segmenter:
         """Gaussian-weighted sliding windows (MONAI) on the slab around slices ``lo..hi-1``
         (``slab_for``), yielding the kept slices' probabilities in small chunks: only one slab's float32
         input and probabilities exist at a time, whatever the volume's depth."""
-        from medseg.data.normalize import apply
 
         inp = self.spec["input"]
         roi = [int(s) for s in inp["size"]]
@@ -422,7 +419,6 @@ class Ensemble(Segmenter):
         """Walk z ranges (the slabs of the first 3D member, else slice batches), add each member's
         weighted probabilities of the range, then hand the mean on: float32 never exists for more than
         a range."""
-        from medseg.data.normalize import stats_for
 
         z, _, h, w = image.shape
         stats = [stats_for(image, m.spec["normalization"]) for m in self.members]

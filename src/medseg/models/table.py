@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from medseg.models import DEFAULT_MODEL, MODELS
+
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -77,8 +79,6 @@ def print_model_table(console, size: int = 256, budget_s: float = 0.3, benchmark
     """The registered models: name, paper, dims (and with ``benchmark`` parameters, GFLOPs and a quick
     forward speed, which builds and runs every model)."""
     from rich.table import Table
-
-    from medseg.models import DEFAULT_MODEL, MODELS
 
     if benchmark:
         title = (f"models at {size}×{size}, 3 input channels: GFLOPs per image; forward images/s on this machine, "

@@ -6,12 +6,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle import safe_load
+from medseg.bundle import safe_load, save_bundle
 from medseg.config import ExperimentConfig, config_dict
+from medseg.data.sampling import EpochSampler, TrainSamples, ValCases
 from medseg.errors import MedsegError
 from medseg.rundir import RunDir
 from medseg.scores import score_named
+from medseg.training.callbacks import (RunLog,
+    TimeBudget,
+    ValidationSchedule,
+    ValidationScores,
+    atomic_checkpoint_io,
+    progress_bar)
+from medseg.training.module import SegModule
 from medseg.training.task import Task, selection_metric
+from medseg.training.warm_start import warm_start_weights
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -51,8 +60,6 @@ def precision_for(cfg: ExperimentConfig, accelerator: str) -> str:
 
 def make_loaders(cfg: ExperimentConfig, root: str, train_ids: list[str], val_ids: list[str], task: Task, world: int):
     from torch.utils.data import DataLoader
-
-    from medseg.data.sampling import EpochSampler, TrainSamples, ValCases
 
     bs = cfg.data.batch_size
     samples = TrainSamples(root, train_ids, cfg.data, cfg.train.seed, task.norm)
@@ -116,8 +123,6 @@ def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -
     shutil.rmtree(old, ignore_errors=True)
 
 def _on_best_writer(cfg: ExperimentConfig, task: Task, fold: int, fold_dir: Path):
-    from medseg.bundle import save_bundle
-
     def write(module: Any) -> None:
         scores = dict(module.last_scores)
         save_bundle(bundle_for(module, cfg, task, fold, module.current_epoch + 1, scores), fold_dir / "model.pt")
@@ -134,9 +139,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from medseg.training.callbacks import RunLog, TimeBudget, ValidationSchedule, ValidationScores, atomic_checkpoint_io
-    from medseg.training.module import SegModule
 
     import logging
     import warnings
@@ -168,7 +170,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
     module = SegModule(cfg, task)
     module.precision_used = precision_for(cfg, accel)  # recorded in the bundle: "auto" depends on the machine
     if cfg.train.init and ckpt_path is None:  # a resumed run restores its own weights
-        from medseg.training.warm_start import warm_start_weights
 
         module.model.load_state_dict(warm_start_weights(cfg, task, ds, fold, member))
     if console is not None and _rank() == 0:
@@ -199,8 +200,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema))
     interactive = console is not None and getattr(console, "is_terminal", False)
     if interactive:
-        from medseg.training.callbacks import progress_bar
-
         callbacks.append(progress_bar())
     callbacks += extra_callbacks or []
     world_devices = cfg.train.devices
@@ -244,7 +243,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         where = f"{last} (end of epoch {_ckpt_epoch(last)})" if last.is_file() else "no checkpoint yet (nothing to resume)"
         raise TrainingInterrupted(f"interrupted; last checkpoint: {where}; continue with --resume") from None
     if full and trainer.global_rank == 0:  # no validation picks a best epoch: keep the final weights
-        from medseg.bundle import save_bundle
 
         save_bundle(bundle_for(module, cfg, task, "full", trainer.current_epoch, {}), fold_dir / "model.pt")
     return trainer, module

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import atomic_write_text
+from medseg.bundle import load_bundle, save_bundle
 from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
 from medseg.errors import MedsegError
 from medseg.rundir import RunDir
 from medseg.scores import score_named
 from medseg.training.fit import TrainingInterrupted, _replace_val_predictions, fit_fold
+from medseg.training.module import dice_scores, overlap_counts, score_columns, to_masks
 from medseg.training.task import Task, check_task
 
 
@@ -105,9 +107,6 @@ def merge_members(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, f
     averaged, as inference averages them) and scores, which it returns."""
     import numpy as np
     import torch
-
-    from medseg.bundle import load_bundle, save_bundle
-    from medseg.training.module import dice_scores, overlap_counts, score_columns, to_masks
 
     members = [RunDir.member_dir(fold_dir, i) for i in range(cfg.train.members)]
     bundles = [load_bundle(m / "model.pt") for m in members]

@@ -16,6 +16,7 @@ from medseg.config import ExperimentConfig
 from medseg.data.augment import augment_batch
 from medseg.losses import build_loss
 from medseg.scores import score_named
+from medseg.training.callbacks import TimeBudget
 from medseg.training.task import Task, selection_metric
 
 
@@ -170,8 +171,6 @@ class SegModule(pl.LightningModule):
             opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         progress = None
         if self.cfg.schedule.by == "time":
-            from medseg.training.callbacks import TimeBudget
-
             progress = next(c for c in self.trainer.callbacks if isinstance(c, TimeBudget)).fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, progress))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -19,6 +19,7 @@ from medseg.scores import score_named
 from medseg.training.fit import _rank, check_checkpoint, fit_fold
 from medseg.training.members import fit_members
 from medseg.training.task import check_resume, check_task, folds_of, selection_metric
+from medseg.training.warm_start import warm_start_weights
 
 
 def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, str] | None = None, out: str | Path | None = None,
@@ -31,7 +32,6 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     run = Path(out) if out is not None else Path("runs") / config_path.stem
     rd = RunDir(run)
     if cfg.train.init and not resume:  # a wrong path or network fails now, not after the first fold
-        from medseg.training.warm_start import warm_start_weights
 
         for k in folds:
             warm_start_weights(cfg, task, ds, k)

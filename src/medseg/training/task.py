@@ -11,7 +11,10 @@ from typing import Any
 import yaml
 
 from medseg.config import ExperimentConfig, config_dict
+from medseg.data.prepared import PreparedDataset
+from medseg.data.sampling import in_channels, norm_config
 from medseg.errors import MedsegError
+from medseg.losses import build_loss
 from medseg.rundir import RunDir
 from medseg.scores import score_for
 
@@ -56,8 +59,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, Task]:
     """Open the prepared dataset and check it against the config; returns (dataset, task info)."""
-    from medseg.data.prepared import PreparedDataset
-    from medseg.data.sampling import in_channels, norm_config
     from medseg.models import MODELS, create_model
 
     root = Path(cfg.data.prepared)
@@ -109,7 +110,6 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, Ta
     if cfg.data.size is None and any(s % div for s in ds.cases[0].shape[2:]):
         raise MedsegError(f"slices are {ds.cases[0].shape[2]}x{ds.cases[0].shape[3]}, not divisible by {div} for model "
                           f"{cfg.model.name!r}: set data.size (a crop, or with data.resize a resize)", config_path)
-    from medseg.losses import build_loss
 
     try:
         build_loss(cfg.loss, ds.class_kind, ds.classes, ds.fingerprint)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle import bundle_from_checkpoint, load_bundle, resolve_model
 from medseg.errors import MedsegError
 from medseg.training.task import Task
 
@@ -15,7 +16,6 @@ from medseg.training.task import Task
 def _source(spec: str, fold: int | str, ds: Any) -> Path:
     """The bundle to start fold ``fold`` from. A run directory gives its own fold ``fold`` (so a fold's
     validation patients stay unseen), after checking the run was split as this dataset is."""
-    from medseg.bundle import resolve_model
 
     run = Path(spec).expanduser()
     if run.is_dir() and not (run / "model.pt").is_file() and fold != "full":
@@ -42,8 +42,6 @@ def warm_start_weights(cfg: Any, task: Task, ds: Any, fold: int | str, member: i
 
 
 def _weights(cfg: Any, task: Task, ds: Any, fold: int | str, member: int) -> dict[str, Any]:
-    from medseg.bundle import bundle_from_checkpoint, load_bundle
-
     path = _source(str(cfg.train.init), fold, ds)
     if path.suffix == ".onnx":
         raise MedsegError("an ONNX file cannot be trained; give the run directory or model.pt it was exported from", path)

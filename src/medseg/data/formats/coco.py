@@ -19,6 +19,7 @@ import numpy as np
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, Reader, binary_mask, check_2d, expect_prediction
+from medseg.data.formats.folder import read_image
 from medseg.errors import MedsegError
 
 _JSON_NAMES = ("_annotations.coco.json", "annotations.json", "instances.json")
@@ -173,7 +174,6 @@ class COCOReader(Reader):
 
     def read_prediction(self, root, spec, case, shape):
         """``<image stem>[_<class>]_mask.png`` (0/255) per class, as ``write_prediction`` writes them."""
-        from medseg.data.formats.folder import read_image
 
         out = np.zeros(shape, np.uint8)
         for j, name in enumerate(spec.classes):

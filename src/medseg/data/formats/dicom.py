@@ -21,8 +21,13 @@ import numpy as np
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
-from medseg.data.formats.nifti import (labels_to_mask, load_nifti, nifti_array, read_label_prediction, to_zyx,
-                                      write_volume_nifti)
+from medseg.data.formats.folder import EXTENSIONS, _is_gray, _natural, read_image
+from medseg.data.formats.nifti import (labels_to_mask,
+    load_nifti,
+    nifti_array,
+    read_label_prediction,
+    to_zyx,
+    write_volume_nifti)
 from medseg.errors import MedsegError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -70,7 +75,6 @@ class DicomReader(Reader):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
         classes: ClassNames = None  # names of label values 1..K
         patient_regex: str | None = None  # first group of the case id = patient (default: the PatientID tag)
-
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         import pydicom
@@ -307,7 +311,6 @@ def _check_even(label: str, order: list[tuple[Path, Any]], dist: np.ndarray, ste
 
 def _mask_images(folder: Path, dicom_files: list[str]) -> tuple[list[str], bool, set[int]]:
     """A series' slice masks in slice order, whether they are 0/255, and the label values present."""
-    from medseg.data.formats.folder import EXTENSIONS, _natural
 
     files = sorted((f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS), key=lambda f: _natural(f.name))
     by_stem = {f.stem: f for f in files}
@@ -326,8 +329,6 @@ def _mask_images(folder: Path, dicom_files: list[str]) -> tuple[list[str], bool,
 
 
 def _read_mask_slice(path: Path, size: tuple[int, ...] | None, binary: bool) -> np.ndarray:
-    from medseg.data.formats.folder import _is_gray, read_image
-
     m = read_image(path)
     if m.ndim == 3:
         if not _is_gray(m):

@@ -33,8 +33,15 @@ from typing import Literal
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import (CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, binary_mask, check_2d,
-                                     expect_prediction)
+from medseg.data.formats.base import (CaseData,
+    CaseSpec,
+    ClassNames,
+    DatasetSpec,
+    Reader,
+    binary_mask,
+    check_2d,
+    expect_prediction)
+from medseg.data.formats.lgg import read_tiff
 from medseg.data.formats.palette import BACKGROUND, map_palette, parse_palette
 from medseg.errors import MedsegError, warn
 
@@ -47,8 +54,6 @@ def read_image(path: Path) -> np.ndarray:
     """A 2D image as ``[h, w]`` or ``[h, w, c]`` in its native dtype, or a MedsegError naming the file."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        from medseg.data.formats.lgg import read_tiff
-
         return read_tiff(path)
     from PIL import Image, UnidentifiedImageError
 
@@ -98,7 +103,6 @@ class FolderReader(Reader):
         channels: Literal["auto", "stored", "gray", "rgb"] = "auto"
         # binary masks: foreground = pixel > this (grey or blurred masks); default: exact {0,255}/{0,1}
         mask_threshold: float | None = None
-
 
     def _regex(self, key: str) -> re.Pattern | None:
         text = getattr(self.options, key)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.formats.uwmgi import CLASSES  # the competition's order
+from medseg.data.formats.folder import read_image
+from medseg.data.formats.palette import map_palette
+from medseg.data.formats.uwmgi import CLASSES
 from medseg.data.rle import encode
 from medseg.errors import MedsegError
 
@@ -169,9 +171,6 @@ def write_uwmgi_from_derived(
     (all 36 take about 1.2 MB).
     """
     from PIL import Image
-
-    from medseg.data.formats.folder import read_image
-    from medseg.data.formats.palette import map_palette
 
     src, dst = Path(src), Path(dst)
     img_dir, mask_dir = src / "images", src / "masks"
