@@ -834,6 +834,16 @@ def _predict_unknown_device(tmp):
                 "use auto, cpu, cuda or cuda:N", absent=[tmp / "out"])
 
 
+def _predict_bundle_with_an_unknown_input_mode(tmp):
+    from medseg.bundle import load_bundle, save_bundle
+
+    b = load_bundle(ROOT / "src" / "medseg" / "weights" / "lgg-unet.pt")
+    b["input"] = {**b["input"], "mode": "4d"}
+    m = save_bundle(b, tmp / "model.pt")
+    return Case(["predict", m, LGG_TINY, tmp / "out"], m, "not a valid medseg pipeline description: input.mode",
+                absent=[tmp / "out"])
+
+
 def _predict_corrupt_slice_leaves_no_folder(tmp):
     root = copy_lgg(tmp)
     shutil.rmtree(root / "TCGA_CS_5395_19981004")

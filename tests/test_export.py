@@ -105,8 +105,17 @@ def test_export_bad_inputs(tmp_path):
     (tmp_path / "lonely.onnx").write_bytes(b"")
     with pytest.raises(MedsegError, match="pre/post-processing description lonely.json is missing"):
         Segmenter.load(tmp_path / "lonely.onnx")
+    # a sidecar missing a field: the typed description names the file and the field
     (tmp_path / "lonely.json").write_text(json.dumps({"format": "medseg.pipeline/1", "name": "x", "classes": ["a"],
                                                       "class_kind": "multiclass", "channels": ["c"], "input": {}}))
+    with pytest.raises(MedsegError, match="not a valid medseg pipeline description: arch: Field required") as e:
+        Segmenter.load(tmp_path / "lonely.onnx")
+    assert e.value.path == str(tmp_path / "lonely.json")
+    # a complete sidecar beside a file that is no ONNX graph
+    (tmp_path / "lonely.json").write_text(json.dumps({
+        "format": "medseg.pipeline/1", "name": "x", "classes": ["a"], "class_kind": "multiclass", "channels": ["c"],
+        "arch": {"name": "unet", "in_channels": 1, "out_channels": 2}, "input": {"mode": "2d"},
+        "normalization": {"mode": "zscore_case"}}))
     with pytest.raises(MedsegError, match="cannot load ONNX model") as e:
         Segmenter.load(tmp_path / "lonely.onnx")
     assert e.value.path == str(tmp_path / "lonely.onnx")
@@ -250,7 +259,8 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
         np.testing.assert_allclose(o.prob.astype(np.float32), t.prob.astype(np.float32), atol=1e-3)
         assert (o.mask == t.mask).mean() >= 0.999 and 0 < t.mask.mean() < 1
     # the check catches a dynamic-axes graph of this network: wrong (or failing) at another size ...
-    spec = dict(onnx_seg.spec, input={k: v for k, v in onnx_seg.spec["input"].items() if k != "fixed_size"})
+    spec = onnx_seg.spec.model_copy(deep=True)
+    spec.input.fixed_size = None
     exp.export_module(module, spec, tmp_path / "dyn.onnx")
     assert exp.logit_difference(module, tmp_path / "dyn.onnx", [2, 1, 64, 64]) < 1e-4
     assert exp.logit_difference(module, tmp_path / "dyn.onnx", [2, 1, 96, 128]) > 1e-3
@@ -265,7 +275,7 @@ def test_swin_unetr_exports_for_its_size_and_the_pipeline_windows_other_sizes(tm
     # the onnx backend straight from the bundle takes the same route
     monkeypatch.setattr(graph, "FIXED_SIZE_ARCHS", {"swin_unetr"})
     ob = Segmenter.load(bp, tta=False, backend="onnx")
-    assert ob.spec["input"]["fixed_size"] == [64, 64]
+    assert ob.spec.input.fixed_size == [64, 64]
     image = np.random.default_rng(2).normal(100, 20, (2, 1, 96, 70)).astype(np.float32)
     np.testing.assert_allclose(_probs(ob, image), _probs(torch_seg, image), atol=1e-3)
 

@@ -52,7 +52,7 @@ def test_python_api_returns_mask_and_probabilities():
     seg = Segmenter.load("lgg-unet", tta=False)
     pred = seg.predict(FIXTURES / "lgg_tiny" / "kaggle_3m" / "TCGA_CS_5393_19990606")
     assert pred.prob is not None and pred.prob.shape == pred.mask.shape == (4, 1, 256, 256)
-    t = seg.spec["postprocess"]["thresholds"][0]  # tuned into the shipped bundle
+    t = seg.spec.postprocess["thresholds"][0]  # tuned into the shipped bundle
     p = pred.prob[:, 0].astype(np.float32)
     clear = np.abs(p - t) > 1e-3  # float16 probabilities: pixels at the threshold may round either way
     assert pred.mask.any() and np.array_equal((pred.mask[:, 0] > 0)[clear], (p > t)[clear])

@@ -153,7 +153,7 @@ def test_tune_finds_the_planted_thresholds_and_writes_the_bundle(tmp_path, prepa
     assert b["meta"]["tuned"]["score"] == 1.0 and not b["tta"].get("enabled")
     assert json.loads((run / "tune.json").read_text())["score"] == 1.0
     seg = Segmenter.load(run)  # what `medseg predict` reads
-    assert seg.spec["postprocess"]["presence"] == [0.6] * 3 and seg.spec["postprocess"]["thresholds"] == [0.3] * 3
+    assert seg.spec.postprocess["presence"] == [0.6] * 3 and seg.spec.postprocess["thresholds"] == [0.3] * 3
 
 
 def test_tune_dry_run_and_custom_grid(tmp_path, prepared):

@@ -25,7 +25,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medseg.atomic import atomic_path
 from medseg.errors import MedsegError
@@ -33,6 +35,58 @@ from medseg.models.member_mean import MemberMean
 from medseg.rundir import RunDir
 
 BUNDLE_FORMAT = "medseg.bundle/1"
+PIPELINE_FORMAT = "medseg.pipeline/1"
+
+
+class InputSpec(BaseModel):
+    """How slices or volumes reach the network."""
+
+    model_config = ConfigDict(extra="allow")
+    mode: Literal["2d", "2.5d", "3d"] = "2d"
+    context: int = 0  # 2.5D: slices on each side
+    stride: int = 1  # 2.5D: distance between them
+    size: Optional[list[int]] = None  # the training size ([h, w] or a 3D patch [d, h, w])
+    resize: bool = False  # 2D: resize slices to ``size`` and the probabilities back
+    divisor: int = 32  # the network's input sizes must be multiples of this
+    overlap: float = 0.5  # sliding windows
+    fixed_size: Optional[list[int]] = None  # an ONNX graph valid for this one spatial size
+
+
+class ArchSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    in_channels: int
+    out_channels: int
+    spatial_dims: int = 2
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineSpec(BaseModel):
+    """A model's pipeline apart from its weights: what ``model.pt`` says about inputs, classes,
+    normalisation, decision and TTA, and what an ONNX file's sidecar JSON holds (``model_dump``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["medseg.pipeline/1"] = PIPELINE_FORMAT
+    name: str
+    arch: ArchSpec
+    classes: list[str]
+    class_kind: Literal["multiclass", "multilabel"]
+    channels: list[str]
+    input: InputSpec
+    normalization: dict[str, Any]
+    postprocess: dict[str, Any] = Field(default_factory=dict)
+    tta: dict[str, Any] = Field(default_factory=dict)
+    onnx: Optional[dict[str, Any]] = None  # the exported graph (sidecars only)
+
+    @classmethod
+    def read(cls, doc: Any, where: str | Path) -> PipelineSpec:
+        """Validate a sidecar's (or a bundle's) description; one line naming the file and field otherwise."""
+        try:
+            return cls.model_validate(doc)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise MedsegError(f"not a valid medseg pipeline description: {'.'.join(map(str, err['loc']))}: "
+                              f"{err['msg']}", where) from None
 _REQUIRED = ("arch", "state_dict", "classes", "class_kind", "channels", "input", "normalization")
 
 
@@ -81,6 +135,12 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     b = safe_load(path, "model bundle: damaged, or not a medseg model.pt")
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise MedsegError(f"not a medseg model bundle (format {b.get('format') if isinstance(b, dict) else None!r})", path)
+    missing = [k for k in _REQUIRED if k not in b]
+    if missing:
+        raise MedsegError(f"model bundle has no {', '.join(missing)}", path)
+    # the pipeline fields are the sidecar's: the same typed description checks both
+    PipelineSpec.read({"name": path.stem, **{k: b[k] for k in ("arch", "classes", "class_kind", "channels", "input",
+                                                                 "normalization")}}, path)
     b["state_dict"] = _cast(b["state_dict"], torch.float32)
     if b.get("members"):
         b["members"] = [_cast(sd, torch.float32) for sd in b["members"]]

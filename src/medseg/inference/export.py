@@ -119,11 +119,11 @@ def _export(seg: Any, model: Any, final: Path, output: Path, opset: int, console
     if len(seg.models) != 1:
         raise MedsegError("export one model and one fold at a time (an ensemble is several ONNX files)", str(model))
     module = seg.models[0]
-    spec = dict(seg.spec, input=dict(seg.spec["input"]))
-    spec["input"].pop("fixed_size", None)
+    spec = seg.spec.model_copy(deep=True)
+    spec.input.fixed_size = None
     fixed = fixed_size_for(spec, size)
     if fixed:
-        spec["input"]["fixed_size"] = fixed
+        spec.input.fixed_size = fixed
     export_module(module, spec, output, opset=opset, dynamo=dynamo)
     diffs = {tuple(s): logit_difference(module, output, s) for s in check_sizes(spec)}
     first = next(iter(diffs))
@@ -131,7 +131,7 @@ def _export(seg: Any, model: Any, final: Path, output: Path, opset: int, console
     if not fixed and diffs[first] <= _TOLERANCE and max(diffs.values()) > _TOLERANCE:
         # valid at the export size only: a size-dependent graph; export it for one size instead
         bad = next(s for s, v in diffs.items() if v > _TOLERANCE)
-        fixed = spec["input"]["fixed_size"] = fixed_size_for(spec, force=True)
+        fixed = spec.input.fixed_size = fixed_size_for(spec, force=True)
         export_module(module, spec, output, opset=opset, dynamo=dynamo)
         diffs = {tuple(s): logit_difference(module, output, s) for s in check_sizes(spec)}
         note = (f"; its graph is valid for one input size only (differs at {list(bad[2:])}): exported for "
@@ -139,18 +139,18 @@ def _export(seg: Any, model: Any, final: Path, output: Path, opset: int, console
     elif fixed:
         note = f"; exported for input size {fixed} (the pipeline runs windows of that size)"
     diff = max(diffs.values())
-    spec["onnx"] = {"file": final.name, "input": "input", "output": "logits", "opset": opset,
+    spec.onnx = {"file": final.name, "input": "input", "output": "logits", "opset": opset,
                     "exporter": "dynamo" if dynamo else "torchscript", "fixed_size": fixed}
     if diff > _TOLERANCE:
         where = ", ".join(f"{list(s[2:])}: {v:.3g}" for s, v in diffs.items())
         raise MedsegError(f"onnxruntime output differs from PyTorch (relative logit difference at {where}); "
                           "nothing written", final)
     if int8 is not None:
-        spec["onnx"]["int8"] = _quantize(seg, output, Path(int8), calibration_slices, min_agreement)
-        note += (f"; int8 masks agree with PyTorch's on {100 * spec['onnx']['int8']['mask_agreement']:.3f}% of "
-                 f"the pixels of {spec['onnx']['int8']['checked_slices']} held-out slices")
+        spec.onnx["int8"] = _quantize(seg, output, Path(int8), calibration_slices, min_agreement)
+        note += (f"; int8 masks agree with PyTorch's on {100 * spec.onnx['int8']['mask_agreement']:.3f}% of "
+                 f"the pixels of {spec.onnx['int8']['checked_slices']} held-out slices")
     tmp_sidecar = output.with_suffix(".json")
-    tmp_sidecar.write_text(json.dumps(spec, indent=2, default=_jsonable) + "\n")
+    tmp_sidecar.write_text(json.dumps(spec.model_dump(mode="json"), indent=2, default=_jsonable) + "\n")
     sidecar = final.with_suffix(".json")
     os.replace(output, final)
     os.replace(tmp_sidecar, sidecar)
@@ -178,7 +178,7 @@ def _quantize(seg: Any, output: Path, prepared: Path, slices: int, min_agreement
         quantize_int8(output, tmp, [x for x, _ in calib], input_name="input")
         q = onnx_backend(tmp)
         agree = mask_agreement([y for _, y in check], [q(x) for x, _ in check], seg.class_kind,
-                               thresholds_for(seg.spec["postprocess"], len(seg.classes)))
+                               thresholds_for(seg.spec.postprocess, len(seg.classes)))
         if agree < min_agreement:
             raise MedsegError(f"int8 masks agree with PyTorch's on only {100 * agree:.3f}% of the pixels (needed "
                               f"{100 * min_agreement:.1f}%); nothing written: export without --int8", output)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.bundle import bundle_from_checkpoint, load_bundle, resolve_model, split_models
+from medseg.bundle import PipelineSpec, bundle_from_checkpoint, load_bundle, resolve_model, split_models
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import merge_config
 from medseg.models import model_info
@@ -42,25 +42,15 @@ def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | Non
         return None
 
 
-def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> dict[str, Any]:
-    """The backend-independent description of a model's pre- and post-processing (the ONNX sidecar)."""
+def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> PipelineSpec:
+    """The backend-independent description of a bundle's pre- and post-processing (the ONNX sidecar)."""
     inp = dict(bundle["input"])
-    inp.setdefault("mode", "2d")
-    inp.setdefault("context", 0)
-    inp.setdefault("stride", 1)
     inp["divisor"] = int(inp.get("divisor") or divisor)
-    return {
-        "format": "medseg.pipeline/1",
-        "name": name,
-        "arch": {k: v for k, v in bundle["arch"].items()},
-        "classes": list(bundle["classes"]),
-        "class_kind": bundle["class_kind"],
-        "channels": list(bundle["channels"]),
-        "input": inp,
-        "normalization": bundle["normalization"],
-        "postprocess": merge_config(bundle.get("postprocess"), None),
-        "tta": dict(bundle.get("tta") or {}),
-    }
+    return PipelineSpec.read({"name": name, "arch": bundle["arch"], "classes": list(bundle["classes"]),
+                              "class_kind": bundle["class_kind"], "channels": list(bundle["channels"]),
+                              "input": inp, "normalization": bundle["normalization"],
+                              "postprocess": merge_config(bundle.get("postprocess"), None),
+                              "tta": dict(bundle.get("tta") or {})}, name)
 
 
 def model_divisor(model: Any, arch: dict[str, Any]) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.bundle import build_model, bundle_from_checkpoint, load_bundle, resolve_model, split_models
+from medseg.bundle import PipelineSpec, build_model, bundle_from_checkpoint, load_bundle, resolve_model, split_models
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.data.normalize import apply, stats_for
@@ -36,7 +36,7 @@ class Segmenter:
 
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: PipelineSpec,
         nets: list[Callable[[np.ndarray], np.ndarray]],
         tta: bool | Sequence[Sequence[int]] | None = None,
         backend: str = "torch",
@@ -50,10 +50,10 @@ class Segmenter:
         self.device = device
         self.batch_size = batch_size
         self.models = models or []  # the torch modules (for export)
-        self.name = spec["name"]
-        self.classes: list[str] = spec["classes"]
-        self.class_kind: str = spec["class_kind"]
-        self.channels: list[str] = spec["channels"]
+        self.name = spec.name
+        self.classes: list[str] = spec.classes
+        self.class_kind: str = spec.class_kind
+        self.channels: list[str] = spec.channels
         self.flips = self._flips(tta)
         self.members: list[Segmenter] = [self]  # an Ensemble holds several
         self.weights: list[float] = [1.0]
@@ -79,16 +79,16 @@ class Segmenter:
         ref = members[0]
         for m, loc in zip(members[1:], where[1:]):
             for key, what in (("class_kind", "class kinds"), ("classes", "classes"), ("channels", "input channels")):
-                if m.spec[key] != ref.spec[key]:
+                if getattr(m.spec, key) != getattr(ref.spec, key):
                     raise MedsegError(f"cannot ensemble {m.name} with {ref.name}: {what} differ "
-                                      f"({m.spec[key]} vs {ref.spec[key]})", loc)
+                                      f"({getattr(m.spec, key)} vs {getattr(ref.spec, key)})", loc)
         if len(members) == 1:
             return members[0]
         total = sum(w)
         return Ensemble(members, [v / total for v in w])
 
     def _flips(self, tta: bool | Sequence[Sequence[int]] | None) -> list[list[int]]:
-        cfg = self.spec.get("tta") or {}
+        cfg = self.spec.tta or {}
         if tta is None:
             tta = bool(cfg.get("enabled", False))
         if tta is True:
@@ -96,7 +96,7 @@ class Segmenter:
         if tta is False:
             return []
         flips = [[int(a) for a in f] for f in tta]
-        nsp = 3 if self.spec["input"].get("mode") == "3d" else 2  # the network's spatial axes: -1 .. -nsp
+        nsp = 3 if self.spec.input.mode == "3d" else 2  # the network's spatial axes: -1 .. -nsp
         bad = [f for f in flips if not f or any(not -nsp <= a <= -1 for a in f)]
         if bad:
             raise MedsegError(f"TTA flip {bad[0]} is not a group of spatial axes of this {nsp}D model "
@@ -149,7 +149,7 @@ class Segmenter:
 
             fixed = fixed_size_for(spec)
             if fixed:
-                spec["input"]["fixed_size"] = fixed
+                spec.input.fixed_size = fixed
             tmp = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
             nets = []
             for i, m in enumerate(models):
@@ -169,11 +169,13 @@ class Segmenter:
             raise MedsegError(f"the ONNX model's pre/post-processing description {side.name} is missing "
                               "(write both with `medseg export`)", side)
         try:
-            spec = json.loads(side.read_text())
+            doc = json.loads(side.read_text())
         except ValueError as e:
             raise MedsegError(f"cannot read the ONNX sidecar JSON ({e})", side) from None
-        if spec.get("format") != "medseg.pipeline/1":
-            raise MedsegError(f"not a medseg ONNX sidecar (format {spec.get('format')!r})", side)
+        if not isinstance(doc, dict) or doc.get("format") != "medseg.pipeline/1":
+            raise MedsegError(f"not a medseg ONNX sidecar (format {doc.get('format') if isinstance(doc, dict) else None!r})",
+                              side)
+        spec = PipelineSpec.read(doc, side)
         return cls(spec, [onnx_backend(path, threads, device)], tta, "onnx", batch_size, device=device)
 
     # ------------------------------------------------------------------ prediction
@@ -225,13 +227,13 @@ class Segmenter:
             raise MedsegError(f"expected an image [z, c, h, w] or [c, h, w], got shape {image.shape}", where)
         self._check_channels(image, where)
         if spatial_dims is None:
-            spatial_dims = 3 if any(m.spec["input"]["mode"] == "3d" for m in self.members) else 2
+            spatial_dims = 3 if any(m.spec.input.mode == "3d" for m in self.members) else 2
         k = len(self.classes)
         z, _, h, w = image.shape
         mask = np.zeros((z, k, h, w), np.uint8)
         prob = np.zeros((z, k, h, w), np.float16) if probabilities else None
         slice_max = np.zeros((z, k), np.float32)
-        pp = merge_config(self.spec.get("postprocess"), postprocess_overrides)
+        pp = merge_config(self.spec.postprocess, postprocess_overrides)
         check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
         for idx, p in self._chunks(image):
@@ -285,7 +287,7 @@ class Segmenter:
         """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order: a model
         streams its own way (2D batches, 3D slabs); ``Ensemble`` overrides this."""
 
-        stats = stats_for(image, self.spec["normalization"])
+        stats = stats_for(image, self.spec.normalization)
         for lo, hi in self._ranges(image.shape):
             yield from self._range_prob(image, stats, lo, hi)
 
@@ -298,19 +300,19 @@ class Segmenter:
     def _ranges(self, shape: tuple[int, ...], extra_per_voxel: int = 0) -> list[tuple[int, int]]:
         """This model's natural z ranges: the whole case (2D, batched inside) or its 3D slabs' kept ranges."""
         z, c, h, w = shape
-        if self.spec["input"]["mode"] != "3d":
+        if self.spec.input.mode != "3d":
             return [(0, z)]
-        inp = self.spec["input"]
-        roi_z, overlap = int(inp["size"][0]), float(inp.get("overlap", 0.5))
+        inp = self.spec.input
+        roi_z, overlap = int(inp.size[0]), float(inp.overlap)
         # bytes per voxel of a slab, float32: our input, MONAI's padded copy of it, its output sum, count
         # map and the final sum / count, plus the Gaussian weights (measured peak ~ this, not c + out + 1)
-        per_voxel = 4 * (2 * c + 2 * int(self.spec["arch"]["out_channels"]) + 2) + extra_per_voxel
+        per_voxel = 4 * (2 * c + 2 * int(self.spec.arch.out_channels) + 2) + extra_per_voxel
         return [(lo, hi) for _, _, lo, hi in z_slabs(z, h * w, roi_z, overlap, SLAB_BYTES // per_voxel)]
 
     def _range_prob(self, image, stats, lo: int, hi: int):
         """Yield ``(idx, p[b, out, h, w])`` for slices ``lo..hi-1`` (2D batches or one 3D slab)."""
         mean, std, clip = stats
-        if self.spec["input"]["mode"] == "3d":
+        if self.spec.input.mode == "3d":
             yield from self._slab_prob(image, mean, std, clip, lo, hi)
             return
         bs = self._batch(*image.shape[2:])
@@ -321,10 +323,10 @@ class Segmenter:
     def _slices_prob(self, image, idx, mean, std, clip) -> np.ndarray:
         """Per-class probabilities [b, out, h, w] of slices ``idx`` (2D or 2.5D)."""
 
-        inp = self.spec["input"]
+        inp = self.spec.input
         z = image.shape[0]
-        if inp["mode"] == "2.5d":
-            ctx, stride = int(inp["context"]), int(inp["stride"])
+        if inp.mode == "2.5d":
+            ctx, stride = int(inp.context), int(inp.stride)
             offsets = np.arange(-ctx, ctx + 1) * stride
             zz = np.clip(idx[:, None] + offsets[None], 0, z - 1)  # clamped edges, as in training
             x = apply(image[zz.ravel()], mean, std, clip, channel_axis=1)
@@ -332,13 +334,13 @@ class Segmenter:
         else:
             x = apply(image[idx], mean, std, clip, channel_axis=1)
         h, w = x.shape[-2:]
-        if inp.get("resize") and inp.get("size"):
-            size = tuple(int(s) for s in inp["size"][-2:])
+        if inp.resize and inp.size:
+            size = tuple(int(s) for s in inp.size[-2:])
             p = self._net2d(resize(x, size)) if (h, w) != size else self._net2d(x)
             return resize(p, (h, w)) if (h, w) != size else p
-        if inp.get("fixed_size"):  # windows of the network's one size (MONAI pads smaller slices)
+        if inp.fixed_size:  # windows of the network's one size (MONAI pads smaller slices)
             return self._net2d(x)
-        d = int(inp["divisor"])
+        d = int(inp.divisor)
         ph, pw = -h % d, -w % d
         if ph or pw:  # zeros = the normalised mean; cropped off afterwards
             x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
@@ -348,20 +350,20 @@ class Segmenter:
     def _net2d(self, x: np.ndarray) -> np.ndarray:
         """Probabilities of a 2D batch; a network exported for one spatial size (``input.fixed_size``,
         e.g. Swin UNETR in ONNX) sees Gaussian-weighted sliding windows of that size instead."""
-        fixed = self.spec["input"].get("fixed_size")
+        fixed = self.spec.input.fixed_size
         if not fixed or tuple(x.shape[-2:]) == tuple(int(s) for s in fixed[-2:]):
             return self.probabilities(x)
         return sliding_windows(x, [int(s) for s in fixed[-2:]], self.probabilities, self.batch_size,
-                               float(self.spec["input"].get("overlap", 0.5)))
+                               float(self.spec.input.overlap))
 
     def _slab_prob(self, image, mean, std, clip, lo: int, hi: int):
         """Gaussian-weighted sliding windows (MONAI) on the slab around slices ``lo..hi-1``
         (``slab_for``), yielding the kept slices' probabilities in small chunks: only one slab's float32
         input and probabilities exist at a time, whatever the volume's depth."""
 
-        inp = self.spec["input"]
-        roi = [int(s) for s in inp["size"]]
-        overlap = float(inp.get("overlap", 0.5))
+        inp = self.spec.input
+        roi = [int(s) for s in inp.size]
+        overlap = float(inp.overlap)
         z, _, h, w = image.shape
         a, b = slab_for(lo, hi, z, roi[0], overlap)
 
@@ -403,8 +405,8 @@ class Ensemble(Segmenter):
     def __init__(self, members: Sequence[Segmenter], weights: Sequence[float]):
         ref = members[0]
         # the first member's description (decision and post-processing); members keep their own inputs
-        self.spec = dict(ref.spec, name="+".join(m.name for m in members))
-        self.name = self.spec["name"]
+        self.spec = ref.spec.model_copy(update={"name": "+".join(m.name for m in members)})
+        self.name = self.spec.name
         self.classes, self.class_kind, self.channels = ref.classes, ref.class_kind, ref.channels
         self.nets = [n for m in members for n in m.nets]
         self.models = [mod for m in members for mod in m.models]
@@ -421,9 +423,9 @@ class Ensemble(Segmenter):
         a range."""
 
         z, _, h, w = image.shape
-        stats = [stats_for(image, m.spec["normalization"]) for m in self.members]
-        out = int(self.spec["arch"]["out_channels"])
-        three = [m for m in self.members if m.spec["input"]["mode"] == "3d"]
+        stats = [stats_for(image, m.spec.normalization) for m in self.members]
+        out = int(self.spec.arch.out_channels)
+        three = [m for m in self.members if m.spec.input.mode == "3d"]
         if three:  # the accumulator costs another 4 bytes per output channel and voxel
             ranges = three[0]._ranges(image.shape, extra_per_voxel=4 * out)
         else:
