@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError, MedsegWarning
+from medseg.text import plural
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.")
 console = Console()
@@ -31,11 +32,6 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     """Medical image segmentation, fast on a CPU."""
-
-
-def plural(n: int, word: str) -> str:
-    """``1 case``, ``2 cases``."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:

@@ -215,8 +215,9 @@ def prepare(
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     t0 = time.perf_counter()
     results: dict[str, _CaseResult] = {}
+    known = set(ids)
     for cid, done in writer.done().items():
-        if cid in set(ids):
+        if cid in known:
             try:
                 results[cid] = _resumed(writer.tmp, done)
             except (OSError, ValueError, KeyError, TypeError):

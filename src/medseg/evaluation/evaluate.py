@@ -28,6 +28,7 @@ from medseg.evaluation.report import pick_cases, write_report
 from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
 from medseg.rundir import RunDir
 from medseg.scores import SCORES, score_for
+from medseg.text import plural
 
 CASE_COLUMNS = ["case_id", "patient", "class", "truth_voxels", "pred_voxels", *METRICS]
 SLICE_METRICS = ("dice", "iou", "precision", "recall")
@@ -61,9 +62,7 @@ def _default_out(pred: Path, run: bool) -> Path:
 
 def task_score(truth: Any) -> Any:
     """The data set's own score (``medseg.scores``) when its data brings one, from the truth's format."""
-    fmt = truth.prepared.info.get("source_format") if truth.prepared is not None else \
-        getattr(getattr(truth, "spec", None), "format", None)
-    return score_for(fmt, truth.classes)
+    return score_for(truth.format, truth.classes)
 
 
 def evaluate(
@@ -125,7 +124,7 @@ def evaluate(
 
         stage = Path(tempfile.mkdtemp(prefix="medseg-evaluate-"))
     try:
-        summary = _evaluate(pred, truth_obj, preds, ids, stage, out_dir, run=run, empty=empty,
+        summary = _evaluate(pred, truth_obj, preds, ids, stage, empty=empty,
                             nsd_tolerance=nsd_tolerance, report=report, t0=t0, score_variant=score_variant)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in stage.iterdir():
@@ -137,8 +136,8 @@ def evaluate(
     return _clean(summary)
 
 
-def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, final_dir: Path, *, run: bool,
-              empty: str, nsd_tolerance: float, report: bool, t0: float, score_variant: str) -> dict[str, Any]:
+def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, *, empty: str,
+              nsd_tolerance: float, report: bool, t0: float, score_variant: str) -> dict[str, Any]:
     classes = truth_obj.classes
     two_d = truth_obj.spatial_dims == 2
     score = task_score(truth_obj)
@@ -173,7 +172,8 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
                     for k, cls in enumerate(classes):
                         sw.writerow([case_id, t.patient, name, cls, int(so["truth_pixels"][z, k]),
                                      int(so["pred_pixels"][z, k]), *(_num(float(so[m][z, k])) for m in SLICE_METRICS)])
-            seen_slices.update(t.slices or [])
+            if preds.table is not None:  # every id of a one-file submission must be a truth slice
+                seen_slices.update(t.slices or [])
             if score is not None:
                 terms += score.case_terms(p, t.mask, score_variant)
     finally:
@@ -300,9 +300,6 @@ def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
 
     def f(v: float | None, nd: int = 3) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
-
-    def plural(n: int, word: str) -> str:
-        return f"{n} {word}{'' if n == 1 else 's'}"
 
     unit = summary["conventions"].get("distance_unit", "mm")
     from rich import box

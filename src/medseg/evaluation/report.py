@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from medseg.evaluation.metrics import METRICS
+from medseg.text import plural
 
 _LABELS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "hd": "HD (max) mm",
            "hd95": "HD95 mm", "assd": "ASSD mm", "nsd": "NSD"}
@@ -203,10 +204,6 @@ def _curves(curves: dict[str, Path]) -> list[tuple[str, str]]:
     return out
 
 
-def _n(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], classes: list[str],
                  shown: list[tuple[str, str, float, np.ndarray, np.ndarray, np.ndarray]],
                  curves: dict[str, Path] | None = None) -> Path:
@@ -218,7 +215,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
              f"<style>{_CSS}</style></head><body>",
              "<h1>medseg evaluation</h1>",
              f"<p class='meta'>predictions: {e(str(summary.get('pred', '')))}<br>truth: {e(str(summary.get('truth', '')))}"
-             f"<br>{_n(summary['n_cases'], 'case')}, {_n(summary['n_patients'], 'patient')}, classes: {e(', '.join(classes))}</p>"]
+             f"<br>{plural(summary['n_cases'], 'case')}, {plural(summary['n_patients'], 'patient')}, classes: {e(', '.join(classes))}</p>"]
     d = summary["dataset"]
     parts.append("<section id='summary'><h2>Summary</h2><div>")
     kpis = [("mean Dice", d["mean_dice"]), ("mIoU", d["miou"]), ("patient-level Dice", d["patient_mean_dice"]),

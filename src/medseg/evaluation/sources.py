@@ -48,6 +48,7 @@ class Truth:
     path: Path
     prepared: Any = None  # PreparedDataset when the truth is one
     spacing_known: bool = True  # False: the layout stores no voxel size, distances are in pixels
+    format: str | None = None  # the reader of the truth's native layout (a prepared set's source format)
 
     def patient(self, case_id: str) -> str:
         raise NotImplementedError
@@ -72,11 +73,10 @@ class PreparedTruth(Truth):
         self.spatial_dims = ds.spatial_dims
         self.ids = [c.id for c in ds.cases]
         self._native: Any = False
+        self.format = ds.info.get("source_format")
         known = ds.info.get("spacing_known")
         if known is None:  # prepared before the flag existed: the source reader tells
-
-            fmt = ds.info.get("source_format")
-            known = FORMATS.get(fmt).has_spacing if fmt in FORMATS else True
+            known = FORMATS.get(self.format).has_spacing if self.format in FORMATS else True
         self.spacing_known = bool(known)
 
     def patient(self, case_id: str) -> str:
@@ -111,6 +111,7 @@ class NativeTruth(Truth):
         self.path = Path(path)
         self.reader = get_reader(fmt, **(options or {}))
         self.spec = self.reader.scan(self.path, require_masks=True)
+        self.format = fmt
         if not self.spec.has_masks:
             raise MedsegError("the ground truth has no masks", path)
         self.classes = list(self.spec.classes)
@@ -375,8 +376,7 @@ def folder_predictions(path: Path, truth: Truth) -> Predictions:
 
 def table_predictions(path: Path, truth: Truth) -> Predictions:
     """Predictions of every case in one file (a submission), read by the truth's format."""
-    fmt = truth.prepared.info.get("source_format") if truth.prepared is not None else \
-        getattr(getattr(truth, "spec", None), "format", None)
+    fmt = truth.format
     table = FORMATS.get(fmt).read_prediction_table(path) if fmt in FORMATS else None
     if table is None:
         raise MedsegError(f"a {fmt or 'data set of this'} format's predictions are not one file: "
@@ -401,8 +401,7 @@ def open_predictions(path: Path, truth: Truth | None) -> Predictions:
     if is_prepared(path):
         return prepared_predictions(path)
     if path.is_dir():  # a predictions folder holding the format's one-file predictions
-        fmt = getattr(getattr(truth, "spec", None), "format", None) or (
-            truth.prepared.info.get("source_format") if truth is not None and truth.prepared is not None else None)
+        fmt = truth.format if truth is not None else None
         for name in FORMATS.get(fmt).aggregate_files if fmt in FORMATS else ():
             if (path / name).is_file():
                 return table_predictions(path / name, truth)

@@ -49,6 +49,7 @@ from medseg.inference.postprocess import merge_config, postprocess, thresholds_f
 from medseg.inference.segmenter import Segmenter
 from medseg.rundir import RunDir
 from medseg.scores import score_for, score_named
+from medseg.text import plural
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -186,7 +187,6 @@ def tune(
                           "with masks", ds_path)
     task_score = score_for(ds.info.get("source_format"), ds.classes)
     objective = task_score.name if task_score is not None else "dice"
-    unit = "cases"
     pp = merge_config(b0.get("postprocess"), None)
     variants = [pp]  # the bundle's clean-up rules, then the largest component over the case's volume
     lcc = {**pp, "largest_cc": True, "components": "volume" if ds.spatial_dims == 2 else None}
@@ -228,7 +228,7 @@ def tune(
         if progress:
             progress(n_cases, len(jobs))
         if console is not None and n_cases % 25 == 0:  # the real data takes minutes: show it moves
-            console.print(f"  {n_cases}/{len(jobs)} {unit}", highlight=False)
+            console.print(f"  {n_cases}/{len(jobs)} cases", highlight=False)
     pooled = [[sum(tables[fk][v][j] for fk in fold_ids) for j in range(k)] for v in range(len(variants))]
     results = [best_combination(t, objective) for t in pooled]
     v_best = max(range(len(variants)), key=lambda v: (results[v][1], -v))  # ties: the bundle's rules
@@ -264,13 +264,13 @@ def tune(
         result["written"] = True
         atomic_write_text(rd.tune_path, json.dumps(result, indent=1))
     if console is not None:
-        console.print(f"tuned on {len(jobs)} validation {unit if len(jobs) != 1 else unit[:-1]} of fold{'s' if len(fold_dirs) > 1 else ''} "
+        console.print(f"tuned on {plural(len(jobs), 'validation case')} of {'folds' if len(fold_dirs) > 1 else 'fold'} "
                       f"{', '.join(str(fk) for fk, _ in fold_dirs)}{' with flip TTA' if use_tta else ''}: "
                       f"{task_score.label if task_score is not None else 'mean Dice per case'} {before:.4f} -> {best:.4f}",
                       highlight=False)
         lcc = ("keep the largest component" + (" (over the volume)" if rules.get("components") == "volume" else
                                                " (per slice)") if rules.get("largest_cc") else "no component rule")
-        console.print(f"  component rule: {lcc} (chosen from {len(variants)} rule set{'s' if len(variants) > 1 else ''} "
+        console.print(f"  component rule: {lcc} (chosen from {plural(len(variants), 'rule set')} "
                       "on the same cases)", highlight=False)
         for r, c in zip(per_class, chosen):
             console.print(f"  {r['class']:12s} {_fmt(c)}", highlight=False)

@@ -170,7 +170,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
     module = SegModule(cfg, task)
     module.precision_used = precision_for(cfg, accel)  # recorded in the bundle: "auto" depends on the machine
     if cfg.train.init and ckpt_path is None:  # a resumed run restores its own weights
-
         module.model.load_state_dict(warm_start_weights(cfg, task, ds, fold, member))
     if console is not None and _rank() == 0:
         console.print(f"{label or f'fold {fold}'}: {accel}, {module.precision_used} precision", highlight=False)
@@ -243,7 +242,6 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         where = f"{last} (end of epoch {_ckpt_epoch(last)})" if last.is_file() else "no checkpoint yet (nothing to resume)"
         raise TrainingInterrupted(f"interrupted; last checkpoint: {where}; continue with --resume") from None
     if full and trainer.global_rank == 0:  # no validation picks a best epoch: keep the final weights
-
         save_bundle(bundle_for(module, cfg, task, "full", trainer.current_epoch, {}), fold_dir / "model.pt")
     return trainer, module
 

@@ -32,7 +32,6 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     run = Path(out) if out is not None else Path("runs") / config_path.stem
     rd = RunDir(run)
     if cfg.train.init and not resume:  # a wrong path or network fails now, not after the first fold
-
         for k in folds:
             warm_start_weights(cfg, task, ds, k)
         if console is not None and not Path(cfg.train.init).is_dir() and any(k != "full" for k in folds):

@@ -29,6 +29,7 @@ from medseg.data.formats.nifti import (labels_to_mask,
     to_zyx,
     write_volume_nifti)
 from medseg.errors import MedsegError
+from medseg.text import plural
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -301,7 +302,7 @@ def _check_even(label: str, order: list[tuple[Path, Any]], dist: np.ndarray, ste
     folder = Path(order[0][0]).parent
     if n_missing >= 1 and abs(steps[i] - (n_missing + 1) * step) <= _STEP_TOLERANCE * step:
         where = ", ".join(f"{dist[i] + (m + 1) * step:.2f}" for m in range(min(n_missing, 3)))
-        raise MedsegError(f"series {label!r} is missing {n_missing} slice{'s' if n_missing > 1 else ''}: "
+        raise MedsegError(f"series {label!r} is missing {plural(n_missing, 'slice')}: "
                           f"nothing at {where} mm along the slice normal, between {Path(order[i][0]).name} and "
                           f"{Path(order[i + 1][0]).name} (slice step {step:.3g} mm)", folder)
     raise MedsegError(f"series {label!r} has uneven slice steps ({steps.min():.3g} to {steps.max():.3g} mm, "
