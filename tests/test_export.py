@@ -409,7 +409,7 @@ def test_backends_refuse_a_device_that_is_not_there():
     import torch
 
     from medseg.errors import MedsegError
-    from medseg.inference.backends import resolve_device
+    from medseg.machine import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

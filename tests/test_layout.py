@@ -10,7 +10,7 @@ from conftest import ROOT
 SRC = ROOT / "src"
 # lowest first; a module may import its own layer and the layers below it, never above
 LAYERS = [
-    ["medseg.errors", "medseg.registry", "medseg.atomic", "medseg.text"],
+    ["medseg.errors", "medseg.registry", "medseg.atomic", "medseg.text", "medseg.machine"],
     ["medseg.data", "medseg.rundir", "medseg.scores"],
     ["medseg.models", "medseg.losses"],
     ["medseg.bundle", "medseg.config"],

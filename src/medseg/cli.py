@@ -209,6 +209,7 @@ def tune(
     thresholds: str = typer.Option("0.3,0.4,0.5,0.6,0.7", help="decision thresholds to try, comma-separated"),
     presence: str = typer.Option("0.5,0.6,0.7,0.8,0.9", help="presence thresholds to try (besides none)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the choice, change no model.pt"),
+    device: str = typer.Option("auto", help="where TTA re-predicts: auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N"),
 ) -> None:
     """Choose per-class thresholds, class-presence thresholds and the largest-component rule on the
     validation folds (for the UW-Madison competition score, else the mean Dice per case); write them into
@@ -222,7 +223,7 @@ def tune(
             raise MedsegError(f"--{what} must be comma-separated numbers, got {text!r}") from None
 
     run_tune(run, folds=folds, data=data, tta=tta, thresholds=floats(thresholds, "thresholds"),
-             presence=floats(presence, "presence"), write=not dry_run, console=console)
+             presence=floats(presence, "presence"), write=not dry_run, console=console, device=device)
 
 
 @app.command()

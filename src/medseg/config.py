@@ -10,7 +10,7 @@ out) that a run stores and that reproduces the run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,7 +34,12 @@ class DataConfig(_Section):
     normalization: Literal["zscore_case", "dataset"] = "zscore_case"
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(16, ge=1)
-    workers: int = Field(0, ge=0)  # 0: main process (measured fastest on 2 cores, see docs/training.md)
+    # loader processes; auto: none on a CPU (measured fastest on 2 cores, docs/training.md), one per spare
+    # core (up to 12) on a GPU, with pinned memory
+    workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
+    # keep the training cases in the GPU's memory and cut batches there (data/resident.py); auto: on a GPU
+    # when they take under a quarter of its free memory
+    on_device: Union[Literal["auto"], bool] = "auto"
     classes: Optional[list[str]] = None  # when given, must equal the prepared dataset's classes
     class_kind: Literal["auto", "multiclass", "multilabel"] = "auto"
 
@@ -128,9 +133,10 @@ class TrainConfig(_Section):
     # N networks per fold, seeds seed..seed+N-1, trained side by side (separate processes, the CPU
     # threads split between them) and bundled as one model averaging their probabilities
     members: int = Field(1, ge=1)
-    deterministic: bool = True
+    # auto: on a CPU (bit-exact resumes); off on a GPU, where cuDNN then picks its fastest kernels
+    deterministic: Union[Literal["auto"], bool] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: Union[int, Literal["auto"]] = 1
+    devices: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"  # auto: every visible GPU, or 1 CPU process
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     # wall-clock budget: training stops after the step that spends it, whatever the epoch, and
@@ -147,7 +153,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _members_alone(self) -> "TrainConfig":
-        if self.members > 1 and (self.devices != 1 or self.num_nodes > 1 or self.strategy != "auto"):
+        if self.members > 1 and (self.devices not in (1, "auto") or self.num_nodes > 1 or self.strategy != "auto"):
             raise ValueError("train.members > 1 trains the members side by side on one device; "
                              "it does not combine with devices, num_nodes or strategy (DDP)")
         return self

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from medseg.machine import to_device
+
 
 def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
@@ -66,7 +68,7 @@ def fill_channels(image: torch.Tensor, p: float, source: int, modalities: int, g
     if not bool(on.any()):
         return image
     x = image.reshape(b, c // modalities, modalities, *image.shape[2:])
-    keep = ~on.to(image.device).view(b, 1, modalities, *([1] * (image.ndim - 2)))
+    keep = ~to_device(on, image.device).view(b, 1, modalities, *([1] * (image.ndim - 2)))
     return torch.where(keep, x, x[:, :, source : source + 1]).reshape(image.shape)
 
 
@@ -86,11 +88,11 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Ge
             n = cfg.elastic_grid
             coarse = torch.randn(b, nd, *([n] * nd), generator=g) * cfg.elastic_magnitude * on.view(b, *([1] * (nd + 1)))
             mode = "bicubic" if nd == 2 else "trilinear"
-            disp = F.interpolate(coarse.to(dev), size=image.shape[2:], mode=mode, align_corners=True)
+            disp = F.interpolate(to_device(coarse, dev), size=image.shape[2:], mode=mode, align_corners=True)
             disp = disp.movedim(1, -1)  # [b, *spatial, nd]
             moved = True
     if moved:
-        grid = F.affine_grid(theta.to(dev, image.dtype), list(image.shape), align_corners=False)
+        grid = F.affine_grid(to_device(theta, dev).to(image.dtype), list(image.shape), align_corners=False)
         if disp is not None:
             grid = grid + disp.to(grid.dtype)
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -104,19 +106,23 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Ge
     if cfg.gamma > 0:
         on = _p(n, cfg.gamma, g)
         if bool(on.any()):
-            gam = torch.where(on, _u(n, cfg.gamma_range[0], cfg.gamma_range[1], g), torch.ones(n)).to(dev, image.dtype)
+            gam = to_device(torch.where(on, _u(n, cfg.gamma_range[0], cfg.gamma_range[1], g), torch.ones(n)), dev).to(image.dtype)
             lo = image.amin(dim=red, keepdim=True)
             rng = (image.amax(dim=red, keepdim=True) - lo).clamp_min(1e-6)
             image = ((image - lo) / rng).clamp(0, 1).pow(gam.view(view)) * rng + lo
     if cfg.contrast > 0:
         on = _p(n, cfg.contrast, g)
         if bool(on.any()):
-            c = torch.where(on, _u(n, cfg.contrast_range[0], cfg.contrast_range[1], g), torch.ones(n)).to(dev, image.dtype)
+            c = to_device(torch.where(on, _u(n, cfg.contrast_range[0], cfg.contrast_range[1], g), torch.ones(n)), dev).to(image.dtype)
             mu = image.mean(dim=red, keepdim=True)
             image = (image - mu) * c.view(view) + mu
     if cfg.noise > 0:
         on = _p(b, cfg.noise, g)
         if bool(on.any()):
-            noise = torch.randn(image.shape, generator=g).to(dev, image.dtype)
-            image = image + noise * (cfg.noise_std * on.to(dev, image.dtype)).view(b, *([1] * (nd + 1)))
+            if dev.type == "cpu":
+                noise = torch.randn(image.shape, generator=g).to(dtype=image.dtype)
+            else:  # drawn where the batch is (a host draw and copy would bound a GPU's speed), seeded from g
+                gd = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+                noise = torch.randn(image.shape, generator=gd, device=dev, dtype=image.dtype)
+            image = image + noise * (cfg.noise_std * to_device(on, dev).to(image.dtype)).view(b, *([1] * (nd + 1)))
     return image, mask

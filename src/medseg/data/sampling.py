@@ -10,6 +10,7 @@ DistributedSampler (Lightning's ``use_distributed_sampler=False``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ def window(arr: np.ndarray, axes: Sequence[int], starts: Sequence[int], size: Se
         src[ax] = slice(a, max(a, b))
         dst[ax] = slice(a - s, a - s + max(0, b - a))
         shape[ax] = t
-    out = np.zeros(shape, dtype=arr.dtype)
+    out = np.zeros(shape, dtype=arr.dtype) if isinstance(arr, np.ndarray) else arr.new_zeros(shape)  # numpy or torch
     out[tuple(dst)] = arr[tuple(src)]
     return out
 
@@ -49,6 +50,18 @@ def _start(rng: np.random.Generator, n: int, t: int, center: int | None) -> int:
         return int(rng.integers(lo, hi + 1))
     jitter = int(rng.integers(-(t // 4), t // 4 + 1)) if t >= 4 else 0
     return int(np.clip(center - t // 2 + jitter, lo, hi))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One training sample's source: case ``case`` (index in the prepared dataset); 2D/2.5D: image
+    slices ``slices`` and mask slice ``z``; ``starts``: the window's first voxel along the spatial axes
+    ((y, x), or (z, y, x) in 3D), or None for whole slices."""
+
+    case: int
+    slices: list[int]
+    z: int
+    starts: tuple[int, ...] | None
 
 
 class _CaseCache:
@@ -120,12 +133,10 @@ class TrainSamples:
     def __len__(self) -> int:  # global indices are unbounded; the sampler decides
         return 2**62
 
-    def __getitem__(self, g: int):
-        import torch
-
+    def draw(self, g: int) -> Draw:
+        """Where sample ``g`` comes from: a pure function of ``(seed, g)``."""
         rng = np.random.default_rng([self.seed, int(g)])
         ds = self.dataset
-        cache = self._cache
         fg = self.fg_cases and rng.random() < self.cfg.fg_oversample
         j = self.fg_cases[rng.integers(len(self.fg_cases))] if fg else int(rng.integers(len(self.case_index)))
         i = self.case_index[j]
@@ -134,51 +145,65 @@ class TrainSamples:
         if fg:
             present = [c for c, f in enumerate(rec.foreground or []) if f > 0]
             cls = present[int(rng.integers(len(present)))]
-        img, msk = ds.image(i), ds.mask(i)
-        mean, std, clip = cache.stats(i)
         if self.cfg.mode == "3d":
             center = None
             if cls is not None:
-                pos = cache.fg_positions(i, cls)
+                pos = self._cache.fg_positions(i, cls)
                 center = pos[rng.integers(len(pos))] if len(pos) else None
-            size = self.cfg.size
-            dims = (img.shape[0], img.shape[2], img.shape[3])
+            dims = (rec.shape[0], rec.shape[2], rec.shape[3])
             cs = [None] * 3 if center is None else [int(c) for c in center]
-            starts = [_start(rng, n, t, c) for n, t, c in zip(dims, size, cs)]
-            x = window(img, (0, 2, 3), starts, size)  # [d, c, h, w]
-            y = window(msk, (0, 2, 3), starts, size)
+            return Draw(i, [], 0, tuple(_start(rng, n, t, c) for n, t, c in zip(dims, self.cfg.size, cs)))
+        # 2D / 2.5D
+        z = int(rng.choice(rec.fg_slices[cls])) if cls is not None else int(rng.integers(rec.shape[0]))
+        zs = context_indices(z, rec.shape[0], self.cfg.context, self.cfg.stride) if self.cfg.mode == "2.5d" else [z]
+        size = self.cfg.size
+        if size is None or self.cfg.resize:
+            return Draw(i, [int(k) for k in zs], z, None)
+        center = None
+        if cls is not None:
+            yx = np.argwhere(ds.mask(i)[z, cls])
+            center = yx[rng.integers(len(yx))] if len(yx) else None
+        sy = _start(rng, rec.shape[2], size[0], None if center is None else int(center[0]))
+        sx = _start(rng, rec.shape[3], size[1], None if center is None else int(center[1]))
+        return Draw(i, [int(k) for k in zs], z, (sy, sx))
+
+    def __getitem__(self, g: int):
+        import torch
+
+        d = self.draw(g)
+        ds = self.dataset
+        img, msk = ds.image(d.case), ds.mask(d.case)
+        mean, std, clip = self._cache.stats(d.case)
+        size = self.cfg.size
+        if self.cfg.mode == "3d":
+            x = window(img, (0, 2, 3), d.starts, size)  # [d, c, h, w]
+            y = window(msk, (0, 2, 3), d.starts, size)
             x = normalize.apply(x, mean, std, clip, channel_axis=1).transpose(1, 0, 2, 3)
             y = y.transpose(1, 0, 2, 3)
             return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-        # 2D / 2.5D
-        if cls is not None:
-            z = int(rng.choice(rec.fg_slices[cls]))
+        if d.starts is None:
+            x = np.asarray(img[d.slices])
+            y = np.array(msk[d.z])  # a copy: a memmap view is read-only, which torch warns about
         else:
-            z = int(rng.integers(rec.shape[0]))
-        zs = context_indices(z, rec.shape[0], self.cfg.context, self.cfg.stride) if self.cfg.mode == "2.5d" else [z]
-        h, w = img.shape[2], img.shape[3]
-        size = self.cfg.size
-        if size is None or self.cfg.resize:
-            x = np.asarray(img[zs])
-            y = np.array(msk[z])  # a copy: a memmap view is read-only, which torch warns about
-        else:
-            center = None
-            if cls is not None:
-                yx = np.argwhere(msk[z, cls])
-                center = yx[rng.integers(len(yx))] if len(yx) else None
-            sy = _start(rng, h, size[0], None if center is None else int(center[0]))
-            sx = _start(rng, w, size[1], None if center is None else int(center[1]))
-            x = window(img[zs], (2, 3), (sy, sx), size)
-            y = window(msk[z], (1, 2), (sy, sx), size)
+            x = window(img[d.slices], (2, 3), d.starts, size)
+            y = window(msk[d.z], (1, 2), d.starts, size)
         x = normalize.apply(x, mean, std, clip, channel_axis=1)
         x = x.reshape(-1, *x.shape[2:])
         xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
         if size is not None and self.cfg.resize and tuple(xt.shape[-2:]) != tuple(size):
-            from torch.nn import functional as F
-
-            xt = F.interpolate(xt[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-            yt = (F.interpolate(yt[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0] > 0.5).to(torch.uint8)
+            xt, yt = resize_pair(xt[None], yt[None], size)
+            xt, yt = xt[0], yt[0]
         return xt, yt
+
+
+def resize_pair(x, y, size: Sequence[int]):
+    """Images [b, c, h, w] bilinearly, masks [b, k, h, w] by thresholding their bilinear resize at 0.5."""
+    import torch
+    from torch.nn import functional as F
+
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    y = (F.interpolate(y.float(), size=tuple(size), mode="bilinear", align_corners=False) > 0.5).to(torch.uint8)
+    return x, y
 
 
 class EpochSampler:

@@ -47,6 +47,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import case_dice
 from medseg.inference.postprocess import merge_config, postprocess, thresholds_for
 from medseg.inference.segmenter import Segmenter
+from medseg.machine import resolve_device
 from medseg.rundir import RunDir
 from medseg.scores import score_for, score_named
 from medseg.text import plural
@@ -156,11 +157,12 @@ def tune(
     write: bool = True,
     console: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Choose per-class thresholds and presence thresholds on the validation folds of ``run`` and (with
     ``write``) store them in each fold's ``model.pt`` ``postprocess``; writes ``RUN/tune.json`` and returns
     its content. ``tta``: None follows the bundle's ``tta.enabled``; True/False override it (and are
-    stored in the bundles, so that ``medseg predict`` runs as tuned)."""
+    stored in the bundles, so that ``medseg predict`` runs as tuned). ``device``: where TTA re-predicts."""
 
     run = Path(run)
     if not run.is_dir():
@@ -210,7 +212,7 @@ def tune(
         i = ds.index(cid)
         if use_tta:
             if fk not in seg:
-                seg[fk] = Segmenter.load(fd / "model.pt", tta=True)
+                seg[fk] = Segmenter.load(fd / "model.pt", tta=True, device=resolve_device(device))
             prob = seg[fk].predict(np.asarray(ds.image(i)), probabilities=True, spatial_dims=ds.spatial_dims).prob
         else:
             with np.load(RunDir.val_prediction(fd, cid)) as z:

@@ -9,73 +9,107 @@ and identical for every backend, so backends only have to agree on logits.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
+from medseg.machine import cpu_cores, resolve_device
 
 Net = Callable[[np.ndarray], np.ndarray]
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+class TorchNet:
+    """A PyTorch network on a device: ``net(x)`` numpy logits; ``net.mean_probs(...)`` the whole 2D step
+    (resize in, flips, activation, mean, resize out) on the device, so a GPU's host only normalises."""
 
+    def __init__(self, model: Any, device: str):
+        import torch
 
-def resolve_device(device: str = "cpu") -> str:
-    """``auto`` -> ``cuda`` when PyTorch sees a GPU, else ``cpu``; ``cuda[:N]`` checked to exist."""
-    if device == "cpu":
-        return "cpu"
-    import torch
+        self.device = device
+        # a copy, so the module kept for export stays in the default layout (MemberMean answers for its members)
+        # channels_last where a model measured faster with it on CPU, and always on CUDA (2D only)
+        self.cl = (bool(getattr(model, "channels_last", False)) or device != "cpu") and getattr(model, "spatial_dims", 2) == 2
+        if self.cl or device != "cpu":
+            import copy
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not device.startswith("cuda"):
-        raise MedsegError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise MedsegError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
-    index = device.partition(":")[2]
-    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-        raise MedsegError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+            model = copy.deepcopy(model).to(device)
+            if self.cl:
+                model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        # bf16 autocast on GPUs that have it: the speed of mixed precision, logits returned as float32
+        self.bf16 = device != "cpu" and torch.cuda.is_bf16_supported()
+        self.limit: int | None = None  # the batch that fits, once the GPU ran out of memory
+
+    def forward(self, t):
+        """Logits (float32) of a tensor batch already on the device."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            if self.cl:
+                t = t.contiguous(memory_format=torch.channels_last)
+            y = self.model(t)
+            if isinstance(y, (list, tuple)):  # deep supervision: the full-resolution head
+                y = y[0]
+            return y.float()
+
+    def _split(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """``fn(x)``, in smaller batches when the GPU runs out of memory (the batch that fitted is kept)."""
+        import torch
+
+        n = self.limit
+        if n is not None and len(x) > n:
+            return np.concatenate([self._split(fn, x[i : i + n]) for i in range(0, len(x), n)])
+        try:
+            return fn(x)
+        except torch.cuda.OutOfMemoryError:
+            if len(x) == 1:
+                raise MedsegError(f"out of GPU memory on {self.device} with a batch of one "
+                                  f"{'x'.join(map(str, x.shape[2:]))} input: use --device cpu") from None
+            self.limit = max(1, len(x) // 2)
+            torch.cuda.empty_cache()
+            warn(f"out of GPU memory on {self.device} at a batch of {len(x)}: predicting {self.limit} at a time")
+            return self._split(fn, x)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._split(lambda b: self.forward(torch.from_numpy(b).to(self.device, non_blocking=True)).cpu().numpy(), x)
+
+    def mean_probs(self, nets: list["TorchNet"], x: np.ndarray, flips: list[Any], class_kind: str,
+                   in_size: tuple[int, int] | None = None, out_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Mean probabilities over ``nets`` (this one's device) and ``flips`` (None = no flip) of a normalised
+        2D batch, each view resized to ``in_size`` first and the mean to ``out_size`` after (bilinear)."""
+
+        def step(b: np.ndarray) -> np.ndarray:
+            import torch
+            from torch.nn import functional as F
+
+            with torch.inference_mode():
+                t = torch.from_numpy(b).to(self.device, non_blocking=True)
+                if in_size is not None:
+                    t = F.interpolate(t, size=in_size, mode="bilinear", align_corners=False)
+                views = torch.cat([t if f is None else t.flip(f) for f in flips])
+                acc = None
+                for net in nets:
+                    y = net.forward(views)
+                    p = torch.softmax(y, dim=1) if class_kind == "multiclass" else torch.sigmoid(y)
+                    for f, q in zip(flips, p.chunk(len(flips))):
+                        q = q if f is None else q.flip(f)
+                        acc = q.clone() if acc is None else acc.add_(q)
+                acc /= len(nets) * len(flips)
+                if out_size is not None:
+                    acc = F.interpolate(acc, size=out_size, mode="bilinear", align_corners=False)
+                return acc.cpu().numpy()
+
+        return self._split(step, x)
 
 
 def torch_backend(model: Any, device: str = "cpu") -> Net:
     """``model`` (eval mode) as a numpy-in, numpy-out function on ``device``."""
-    import torch
-
-    device = resolve_device(device)
-    # a copy, so the module kept for export stays in the default layout (MemberMean answers for its members)
-    # channels_last where a model measured faster with it on CPU, and always on CUDA (2D only)
-    cl = (bool(getattr(model, "channels_last", False)) or device != "cpu") and getattr(model, "spatial_dims", 2) == 2
-    if cl or device != "cpu":
-        import copy
-
-        model = copy.deepcopy(model).to(device)
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
-
-    # bf16 autocast on GPUs that have it: the speed of mixed precision, logits returned as float32
-    bf16 = device != "cpu" and torch.cuda.is_bf16_supported()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            t = torch.from_numpy(x).to(device, non_blocking=True)
-            if cl:
-                t = t.contiguous(memory_format=torch.channels_last)
-            y = model(t)
-            if isinstance(y, (list, tuple)):  # deep supervision: the full-resolution head
-                y = y[0]
-            return y.float().contiguous().cpu().numpy()
-
-    return run
+    return TorchNet(model, resolve_device(device))
 
 
 def onnx_backend(path: Path, threads: int | None = None, device: str = "cpu") -> Net:
@@ -113,4 +147,4 @@ def activate(logits: np.ndarray, class_kind: str) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-__all__ = ["Net", "torch_backend", "onnx_backend", "activate", "resolve_device", "cpu_cores"]
+__all__ = ["Net", "TorchNet", "torch_backend", "onnx_backend", "activate"]

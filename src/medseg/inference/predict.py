@@ -9,9 +9,23 @@ from typing import Any
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.errors import MedsegError
-from medseg.inference.backends import resolve_device
 from medseg.inference.pipeline import model_channels
 from medseg.inference.segmenter import Segmenter
+from medseg.machine import resolve_device
+
+
+def shard() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process when a launcher started several (torchrun sets
+    RANK/WORLD_SIZE/LOCAL_RANK, SLURM's srun SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); (0, 1, 0) alone."""
+    import os
+
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in os.environ and world in os.environ:
+            try:
+                return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, os.environ[rank]))
+            except ValueError:
+                raise MedsegError(f"{rank}={os.environ[rank]!r}, {world}={os.environ[world]!r}: not process numbers") from None
+    return 0, 1, 0
 
 def parse_flips(text: str) -> list[list[int]]:
     """``"-1;-2;-1,-2"`` -> ``[[-1], [-2], [-1, -2]]``: TTA flips as groups of spatial axes (negative,
@@ -70,7 +84,7 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
 
 
 def predict(
-    model: str | Path,
+    model: str | Path | Segmenter,
     input: str | Path,
     output: str | Path,
     fmt: str | None = None,
@@ -88,22 +102,36 @@ def predict(
     """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
 
     ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
-    their probabilities (``Segmenter.load``)."""
+    their probabilities (``Segmenter.load``), or be a loaded ``Segmenter`` (then ``folds``, ``tta``, ``backend``,
+    ``weights`` and ``device`` are its own), reused across calls."""
     import sys
 
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()
     fmt = fmt or guess_format(input)
     # the input's errors come before the model's: the channel count is peeked, the model loaded later
-    n = model_channels(model, folds) if fmt in ("folder", "coco") else None
+    loaded = isinstance(model, Segmenter)
+    n = (len(model.channels) if loaded else model_channels(model, folds)) if fmt in ("folder", "coco") else None
     reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(n))
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
-    seg = Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights,
-                         device=resolve_device(device))
+    rank, world, local = shard()
+    if world > 1:  # one of several processes (torchrun, srun): every world-th case, on this process's GPU
+        if reader.aggregate_files:
+            raise MedsegError(f"{fmt} predictions gather every case in {', '.join(reader.aggregate_files)}: "
+                              "predict them in one process, not sharded")
+        import dataclasses
+        import torch
+
+        spec = dataclasses.replace(spec, cases=spec.cases[rank::world])
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local % torch.cuda.device_count()}"
+    seg = model if loaded else Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights,
+                                              device=resolve_device(device))
     created = not output.exists()
     try:
-        return _run(seg, reader, spec, fmt, output, save_probabilities, console, postprocess, progress, t0)
+        who = f" (process {rank + 1} of {world})" if world > 1 else ""
+        return _run(seg, reader, spec, fmt, output, save_probabilities, console, postprocess, progress, t0, who)
     except BaseException:
         if created and output.is_dir() and not any(p.is_file() for p in output.rglob("*")):
             import shutil
@@ -112,8 +140,36 @@ def predict(
         raise
 
 
+def _write(reader: Any, spec: Any, case: Any, mask: Any, output: Path, prob: Any) -> list[Path]:
+    """A case's files written whole or not at all: into a hidden folder of ``output``, then each renamed
+    into place (a killed or sharded run never leaves a half-written mask). A submission's rows go straight
+    to their file, which the reader completes at the end."""
+    import os
+    import shutil
+
+    if reader.aggregate_files:
+        return reader.write_prediction(spec, case, mask, output, prob)
+    stage = output / f".partial-{os.getpid()}-{abs(hash(case.id))}"
+    try:
+        files = reader.write_prediction(spec, case, mask, stage, prob)
+        out = []
+        for f in files:
+            f = Path(f)
+            try:
+                dst = output / f.relative_to(stage)
+            except ValueError:  # written elsewhere by the reader
+                out.append(f)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+            out.append(dst)
+        return out
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabilities: bool, console: Any,
-         postprocess: dict[str, Any] | None, progress: bool | None, t0: float) -> list[Path]:
+         postprocess: dict[str, Any] | None, progress: bool | None, t0: float, who: str = "") -> list[Path]:
     import sys
 
     output.mkdir(parents=True, exist_ok=True)
@@ -149,7 +205,7 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
                     ahead = loads.submit(reader.load, spec, spec.cases[i + 1])
                 pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
                                    postprocess_overrides=postprocess, where=case_path(case, spec))
-                pending.append(writes.submit(reader.write_prediction, spec, case, pred.mask, output,
+                pending.append(writes.submit(_write, reader, spec, case, pred.mask, output,
                                              pred.prob if save_probabilities else None))
                 n_slices += data.image.shape[0]
                 if bar:
@@ -165,7 +221,7 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
     dt = time.perf_counter() - t0
     if console is not None:
         console.print(
-            f"[green]predicted[/] {len(spec.cases)} case{'s' if len(spec.cases) != 1 else ''}, {n_slices} slices "
+            f"[green]predicted[/]{who} {len(spec.cases)} case{'s' if len(spec.cases) != 1 else ''}, {n_slices} slices "
             f"with {seg.name} ({seg.backend}{' on ' + seg.device if seg.device != 'cpu' else ''}, {len(seg.nets)} fold{'s' if len(seg.nets) != 1 else ''}"
             f"{', weights ' + ','.join(f'{w:.3g}' for w in seg.weights) if seg.is_ensemble else ''}, "
             f"tta {'x' + str(1 + len(seg.flips)) if seg.flips else 'off'}) in {dt:.1f} s "

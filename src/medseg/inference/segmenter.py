@@ -21,7 +21,7 @@ from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.data.normalize import apply, stats_for
 from medseg.errors import MedsegError
-from medseg.inference.backends import activate, onnx_backend, torch_backend
+from medseg.inference.backends import TorchNet, activate, onnx_backend, torch_backend
 from medseg.inference.onnx_graph import export_module, fixed_size_for
 from medseg.inference.pipeline import Prediction, _check_compatible, model_divisor, pipeline_spec
 from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
@@ -267,21 +267,21 @@ class Segmenter:
                               "each of seg.members")
         kind = self.class_kind
         flips = [None, *self.flips]
+        if self._on_gpu():  # flips and folds as one batch, activations and the mean computed there
+            return self.nets[0].mean_probs(self.nets, x, flips, kind)
         acc = None
         n = 0
-        for net in self.nets:
-            if self.device != "cpu":  # on a GPU the flips go through as one batch: fewer, fuller launches
-                views = [x if f is None else np.flip(x, f) for f in flips]
-                outs = np.split(net(np.ascontiguousarray(np.concatenate(views))), len(flips))
-            else:  # on a CPU one view at a time keeps the activations in cache
-                outs = (net(x if f is None else np.ascontiguousarray(np.flip(x, f))) for f in flips)
-            for flip, logits in zip(flips, outs):
-                p = activate(logits, kind)
+        for net in self.nets:  # one view at a time: on a CPU the activations stay in cache
+            for flip in flips:
+                p = activate(net(x if flip is None else np.ascontiguousarray(np.flip(x, flip))), kind)
                 if flip is not None:
                     p = np.flip(p, flip)
                 acc = p.copy() if acc is None else np.add(acc, p, out=acc)
                 n += 1
         return acc / n
+
+    def _on_gpu(self) -> bool:
+        return self.device != "cpu" and all(isinstance(n, TorchNet) for n in self.nets)
 
     def _chunks(self, image: np.ndarray):
         """Yield ``(slice indices, probabilities[b, out, h, w] float32)`` covering the case in order: a model
@@ -336,6 +336,10 @@ class Segmenter:
         h, w = x.shape[-2:]
         if inp.resize and inp.size:
             size = tuple(int(s) for s in inp.size[-2:])
+            if self._on_gpu() and not inp.fixed_size:  # both resizes on the GPU too
+                same = (h, w) == size
+                return self.nets[0].mean_probs(self.nets, x, [None, *self.flips], self.class_kind,
+                                               None if same else size, None if same else (h, w))
             p = self._net2d(resize(x, size)) if (h, w) != size else self._net2d(x)
             return resize(p, (h, w)) if (h, w) != size else p
         if inp.fixed_size:  # windows of the network's one size (MONAI pads smaller slices)

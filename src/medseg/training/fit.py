@@ -8,8 +8,10 @@ from typing import Any
 
 from medseg.bundle import safe_load, save_bundle
 from medseg.config import ExperimentConfig, config_dict
+from medseg.data.resident import resident_bytes
 from medseg.data.sampling import EpochSampler, TrainSamples, ValCases
 from medseg.errors import MedsegError
+from medseg.machine import check_gpus, cpu_has_bf16_units, gpu_free_bytes, loader_workers
 from medseg.rundir import RunDir
 from medseg.scores import score_named
 from medseg.training.callbacks import (RunLog,
@@ -35,40 +37,58 @@ def _rank() -> int:
                 pass
     return 0
 
-def cpu_has_bf16_units() -> bool:
-    """True on CPUs with AMX tiles (Intel Xeon 4th generation and later), where oneDNN's bf16 convolutions
-    train the LGG U-Net about 1.6x faster than fp32 (``benchmarks/models.py --precision 32,bf16``);
-    elsewhere bf16 autocast is emulated, 10-40x slower."""
-    try:
-        import torch
-
-        return bool(torch.cpu._is_amx_tile_supported())
-    except Exception:  # a private torch API: absent means no
-        return False
-
 def precision_for(cfg: ExperimentConfig, accelerator: str) -> str:
     """``auto``: bf16 autocast where the hardware has bf16 units (GPUs that support it; CPUs with AMX),
     fp16 on other GPUs, fp32 on other CPUs."""
     p = cfg.train.precision
-    if p != "auto":
-        return "32-true" if p == "32" else p
     if accelerator == "gpu":
         import torch
 
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        if p == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+            raise MedsegError(f"train.precision bf16-mixed: {torch.cuda.get_device_name()} has no bf16 "
+                              "(use --set train.precision=auto, which picks 16-mixed here)")
+        if p == "auto":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if p != "auto":
+        return "32-true" if p == "32" else p
     return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
 
-def make_loaders(cfg: ExperimentConfig, root: str, train_ids: list[str], val_ids: list[str], task: Task, world: int):
+class _Indices:
+    """A dataset of its own indices: with ``DeviceBatches`` the loader only hands out which samples to cut."""
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, g: int) -> int:
+        return g
+
+
+def on_device(cfg: ExperimentConfig, samples: TrainSamples, accel: str) -> bool:
+    """Whether training batches are cut on the GPU from a resident copy of the training cases."""
+    want = cfg.data.on_device
+    if want is not True and accel == "cpu":
+        return False
+    if want != "auto":
+        return bool(want)
+    return resident_bytes(samples) < gpu_free_bytes("cuda") // 4
+
+
+def make_loaders(cfg: ExperimentConfig, root: str, train_ids: list[str], val_ids: list[str], task: Task, accel: str):
+    """(train loader, validation loader, the training samples when batches are cut on the device else None)."""
     from torch.utils.data import DataLoader
 
     bs = cfg.data.batch_size
     samples = TrainSamples(root, train_ids, cfg.data, cfg.train.seed, task.norm)
     sampler = EpochSampler(cfg.train.steps_per_epoch * bs)
-    w = cfg.data.workers
-    train = DataLoader(samples, batch_size=bs, sampler=sampler, num_workers=w, drop_last=True,
-                       persistent_workers=False, pin_memory=False, prefetch_factor=4 if w else None)
-    val = DataLoader(ValCases(root, val_ids, cfg.data, task.norm), batch_size=None, num_workers=0)
-    return train, val
+    if on_device(cfg, samples, accel):
+        train = DataLoader(_Indices(), batch_size=bs, sampler=sampler, num_workers=0, drop_last=True)
+    else:
+        w = loader_workers(cfg.data.workers, accel)
+        train = DataLoader(samples, batch_size=bs, sampler=sampler, num_workers=w, drop_last=True,
+                           persistent_workers=w > 0, pin_memory=accel == "gpu", prefetch_factor=4 if w else None)
+        samples = None
+    val = DataLoader(ValCases(root, val_ids, cfg.data, task.norm), batch_size=None, num_workers=0, pin_memory=accel == "gpu")
+    return train, val, samples
 
 def bundle_for(module: Any, cfg: ExperimentConfig, task: Task, fold: int, epoch: int, scores: dict[str, float]) -> dict[str, Any]:
     import torch
@@ -173,6 +193,8 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         module.model.load_state_dict(warm_start_weights(cfg, task, ds, fold, member))
     if console is not None and _rank() == 0:
         console.print(f"{label or f'fold {fold}'}: {accel}, {module.precision_used} precision", highlight=False)
+        if module.precision_used != "bf16-mixed" and accel == "gpu" and cfg.train.precision == "auto":
+            console.print("warning: this GPU has no bf16: training in fp16 mixed precision with loss scaling", highlight=False)
     module.on_best = _on_best_writer(cfg, task, fold, fold_dir)
     monitor = selection_metric(task)
     runlog = RunLog(fold_dir, task.classes, console, prefix=f"{label}: " if label else "")
@@ -201,7 +223,11 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
     if interactive:
         callbacks.append(progress_bar())
     callbacks += extra_callbacks or []
+    det = cfg.train.deterministic
+    det = (accel == "cpu") if det == "auto" else (det if accel == "cpu" or not det else "warn")
     world_devices = cfg.train.devices
+    if accel == "gpu":
+        check_gpus(world_devices)
     trainer = pl.Trainer(
         default_root_dir=str(fold_dir),
         accelerator=accel,
@@ -215,7 +241,8 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.train.clip,
         accumulate_grad_batches=cfg.train.accumulate,
-        deterministic=cfg.train.deterministic if accel == "cpu" else ("warn" if cfg.train.deterministic else False),
+        deterministic=det,
+        benchmark=accel == "gpu" and not det,  # cuDNN's autotuner: the fastest convolution for each shape
         use_distributed_sampler=False,
         # flush_secs bounds the wait at Ctrl-C: a KeyboardInterrupt landing in the event writer's queue can
         # lose its wake-up, and Lightning's teardown then joins the writer until its next flush (default 120 s)
@@ -226,9 +253,15 @@ def fit_fold(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_d
         enable_model_summary=False,
         log_every_n_steps=max(1, min(50, cfg.train.steps_per_epoch // 10)),
     )
-    train_dl, val_dl = make_loaders(cfg, cfg.data.prepared, train_ids, val_ids, task, trainer.world_size)
+    train_dl, val_dl, module.resident_samples = make_loaders(cfg, cfg.data.prepared, train_ids, val_ids, task, accel)
     try:
         trainer.fit(module, train_dl, None if full else val_dl, ckpt_path=ckpt_path)
+    except torch.cuda.OutOfMemoryError:
+        bs = cfg.data.batch_size
+        raise MedsegError(f"out of GPU memory training {cfg.model.name} at batch size {bs}"
+                          + (f", patch {'x'.join(map(str, cfg.data.size))}" if cfg.data.size else "")
+                          + f": use a smaller batch (--set data.batch_size={max(1, bs // 2)}) or patch; "
+                          f"resume from the last checkpoint with --resume", fold_dir) from None
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful teardown then sys.exit(1); say what is left and how to go on
         if not trainer.interrupted:

@@ -35,7 +35,7 @@ def fit_members(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fol
     for i in range(n):
         mdir = RunDir.member_dir(fold_dir, i)
         mdir.mkdir(parents=True, exist_ok=True)
-        mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + i, "members": 1})})
+        mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + i, "members": 1, "devices": 1})})
         atomic_write_text(mdir / "config.yaml", dump_config(mcfg))
         # a fresh interpreter (not fork: this process may hold torch threads; not multiprocessing's
         # spawn: it re-imports the caller's script)

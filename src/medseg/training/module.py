@@ -123,6 +123,16 @@ class SegModule(pl.LightningModule):
         self._val_epoch = -1
         self._images = 0
         self.on_best = None  # callable(module) set by the runner: writes the bundle and predictions
+        self.resident_samples = None  # set by the runner when batches are cut on the device (data/resident.py)
+        self._device_batches = None
+
+    def setup(self, stage: str) -> None:
+        # channels_last on CUDA whatever the CPU measurement says: 3.7x the training speed of the default
+        # U-Net at 256x256 on an H200 (cuDNN's NHWC kernels); before the optimizer sees the parameters
+        if (self.nd == 2 and not self.channels_last and self.cfg.train.channels_last == "auto"
+                and self.trainer.strategy.root_device.type == "cuda"):
+            self.channels_last = True
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     # --- training -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor):
@@ -145,7 +155,18 @@ class SegModule(pl.LightningModule):
         self._t0 = time.perf_counter()
         self._images = 0
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if self.resident_samples is not None and self.trainer.training:
+            return batch  # sample indices: read on the host, so no step waits for the device to copy them back
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch, batch_idx: int):
+        if self.resident_samples is not None:  # the loader handed out sample indices: cut them here
+            if self._device_batches is None:
+                from medseg.data.resident import DeviceBatches
+
+                self._device_batches = DeviceBatches(self.resident_samples, self.device)
+            batch = self._device_batches.batch(batch.tolist())
         x, y = batch
         with torch.no_grad():
             x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx), len(self.task.channels))
@@ -179,10 +200,12 @@ class SegModule(pl.LightningModule):
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor) -> torch.Tensor:
         """Logits of a whole case: image [z, C', h, w] (2D, batched by slices, padded to the model's
-        divisor and cropped back) or [C, d, h, w] (3D, sliding window over the patch size). In fp32
-        whatever the training precision, as ``medseg predict`` runs the network: the validation scores
-        and the predictions ``medseg tune`` chooses on are what users get."""
-        with torch.autocast(self.device.type, enabled=False):
+        divisor and cropped back) or [C, d, h, w] (3D, sliding window over the patch size). In the
+        precision ``medseg predict`` runs the network in on this device (fp32 on a CPU, bf16 on a GPU that
+        has it), whatever the training precision: the validation scores and the predictions ``medseg
+        tune`` chooses on are what users get."""
+        cuda = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported()):
             return self._predict_case(image)
 
     def _predict_case(self, image: torch.Tensor) -> torch.Tensor:
@@ -191,14 +214,15 @@ class SegModule(pl.LightningModule):
             from monai.inferers import sliding_window_inference
 
             x = image[None].to(self.device)
-            out = sliding_window_inference(x, tuple(cfg.data.size), cfg.data.val_batch_size, lambda t: _main(self(t)), overlap=0.25)
-            return out[0]
+            out = sliding_window_inference(x, tuple(cfg.data.size), self._val_batch(), lambda t: _main(self(t)), overlap=0.25)
+            return out[0].float()
         h, w = image.shape[-2:]
         d = self.divisor
         ph, pw = (-h) % d, (-w) % d
         outs = []
-        for s in range(0, image.shape[0], cfg.data.val_batch_size):
-            x = image[s : s + cfg.data.val_batch_size].to(self.device)
+        bs = self._val_batch()
+        for s in range(0, image.shape[0], bs):
+            x = image[s : s + bs].to(self.device, non_blocking=True)
             if cfg.data.size is not None and cfg.data.resize:
                 x = F.interpolate(x, size=tuple(cfg.data.size), mode="bilinear", align_corners=False)
                 o = F.interpolate(_main(self(x)).float(), size=(h, w), mode="bilinear", align_corners=False)
@@ -208,6 +232,10 @@ class SegModule(pl.LightningModule):
                 o = _main(self(x))[..., :h, :w]
             outs.append(o.float())
         return torch.cat(outs)
+
+    def _val_batch(self) -> int:
+        # 8x on a GPU, as ``medseg predict`` batches there: fewer, fuller launches
+        return self.cfg.data.val_batch_size * (8 if self.device.type == "cuda" else 1)
 
     def on_validation_epoch_start(self) -> None:
         self._val_stats = []
