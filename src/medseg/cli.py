@@ -119,17 +119,51 @@ def models(
 
 
 @app.command()
+def plan(
+    prepared: Path = typer.Argument(..., help="prepared dataset (medseg prepare)"),
+    minutes: float = typer.Option(30.0, help="wall-clock training budget per fold"),
+    device: str = typer.Option("auto", help="plan for: auto (a GPU when PyTorch sees one), cpu, cuda"),
+    out: Path = typer.Option(Path("plan.yaml"), help="where to write the plan (a config `medseg train` runs)"),
+) -> None:
+    """Write a complete training config for a prepared dataset, each choice commented with the fingerprint
+    value and the rule that produced it."""
+    from medseg.training.plan import plan as make_plan, write_plan
+
+    if out.exists():
+        raise MedsegError("already exists; choose another --out or remove it", out)
+    p = make_plan(prepared, minutes, device)
+    write_plan(p, out)
+    d = p.config["data"]
+    console.print(f"[green]planned[/] {d['mode']}, size {'x'.join(map(str, d['size']))}, batch {d['batch_size']}, "
+                  f"{p.config['model']['name']} {p.config['model']['kwargs']['features']}, {p.config['loss']['terms'][0]['name']}, "
+                  f"{minutes:g} min on {p.fingerprint['device']} -> {out}", highlight=False)
+
+
+@app.command()
 def train(
-    config: Path = typer.Argument(..., help="experiment YAML"),
+    config: Path = typer.Argument(..., help="experiment YAML, or a prepared dataset with --auto"),
     fold: str = typer.Option("0", help="fold index, 'all' for k-fold cross-validation, or 'full' to train on every case (no validation)"),
     set: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: a.b=value (repeatable)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<config name>)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    auto: bool = typer.Option(False, "--auto", help="CONFIG is a prepared dataset: plan (medseg plan) and train"),
+    minutes: float = typer.Option(30.0, help="with --auto: the wall-clock budget per fold"),
 ) -> None:
     """Train a model on a prepared dataset."""
     from medseg.training.fit import TrainingInterrupted
     from medseg.training.run import train as run_train
 
+    if auto:
+        from medseg.training.plan import plan as make_plan, write_plan
+
+        out = out or Path("runs") / config.resolve().name
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            write_plan(make_plan(config, minutes, "auto"), out / "plan.yaml")
+        console.print(f"plan: {out / 'plan.yaml'}", highlight=False)
+        config = out / "plan.yaml"
+    elif config.is_dir():
+        raise MedsegError("is a folder: pass an experiment YAML, or add --auto to plan one for this prepared dataset", config)
     try:
         run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
     except TrainingInterrupted as e:

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from medseg.config import ExperimentConfig
 from medseg.data.augment import augment_batch
+from medseg.errors import warn
 from medseg.losses import build_loss
 from medseg.scores import score_named
 from medseg.training.callbacks import TimeBudget
@@ -267,6 +268,12 @@ class SegModule(pl.LightningModule):
             return
         scores = dice_scores(self._val_stats, self.task.classes)
         scores["val_loss"] = float(np.mean(self._val_losses))
+        predicted = sum(st[2] for st in self._val_stats)
+        true = sum(st[3] for st in self._val_stats)
+        dead = [c for c, ps, ts in zip(self.task.classes, predicted, true) if ts > 0 and ps == 0]
+        if dead and self.global_rank == 0:
+            warn(f"epoch {self.current_epoch + 1}: class(es) {', '.join(dead)} present in the validation truth were "
+                 f"never predicted (Dice 0): the network has not learnt {'them' if len(dead) > 1 else 'it'} yet")
         if self.task_score is not None:
             scores.update(score_columns(self.task_score, self._score_terms))
         self.last_scores = scores

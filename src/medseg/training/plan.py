@@ -1,0 +1,234 @@
+"""A training configuration from a prepared data set's fingerprint, every choice with its reason.
+
+    p = plan("prepared/lgg", minutes=30, device="cpu")
+    write_plan(p, "plan.yaml")          # a config ``medseg train plan.yaml`` runs; comments say why
+
+The rules (each stated in the written plan beside the value it produced):
+- mode: 2D for layouts of independent slices; for volumes, 2.5D when the slices lie at least 3x further
+  apart than the pixels within a slice (nnU-Net's anisotropy threshold), else 3D;
+- size: whole slices on a GPU (random 512 crops above that); on a CPU whole slices resized to at most
+  128 px a side (the LGG recipe's measured trade: 4x cheaper than 256, Dice kept); 3D patches the median
+  volume, capped by a voxel budget per device;
+- depth: poolings until the coarsest map is 4-8 voxels a side; widths from 8 (CPU) or 32 (GPU), doubling;
+- normalisation: per-case z-score unless a channel looks like CT (0.5th percentile below -200: Hounsfield
+  units have a meaning, so the data set's clipped statistics are used);
+- foreground oversampling 0.5 when the rarest class is in under 10% of the slices, else nnU-Net's 1/3;
+- loss: Dice + cross-entropy for exclusive labels, Dice + BCE for overlapping ones;
+- flips only along axes where every class's foreground is centred (mirror-symmetric anatomy), TTA the same.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medseg.atomic import atomic_write_text
+from medseg.data.prepared import PreparedDataset
+from medseg.errors import MedsegError, warn
+from medseg.machine import cpu_cores, resolve_device
+
+ANISOTROPY = 3.0  # slice distance / pixel size from which 3D kernels see unlike distances (nnU-Net's rule)
+CT_FLOOR = -200.0  # a 0.5th percentile below this: Hounsfield units
+VOXELS_3D = {"cpu": 48**3, "cuda": 128**3}
+CENTRED = 0.1  # a class's mean foreground position within this of the middle: mirror-symmetric
+
+
+@dataclass
+class Plan:
+    config: dict[str, Any]
+    why: dict[str, str] = field(default_factory=dict)  # dotted key -> the fingerprint value and the rule
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(ds: PreparedDataset, root: Path) -> None:
+    fp = ds.fingerprint
+    if len(ds.cases) < 2 or len(ds.patients) < 2:
+        raise MedsegError(f"{len(ds.patients)} patient(s): a plan needs at least 2, one to train on and one to "
+                          "validate on", root)
+    classes = fp.get("classes") or {}
+    if not any((c.get("voxel_fraction") or 0) > 0 for c in classes.values()):
+        raise MedsegError("no case holds any foreground: there is nothing to learn", root)
+    for name, st in (fp.get("intensity") or {}).items():
+        if st.get("std", 0) == 0 or st.get("min") == st.get("max"):
+            raise MedsegError(f"channel {name!r} is constant ({st.get('min')}) in every case", root)
+    shapes = {tuple(c.shape[1:2]) for c in ds.cases}
+    if len(shapes) > 1:
+        raise MedsegError(f"cases have different channel counts ({sorted(s[0] for s in shapes)})", root)
+    absent = [c for c, v in classes.items() if not (v.get("voxel_fraction") or 0) > 0]
+    if absent:
+        warn(f"class(es) {', '.join(absent)} appear in no case: the network cannot learn them", root)
+
+
+def _centres(ds: PreparedDataset, max_slices: int = 400) -> np.ndarray:
+    """[classes, 2] mean foreground position (y, x) as a fraction of the slice, over up to ``max_slices``
+    foreground slices per class spread over the cases."""
+    k = len(ds.classes)
+    out = np.full((k, 2), np.nan)
+    for j in range(k):
+        picks = [(i, z) for i, c in enumerate(ds.cases) for z in (c.fg_slices[j] if c.fg_slices else [])]
+        if not picks:
+            continue
+        step = max(1, len(picks) // max_slices)
+        ys, xs = [], []
+        for i, z in picks[::step]:
+            m = np.asarray(ds.mask(i)[z, j])
+            yy, xx = np.nonzero(m)
+            if len(yy):
+                ys.append(yy.mean() / max(1, m.shape[0] - 1))
+                xs.append(xx.mean() / max(1, m.shape[1] - 1))
+        if ys:
+            out[j] = [np.mean(ys), np.mean(xs)]
+    return out
+
+
+def _round_to(v: float, d: int) -> int:
+    return max(d, int(math.ceil(v / d)) * d)
+
+
+def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> Plan:
+    """A complete training config for the prepared data set at ``prepared`` (see the module docstring)."""
+    root = Path(prepared)
+    ds = PreparedDataset.open(root)
+    _check(ds, root)
+    fp = ds.fingerprint
+    dev = "cuda" if resolve_device(device).startswith("cuda") else "cpu"
+    why: dict[str, str] = {}
+    sp = [float(v) for v in np.median([c.spacing for c in ds.cases], axis=0)]  # (z, y, x)
+    shape = [float(v) for v in np.median([c.shape for c in ds.cases], axis=0)]  # (z, c, h, w)
+    h, w = shape[2], shape[3]
+    inplane = min(sp[1], sp[2])
+    aniso = sp[0] / inplane if inplane > 0 else 1.0
+    data: dict[str, Any] = {"prepared": str(root.resolve())}
+    if ds.spatial_dims == 2:
+        mode = "2d"
+        why["data.mode"] = "the layout stores independent 2D slices (no trustworthy distance between them)"
+    elif aniso >= ANISOTROPY:
+        mode = "2.5d"
+        why["data.mode"] = (f"slices {sp[0]:.3g} mm apart vs {inplane:.3g} mm pixels: anisotropy {aniso:.1f} >= "
+                            f"{ANISOTROPY:g}, so 2D kernels with 2 neighbouring slices each side as context")
+    else:
+        mode = "3d"
+        why["data.mode"] = f"volumes with anisotropy {aniso:.1f} < {ANISOTROPY:g} (spacing {sp}): 3D kernels"
+    data["mode"] = mode
+    if mode == "2.5d":
+        data["context"] = 2
+
+    if mode == "3d":
+        budget = VOXELS_3D[dev]
+        size = [shape[0], h, w]
+        scale = min(1.0, (budget / float(np.prod(size))) ** (1 / 3))
+        pools = [max(0, min(5, int(math.log2(max(1.0, s * scale) / 4)))) for s in size]
+        depth = max(1, min(pools))
+        d = 2**depth
+        data["size"] = [_round_to(s * scale, d) for s in size]
+        why["data.size"] = (f"the median volume {int(size[0])}x{int(h)}x{int(w)}"
+                            + (f" scaled by {scale:.2f} to the {dev} budget of {budget} voxels" if scale < 1 else "")
+                            + f", rounded up to a multiple of {d} (the network's {depth} poolings)")
+        data["batch_size"] = 2
+        why["data.batch_size"] = "2 patches (nnU-Net's 3D batch): 3D memory grows with the patch, not the batch"
+    else:
+        cap = 128 if dev == "cpu" else 512
+        scale = min(1.0, cap / max(h, w))
+        depth = max(1, min(6, int(math.log2(max(4.0, min(h, w) * scale) / 4))))
+        d = 2**depth
+        size = [_round_to(h * scale, d), _round_to(w * scale, d)]
+        if dev == "cpu" or max(h, w) <= cap:
+            data["size"], data["resize"] = size, True
+            why["data.size"] = (f"median slice {int(h)}x{int(w)}"
+                                + (f" resized to at most {cap} px a side (on a CPU: 4x cheaper than 256, Dice kept "
+                                   "on LGG, docs/lgg.md)" if scale < 1 else " used whole")
+                                + f", a multiple of {d} for {depth} poolings; predictions are resized back")
+        else:
+            data["size"] = [cap, cap]
+            why["data.size"] = f"median slice {int(h)}x{int(w)} above {cap}: random {cap}x{cap} crops"
+        pixels = size[0] * size[1]
+        bs = 16 if dev == "cpu" else int(min(64, max(8, 64 * 128 * 128 // pixels)))
+        data["batch_size"] = bs
+        why["data.batch_size"] = ("16 slices (the LGG recipe's CPU batch)" if dev == "cpu"
+                                  else f"{bs}: 64 at 128x128, scaled by the pixels per slice, 8 to 64")
+    channels = ds.channels
+    ct = [c for c in channels if float(fp["intensity"][c]["percentiles"]["0.5"]) < CT_FLOOR]
+    data["normalization"] = "dataset" if ct else "zscore_case"
+    why["data.normalization"] = (f"channel(s) {', '.join(ct)} reach below {CT_FLOOR:g} (Hounsfield units): clipped "
+                                 "to the data set's 0.5-99.5 percentiles, its mean and std" if ct else
+                                 "no channel looks like CT: each case z-scored on its own (MRI has no absolute scale)")
+    classes = fp.get("classes") or {}
+    rare = min((v.get("slice_fraction") or 0.0) for v in classes.values())
+    data["fg_oversample"] = 0.5 if rare < 0.1 else 0.33
+    why["data.fg_oversample"] = (f"the rarest class is in {rare:.1%} of the slices"
+                                 + (" (< 10%): half the samples centred on foreground" if rare < 0.1 else
+                                    ": nnU-Net's 1/3 of the samples centred on foreground"))
+
+    widths = [(8 if dev == "cpu" else 32) * 2**i for i in range(depth + 1)]
+    widths = [min(v, 320 if mode == "3d" else 512) for v in widths]
+    model = {"name": "unet", "kwargs": {"features": widths}}
+    small = data["batch_size"] <= 4
+    if small:
+        model["kwargs"]["norm"] = "instance"
+    why["model"] = (f"U-Net, {depth} poolings (coarsest map {int(min(data['size']) / 2**depth)} voxels a side), "
+                    f"widths from {widths[0]} ({'a CPU' if dev == 'cpu' else 'a GPU'}) doubling, capped at {widths[-1]}"
+                    + ("; instance norm: batch statistics of 2 patches are noise (nnU-Net's choice)" if small else ""))
+    multilabel = ds.class_kind == "multilabel"
+    loss = {"terms": [{"name": "dice_bce" if multilabel else "dice_ce", "weight": 1.0}]}
+    why["loss"] = ("labels overlap: per-class sigmoid, Dice + BCE" if multilabel
+                   else "exclusive labels: softmax, Dice + cross-entropy")
+
+    centres = _centres(ds)
+    axes = []  # spatial axes of a slice: 0 height (y), 1 width (x)
+    for a, name in ((0, "height"), (1, "width")):
+        c = centres[:, a]
+        ok = bool(np.all(np.isfinite(c)) and np.all(np.abs(c - 0.5) <= CENTRED))
+        if ok:
+            axes.append(a)
+        why[f"augment.flip.{name}"] = (f"foreground centred along the {name} (mean position "
+                                       f"{', '.join(f'{v:.2f}' for v in c)}): " +
+                                       ("mirror-symmetric, flipped" if ok else f"off-centre by more than {CENTRED}, not flipped"))
+    nd = 3 if mode == "3d" else 2
+    aug: dict[str, Any] = {"flip": 0.5 if axes else 0.0}
+    if axes:
+        aug["flip_axes"] = [a + (1 if nd == 3 else 0) for a in axes]
+    inference: dict[str, Any] = {"tta": bool(axes)}
+    if axes:
+        inference["tta_flips"] = [[-2 + a] for a in axes]  # -2 height, -1 width
+    why["inference.tta"] = "flips of the axes trained with flips" if axes else "no axis is flipped in training: no flip TTA"
+
+    cores = cpu_cores()
+    members = 2 if dev == "cpu" and mode != "3d" and 2 <= cores <= 4 else 1
+    train = {"max_minutes": float(minutes), "epochs": 10000, "steps_per_epoch": 100, "val_every": 10000,
+             "clip": 1.0, "seed": 0, "members": members}
+    why["train"] = (f"{minutes:g} minutes of wall clock, the learning rate annealed over the clock; validated once, "
+                    "on the final model" + (f"; 2 networks side by side, one per core ({cores} cores), averaged"
+                                            if members == 2 else ""))
+    config = {"data": data, "model": model, "loss": loss, "augment": aug,
+              "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.0001},
+              "schedule": {"name": "cosine", "warmup_epochs": 1, "by": "time"},
+              "train": train, "inference": inference}
+    why["optim"] = "AdamW 2e-3 with a 1-epoch warm-up and cosine decay (the shipped recipes)"
+    return Plan(config, why, {"spacing": sp, "shape": shape, "anisotropy": aniso, "device": dev})
+
+
+def render(p: Plan) -> str:
+    """The plan as YAML, each section preceded by comments giving its reasons."""
+    lines = ["# medseg plan: every value below follows from the data set's fingerprint by a stated rule.",
+             f"# fingerprint: median spacing {p.fingerprint['spacing']} mm, median shape "
+             f"{[int(v) for v in p.fingerprint['shape']]} (z, c, h, w), anisotropy {p.fingerprint['anisotropy']:.2f}, "
+             f"planned for {p.fingerprint['device']}"]
+    for section, value in p.config.items():
+        for key, reason in p.why.items():
+            if key == section or key.startswith(section + "."):
+                lines.append(f"# {key}: {reason}")
+        lines.append(yaml.safe_dump({section: value}, sort_keys=False, default_flow_style=None).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(p: Plan, out: str | Path) -> Path:
+    out = Path(out)
+    atomic_write_text(out, render(p))
+    return out
+
+
+__all__ = ["Plan", "plan", "render", "write_plan"]

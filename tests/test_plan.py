@@ -1,0 +1,147 @@
+"""``medseg plan``: the rules that turn a fingerprint into a config, each checked on a data set built to
+trigger it, the bad inputs it refuses, and the CLI round trip plan -> train."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medseg.config import load_config
+from medseg.errors import MedsegError
+from medseg.training.plan import plan, render, write_plan
+from medseg.training.synthetic import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("p") / "syn", n_patients=4, slices=6, size=48)
+
+
+def _edit(src: Path, dst: Path, info=None, spacing=None, spatial_dims=None) -> Path:
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "dataset.json").read_text())
+    if spacing is not None:
+        for c in meta["cases"]:
+            c["spacing"] = spacing
+    if spatial_dims is not None:
+        meta["spatial_dims"] = spatial_dims
+    if info:
+        info(meta)
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_plan_is_a_valid_config_with_a_reason_for_each_choice(tmp_path, syn):
+    p = plan(syn, minutes=5, device="cpu")
+    out = write_plan(p, tmp_path / "plan.yaml")
+    cfg = load_config(out)  # the plan validates as any hand-written config
+    assert cfg.train.max_minutes == 5 and cfg.schedule.by == "time"
+    text = out.read_text()
+    for key in ("data.mode", "data.size", "data.normalization", "data.fg_oversample", "model", "loss", "augment.flip.width"):
+        assert f"# {key}: " in text, key
+    assert yaml.safe_load(text)["data"]["prepared"] == str(Path(syn).resolve())
+
+
+def test_mode_follows_anisotropy_and_the_layout(tmp_path, syn):
+    iso = _edit(syn, tmp_path / "iso", spacing=[1.0, 1.0, 1.0], spatial_dims=3)
+    p = plan(iso, device="cpu")
+    assert p.config["data"]["mode"] == "3d"
+    size = p.config["data"]["size"]
+    depth = len(p.config["model"]["kwargs"]["features"]) - 1
+    assert all(s % 2**depth == 0 for s in size) and size[1] >= 48 and p.config["data"]["batch_size"] == 2
+    thick = _edit(syn, tmp_path / "thick", spacing=[4.0, 1.0, 1.0], spatial_dims=3)
+    p = plan(thick, device="cpu")
+    assert p.config["data"]["mode"] == "2.5d" and p.config["data"]["context"] == 2
+    assert "anisotropy 4.0 >= 3" in p.why["data.mode"]
+    flat = _edit(syn, tmp_path / "flat", spacing=[4.0, 1.0, 1.0], spatial_dims=2)
+    assert plan(flat, device="cpu").config["data"]["mode"] == "2d"
+
+
+def test_loss_and_normalisation_follow_the_labels_and_the_intensities(tmp_path, syn):
+    assert plan(syn, device="cpu").config["loss"]["terms"][0]["name"] == "dice_ce"
+    ml = make_synthetic(tmp_path / "ml", n_patients=3, slices=4, size=32, class_kind="multilabel")
+    assert plan(ml, device="cpu").config["loss"]["terms"][0]["name"] == "dice_bce"
+    assert plan(syn, device="cpu").config["data"]["normalization"] == "zscore_case"
+
+    def ct(meta):
+        meta["fingerprint"]["intensity"]["c0"]["percentiles"]["0.5"] = -1000.0
+
+    p = plan(_edit(syn, tmp_path / "ct", info=ct), device="cpu")
+    assert p.config["data"]["normalization"] == "dataset" and "Hounsfield" in p.why["data.normalization"]
+
+
+def _boxes(root: Path, cols: slice) -> Path:
+    """Every foreground slice's structures replaced by one box: rows 18-29 (centred), columns ``cols``."""
+    meta = json.loads((root / "dataset.json").read_text())
+    for c in meta["cases"]:
+        m = np.load(root / c["mask"], mmap_mode="r+")
+        m[:] = 0
+        for j, zs in enumerate(c["fg_slices"]):
+            m[zs, j, 18:30, cols] = 1
+        m.flush()
+    return root
+
+
+def test_flips_only_along_axes_where_the_foreground_is_centred(tmp_path, syn):
+    centred = _boxes(_edit(syn, tmp_path / "centred", spatial_dims=2), slice(18, 30))
+    p = plan(centred, device="cpu")
+    assert p.config["augment"]["flip_axes"] == [0, 1] and p.config["inference"]["tta_flips"] == [[-2], [-1]]
+    left = _boxes(_edit(syn, tmp_path / "left", spatial_dims=2), slice(2, 14))  # not mirror-symmetric left-right
+    p = plan(left, device="cpu")
+    assert p.config["augment"]["flip_axes"] == [0] and p.config["inference"]["tta_flips"] == [[-2]]
+    assert "not flipped" in p.why["augment.flip.width"] and "0.16, 0.16" in p.why["augment.flip.width"]  # columns 2-13: 7.5 / 47
+    vol = _boxes(_edit(syn, tmp_path / "vol", spacing=[1.0, 1.0, 1.0], spatial_dims=3), slice(2, 14))
+    assert plan(vol, device="cpu").config["augment"]["flip_axes"] == [1]  # 3D: axis 0 is depth, 1 height
+
+
+def test_plans_that_cannot_be_made_say_why(tmp_path, syn):
+    def one_patient(meta):
+        for c in meta["cases"]:
+            c["patient"] = "p00"
+
+    with pytest.raises(MedsegError, match="1 patient\\(s\\): a plan needs at least 2"):
+        plan(_edit(syn, tmp_path / "one", info=one_patient))
+
+    def empty(meta):
+        for c in meta["fingerprint"]["classes"].values():
+            c["voxel_fraction"] = 0.0
+
+    with pytest.raises(MedsegError, match="no case holds any foreground"):
+        plan(_edit(syn, tmp_path / "empty", info=empty))
+
+    def constant(meta):
+        meta["fingerprint"]["intensity"]["c0"].update(std=0.0, min=7.0, max=7.0)
+
+    with pytest.raises(MedsegError, match="channel 'c0' is constant"):
+        plan(_edit(syn, tmp_path / "const", info=constant))
+
+
+def test_cli_plan_then_train_the_plan(tmp_path, syn, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app, main
+
+    out = tmp_path / "plan.yaml"
+    r = CliRunner().invoke(app, ["plan", str(syn), "--minutes", "0.05", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "planned 2d" in r.output or "planned 3d" in r.output
+    for argv, said in ((["plan", str(syn), "--out", str(out)], f"error: {out}: already exists; choose another --out"),
+                       (["train", str(syn)], f"error: {syn}: is a folder: pass an experiment YAML, or add --auto")):
+        monkeypatch.setattr(sys, "argv", ["medseg", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(said)
+    r = CliRunner().invoke(app, ["train", str(out), "--out", str(tmp_path / "run"),
+                                 "--set", "train.members=1", "--set", "train.steps_per_epoch=2"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "fold_0" / "model.pt").is_file()
+
+
+def test_render_puts_each_reason_above_its_section(syn):
+    text = render(plan(syn, device="cpu"))
+    assert text.index("# loss: ") < text.index("\nloss:") < text.index("# augment.flip")
