@@ -182,7 +182,7 @@ def evaluate(
     images: Optional[Path] = typer.Option(None, help="UW-Madison: the train/ image folder beside train.csv"),
     empty: str = typer.Option("skip", help="empty-vs-empty convention for Dice/HD: skip (NaN), one, zero"),
     nsd_tolerance: float = typer.Option(1.0, help="surface Dice tolerance in mm"),
-    report: bool = typer.Option(True, help="also write report.html (plots and overlays)"),
+    report: bool = typer.Option(True, help="also write report.html (plots and overlays) and view.html (every slice, error components)"),
     uw_score: str = typer.Option("competition", help="UW-Madison score: 'competition' (its written definition) or "
                                  "'mlebench' (the public mle-bench grader's, for its medal thresholds)"),
 ) -> None:
@@ -258,6 +258,29 @@ def tune(
 
     run_tune(run, folds=folds, data=data, tta=tta, thresholds=floats(thresholds, "thresholds"),
              presence=floats(presence, "presence"), write=not dry_run, console=console, device=device)
+
+
+@app.command()
+def view(
+    pred: Path = typer.Argument(..., help="predictions folder (the input's layout), submission, prepared dataset, or run directory"),
+    truth: Optional[Path] = typer.Argument(None, help="ground truth, as for evaluate (omit for a run directory)"),
+    out: Optional[Path] = typer.Option(None, help="the HTML file (default: PRED_view.html, or RUN/view.html)"),
+    format: Optional[str] = typer.Option(None, help="reader for a native TRUTH layout (guessed if absent)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value for TRUTH"),
+    image: Optional[Path] = typer.Option(None, "--image", help="images for a TRUTH that holds none (UW-Madison train/)"),
+    open_it: bool = typer.Option(True, "--open/--no-open", help="open it in the browser when there is a display"),
+) -> None:
+    """Scroll every slice of every case with truth and prediction overlays, and jump to each false-positive
+    and false-negative component: one self-contained HTML file (no server, no network)."""
+    import os
+
+    from medseg.evaluation.viewer import view as make_view
+
+    path = make_view(pred, truth, out=out, fmt=format, images=image, options=_kv(option, "--option"), console=console)
+    if open_it and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 @app.command()

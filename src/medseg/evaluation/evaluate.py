@@ -26,6 +26,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
 from medseg.evaluation.report import pick_cases, write_report
 from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
+from medseg.evaluation.viewer import ViewWriter, case_metrics_row
 from medseg.rundir import RunDir
 from medseg.scores import SCORES, score_for
 from medseg.text import plural
@@ -148,6 +149,7 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
     terms = np.zeros(4)
     seen_slices: set[str] = set()
     slice_file = out_dir / "metrics_slices.csv"
+    view = ViewWriter(classes, truth_obj.spatial_dims, "mm" if truth_obj.spacing_known else "px") if report else None
     fh = open(slice_file, "w", newline="") if two_d else None
     try:
         sw = csv.writer(fh, lineterminator="\n") if fh else None
@@ -159,6 +161,8 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             crow = case_metrics(p, t.mask, spacing=t.spacing, tolerance=nsd_tolerance, empty=empty)
             for k, cls in enumerate(classes):
                 rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k]})
+            if view is not None:
+                view.add_case(case_id, t.patient, _image_or_none(t), t.mask, p, t.spacing, case_metrics_row(crow))
             dices = [r["dice"] for r in crow if math.isfinite(r["dice"])]
             if dices:
                 case_score[case_id] = float(np.mean(dices))
@@ -217,10 +221,20 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             shown.append((label, cid, case_score[cid], t.image(), t.mask, preds.loader(cid, t)))
         write_report(out_dir / "report.html", summary, rows, classes, shown, curves=preds.curves)
         files["report"] = "report.html"
+        view.write(out_dir / "view.html", f"medseg view: {pred.name} vs {truth_obj.path.name}")
+        files["view"] = "view.html"
     summary["files"] = files
     summary["seconds"] = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
     return summary
+
+
+def _image_or_none(t: Any) -> np.ndarray | None:
+    """The case's image for the view, or None (the view marks the case) when it cannot be read."""
+    try:
+        return np.asarray(t.image())
+    except (MedsegError, OSError, ValueError):
+        return None
 
 
 def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float,

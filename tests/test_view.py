@@ -1,0 +1,147 @@
+"""The interactive view: error components found where they were planted, the page driven in headless
+Chromium (sort, open a case, move to a slice, toggle the prediction) with canvas pixels checked, and
+``medseg view`` marking the cases it cannot show."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.evaluation.viewer import components, mosaic
+from medseg.training.synthetic import make_synthetic
+
+RED = [230, 25, 75]  # the first class's colour
+
+
+def test_components_are_islands_and_missed_structures():
+    t = np.zeros((4, 1, 16, 16), np.uint8)
+    p = np.zeros_like(t)
+    t[1, 0, 2:6, 2:6] = 1  # found (touched by the prediction)
+    p[1, 0, 3:7, 3:7] = 1
+    p[2, 0, 10:13, 10:15] = 1  # an island: FP, 15 voxels
+    t[3, 0, 8:11, 1:4] = 1  # missed: FN, 9 voxels centred at (9, 2)
+    got = components(t, p, ["a"])
+    assert got == [{"kind": "FP", "class": "a", "voxels": 15, "z0": 2, "z1": 2, "z": 2, "y": 11, "x": 12},
+                   {"kind": "FN", "class": "a", "voxels": 9, "z0": 3, "z1": 3, "z": 3, "y": 9, "x": 2}]
+
+
+def test_mosaic_tiles_slices_row_major():
+    v = np.arange(5)[:, None, None] * np.ones((5, 2, 3), int)
+    m, cols = mosaic(v)
+    assert cols == 3 and m.shape == (4, 9)
+    assert m[0, 3] == 1 and m[2, 0] == 3 and m[2, 3] == 4 and m[2, 6] == 0
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A synthetic truth and a prediction equal to it but for an FP island in case00 (slice 1, rows and
+    columns 0-2) and a missed disc in case01 (slice 3); evaluated, with the view written."""
+    from medseg.evaluation.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("v")
+    truth = make_synthetic(root / "truth", n_patients=3, slices=6, size=32)
+    pred = root / "pred"
+    shutil.copytree(truth, pred)
+    meta = json.loads((pred / "dataset.json").read_text())
+    files = {c["id"]: pred / c["mask"] for c in meta["cases"]}
+    m0 = np.load(files["case00"], mmap_mode="r+")
+    assert not m0[1].any()  # slice 1 of case00 holds no truth
+    m0[1, 0, 0:3, 0:3] = 1  # in a corner: no disc of slices 0 or 2 reaches it (26-connected)
+    m0.flush()
+    m1 = np.load(files["case01"], mmap_mode="r+")
+    assert m1[3, 0].any()
+    m1[3, 0] = 0
+    m1.flush()
+    evaluate(pred, truth, out=root / "eval")
+    return root
+
+
+def test_evaluate_writes_the_view_with_the_planted_components(planted):
+    page = (planted / "eval" / "view.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    cases = {c["id"]: c for c in data["cases"]}
+    assert set(cases) == {"case00", "case01", "case02"} and data["planes"] == 3
+    assert cases["case00"]["components"] == [{"kind": "FP", "class": "disc", "voxels": 9, "z0": 1, "z1": 1, "z": 1, "y": 1, "x": 1}]
+    fn = cases["case01"]["components"]
+    assert len(fn) == 1 and fn[0]["kind"] == "FN" and fn[0]["z"] == 3 and fn[0]["class"] == "disc"
+    assert cases["case02"]["components"] == [] and cases["case02"]["metrics"]["dice"] == 1.0
+    assert "http" not in page.replace("http-equiv", "")  # opens with no network
+
+
+def _chromium(page: Path, script: str, out: Path) -> dict:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); the view's data is still checked")
+    probe = ("<script>(async function(){const V=window.medsegView,out={};try{" + script + "}catch(e){out.err=String(e)}"
+             "const p=document.createElement('pre');p.id='test-out';p.textContent=JSON.stringify(out);"
+             "document.body.appendChild(p);})();</script>")
+    out.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+                              "--disable-background-networking", f"--user-data-dir={profile}",
+                              "--virtual-time-budget=20000", "--dump-dom", out.as_uri()],
+                             capture_output=True, text=True, timeout=180).stdout
+    res = json.loads(dom.split('<pre id="test-out">')[1].split("</pre>")[0].replace("&quot;", '"'))
+    assert "err" not in res, res["err"]
+    return res
+
+
+def test_the_page_in_chromium_sorts_opens_scrolls_and_toggles(planted, tmp_path):
+    from medseg.data.prepared import PreparedDataset
+
+    edge = np.argwhere(PreparedDataset.open(planted / "truth").mask("case01")[1, 0])[0]  # topmost disc pixel: an outline
+    res = _chromium(planted / "eval" / "view.html", f"""
+      V.sortBy('dice'); out.asc = V.rows(); V.sortBy('dice'); out.desc = V.rows();
+      await V.openCase('case00'); out.z0 = V.state.z; V.setSlice(1);
+      out.on = V.pixel('axial', 1, 1); V.toggle('pred', false); out.off = V.pixel('axial', 1, 1); V.toggle('pred', true);
+      out.comps = document.getElementById('comps').textContent;
+      out.worst = document.getElementById('worst').textContent;
+      const cor = document.getElementById('plane-coronal'); out.coronal = [cor.width, cor.height];
+      await V.openCase('case01'); V.setSlice(1); out.edge = V.pixel('axial', {edge[1]}, {edge[0]});
+      V.toggle('truth', false); out.edge_off = V.pixel('axial', {edge[1]}, {edge[0]});
+    """, tmp_path / "probe.html")
+    page = (planted / "eval" / "view.html").read_text()
+    dice = {c["id"]: c["metrics"]["dice"] for c in
+            json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])["cases"]}
+    assert res["asc"] == sorted(dice, key=dice.get) and res["desc"] == res["asc"][::-1]
+    assert res["desc"][0] == "case02" and len(set(dice.values())) == 3
+    assert res["z0"] == 1  # a case opens at its largest error component
+    r, g, b, _ = res["on"]
+    assert r > g + 50 and r > b  # the island, filled with the class's colour
+    assert res["off"][0] == res["off"][1] == res["off"][2]  # the grey image beneath once the prediction is hidden
+    assert "FP disc: 9 voxels, slices 1-1" in res["comps"] and "FP disc: 9 voxels" in res["worst"]
+    assert "FN disc" in res["worst"] and res["coronal"] == [32, 6]
+    assert res["edge"][:3] == RED  # the truth's outline drawn over the prediction's fill
+    assert res["edge_off"][:3] != RED
+
+
+def test_cli_view_marks_cases_it_cannot_show(planted, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from medseg.cli import main
+
+    pred = tmp_path / "pred"
+    shutil.copytree(planted / "pred", pred)
+    meta = json.loads((pred / "dataset.json").read_text())
+    meta["cases"] = [c for c in meta["cases"] if c["id"] != "case02"]  # a prediction folder missing a case
+    (pred / "dataset.json").write_text(json.dumps(meta))
+    f = pred / next(c["mask"] for c in meta["cases"] if c["id"] == "case01")
+    np.save(f, np.load(f)[..., :-2])  # and one whose size disagrees with the truth
+    out = tmp_path / "v.html"
+    monkeypatch.setattr(sys, "argv", ["medseg", "view", str(pred), str(planted / "truth"), "--out", str(out), "--no-open"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "skipped case02: no prediction for case case02" in said and "view of 1 of 3 cases (1 error component)" in said
+    assert "skipped case01: case case01: prediction shape (6, 2, 32, 30) differs from the truth's (6, 2, 32, 32)" in said
+    page = out.read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    missing = [c for c in data["cases"] if c.get("missing")]
+    assert [c["id"] for c in missing] == ["case01", "case02"] and "no prediction" in missing[1]["missing"]
+    assert "differs from the truth" in missing[0]["missing"]
