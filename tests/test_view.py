@@ -145,3 +145,28 @@ def test_cli_view_marks_cases_it_cannot_show(planted, tmp_path, capsys, monkeypa
     missing = [c for c in data["cases"] if c.get("missing")]
     assert [c["id"] for c in missing] == ["case01", "case02"] and "no prediction" in missing[1]["missing"]
     assert "differs from the truth" in missing[0]["missing"]
+
+
+def test_cli_view_of_predictions_over_their_images_without_truth(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from conftest import ROOT
+
+    from medseg.cli import main
+    from medseg.inference.predict import predict
+
+    src = ROOT / "tests" / "fixtures" / "lgg_tiny" / "kaggle_3m"
+    pred = tmp_path / "pred"
+    predict("lgg-unet", src, pred, tta=False, device="cpu", progress=False)
+    monkeypatch.setattr(sys, "argv", ["medseg", "view", str(pred), "--image", str(src), "--no-open"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0
+    page = (tmp_path / "pred_view.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert [c["id"] for c in data["cases"]] == sorted(p.name for p in src.iterdir() if p.is_dir())
+    assert all(c["truth"] is False and c["components"] == [] and c["z"] == 4 for c in data["cases"])
+    monkeypatch.setattr(sys, "argv", ["medseg", "view", str(pred), "--no-open"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "give TRUTH, or --image" in capsys.readouterr().err

@@ -267,7 +267,8 @@ def view(
     out: Optional[Path] = typer.Option(None, help="the HTML file (default: PRED_view.html, or RUN/view.html)"),
     format: Optional[str] = typer.Option(None, help="reader for a native TRUTH layout (guessed if absent)"),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value for TRUTH"),
-    image: Optional[Path] = typer.Option(None, "--image", help="images for a TRUTH that holds none (UW-Madison train/)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="without TRUTH: the images the predictions were made from "
+                                         "(predictions shown alone); with TRUTH: images for a truth that holds none"),
     open_it: bool = typer.Option(True, "--open/--no-open", help="open it in the browser when there is a display"),
 ) -> None:
     """Scroll every slice of every case with truth and prediction overlays, and jump to each false-positive

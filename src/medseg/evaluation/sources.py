@@ -36,6 +36,7 @@ class TruthCase:
     spacing: tuple[float, float, float]
     slices: list[str] | None
     image: Callable[[], np.ndarray]  # lazy [z, c, h, w], only read for the report's overlays
+    has_mask: bool = True  # False: images only (``medseg view`` without truth), ``mask`` is all zeros
 
 
 class Truth:
@@ -107,13 +108,16 @@ class PreparedTruth(Truth):
 
 
 class NativeTruth(Truth):
-    def __init__(self, path: Path, fmt: str, options: dict[str, Any] | None = None):
+    def __init__(self, path: Path, fmt: str, options: dict[str, Any] | None = None, masks: bool = True):
         self.path = Path(path)
         self.reader = get_reader(fmt, **(options or {}))
-        self.spec = self.reader.scan(self.path, require_masks=True)
+        self.spec = self.reader.scan(self.path, require_masks=masks)
         self.format = fmt
-        if not self.spec.has_masks:
+        self.masks = masks
+        if masks and not self.spec.has_masks:
             raise MedsegError("the ground truth has no masks", path)
+        if not self.spec.classes:
+            raise MedsegError("the layout names no classes without its masks: give the ground truth", path)
         self.classes = list(self.spec.classes)
         self.class_kind = self.spec.class_kind
         self.spatial_dims = self.spec.spatial_dims
@@ -134,11 +138,15 @@ class NativeTruth(Truth):
 
     def load(self, case_id: str) -> TruthCase:
         data = self._data(case_id)
-        if data.mask is None:
+        mask = data.mask
+        if mask is None and self.masks:
             raise MedsegError(f"case {case_id} has no mask", self.path)
-        return TruthCase(id=case_id, patient=self.cases[case_id].patient, mask=data.mask,
+        if not self.masks:  # images only: an empty mask gives predictions their shape
+            z, _, h, w = data.image.shape
+            mask = np.zeros((z, len(self.classes), h, w), np.uint8)
+        return TruthCase(id=case_id, patient=self.cases[case_id].patient, mask=mask,
                          spacing=tuple(float(s) for s in data.spacing), slices=data.slices,
-                         image=lambda: self._data(case_id).image)
+                         image=lambda: self._data(case_id).image, has_mask=self.masks)
 
     def native(self):
         return self.reader, self.spec, self.cases

@@ -29,7 +29,8 @@ import numpy as np
 from medseg.atomic import atomic_write_text
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import case_metrics
-from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
+from medseg.data.formats import guess_format
+from medseg.evaluation.sources import NativeTruth, open_predictions, open_truth, run_predictions
 from medseg.rundir import RunDir
 from medseg.text import plural
 
@@ -195,9 +196,14 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
     that cannot be shown (no prediction, a size that disagrees, an unreadable image) marked with the reason
     instead of stopping. Returns the HTML file."""
     pred = Path(pred)
-    if truth is None:
+    if truth is None and images is not None and not RunDir.is_run(pred):  # predictions over their images, no truth
+        truth_obj = NativeTruth(Path(images), fmt or guess_format(Path(images)), options, masks=False)
+        preds = open_predictions(pred, truth_obj)
+        ids = list(truth_obj.ids)
+    elif truth is None:
         if not RunDir.is_run(pred):
-            raise MedsegError("TRUTH is required unless PRED is a run directory (its validation predictions)", pred)
+            raise MedsegError("give TRUTH, or --image with the images the predictions were made from "
+                              "(TRUTH may be left out for a run directory)", pred)
         preds, ds_path = run_predictions(pred)
         truth_obj = open_truth(ds_path)
         ids = [i for i in truth_obj.ids if i in (preds.ids or ())]
@@ -221,10 +227,14 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
         except (MedsegError, OSError, ValueError) as e:
             image = None
             skipped.append((cid, f"image not shown ({e})"))
-        rows = [{**r} for r in case_metrics(p, t.mask, spacing=t.spacing)]
+        if not t.has_mask:
+            w.add_case(cid, t.patient, image, None, p, t.spacing)
+            continue
+        rows = case_metrics(p, t.mask, spacing=t.spacing)
         w.add_case(cid, t.patient, image, t.mask, p, t.spacing, case_metrics_row(rows))
-    if out is None:
-        out = pred / "view.html" if truth is None else pred.with_name((pred.stem if pred.is_file() else pred.name) + "_view.html")
+    if out is None:  # beside the predictions; inside a run directory
+        run = truth is None and images is None
+        out = pred / "view.html" if run else pred.with_name((pred.stem if pred.is_file() else pred.name) + "_view.html")
     path = w.write(out, f"medseg view: {pred.name}" + (f" vs {Path(truth).name}" if truth is not None else ""))
     if console is not None:
         for cid, why in skipped:
