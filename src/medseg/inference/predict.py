@@ -98,12 +98,14 @@ def predict(
     progress: bool | None = None,
     weights: list[float] | None = None,
     device: str = "auto",
+    write_as: str | None = None,
 ) -> list[Path]:
     """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
 
     ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
     their probabilities (``Segmenter.load``), or be a loaded ``Segmenter`` (then ``folds``, ``tta``, ``backend``,
-    ``weights`` and ``device`` are its own), reused across calls."""
+    ``weights`` and ``device`` are its own), reused across calls. ``write_as``: the output form where a
+    layout has several (DICOM: ``nifti`` or ``seg``)."""
     import sys
 
     input, output = Path(input), Path(output)
@@ -112,7 +114,13 @@ def predict(
     # the input's errors come before the model's: the channel count is peeked, the model loaded later
     loaded = isinstance(model, Segmenter)
     n = (len(model.channels) if loaded else model_channels(model, folds)) if fmt in ("folder", "coco") else None
-    reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(n))
+    options = FORMATS.get(fmt).options_for_model(n)
+    if write_as is not None:  # how a layout with several output forms writes its masks (DICOM: nifti or seg)
+        if "write_as" not in FORMATS.get(fmt).Options.model_fields:
+            raise MedsegError(f"--as is for inputs with several output forms (DICOM); {fmt} predictions are written "
+                              "in the input's own layout")
+        options = {**options, "write_as": write_as, "algorithm": Path(str(model)).name if not loaded else model.name}
+    reader = get_reader(fmt, **options)
     spec = reader.scan(input, require_masks=False)
     _check_output(output, overwrite, input)
     rank, world, local = shard()
