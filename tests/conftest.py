@@ -32,3 +32,17 @@ def _quiet_threads(monkeypatch):
 
     monkeypatch.setattr(medseg.training.fit, "cpu_has_bf16_units", lambda: False)
     yield
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """dicom3tools' verdict on a DICOM file: its "Error" lines (the test skips when dciodvfy is absent)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

@@ -217,8 +217,8 @@ def predict(
                                            "one number, or one per class (0.5,0.3,0.4)"),
     threshold: Optional[str] = typer.Option(None, help="decision threshold (multilabel or one-class models): one number, or one per class"),
     device: str = typer.Option("auto", help="auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N"),
-    write_as: Optional[str] = typer.Option(None, "--as", help="DICOM input: write each series' masks as nifti (default) "
-                                           "or seg (a DICOM Segmentation object referencing the series)"),
+    write_as: Optional[str] = typer.Option(None, "--as", help="DICOM input: write each series' masks as nifti (default), "
+                                           "seg (a DICOM Segmentation object) or rtstruct (contours for planning systems)"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
     from medseg.inference.predict import parse_flips, parse_probabilities, parse_weights, predict as run_predict

@@ -105,7 +105,7 @@ def predict(
     ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
     their probabilities (``Segmenter.load``), or be a loaded ``Segmenter`` (then ``folds``, ``tta``, ``backend``,
     ``weights`` and ``device`` are its own), reused across calls. ``write_as``: the output form where a
-    layout has several (DICOM: ``nifti`` or ``seg``)."""
+    layout has several (DICOM: ``nifti``, ``seg`` or ``rtstruct``)."""
     import sys
 
     input, output = Path(input), Path(output)

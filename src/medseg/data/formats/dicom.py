@@ -28,6 +28,7 @@ from medseg.data.formats.nifti import (labels_to_mask,
     read_label_prediction,
     to_zyx,
     write_volume_nifti)
+from medseg.data.formats.dicom_rtstruct import read_rtstruct, write_rtstruct
 from medseg.data.formats.dicom_seg import read_seg, write_seg
 from medseg.errors import MedsegError
 from medseg.text import plural
@@ -77,7 +78,7 @@ class DicomReader(Reader):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
         classes: ClassNames = None  # names of label values 1..K
         patient_regex: str | None = None  # first group of the case id = patient (default: the PatientID tag)
-        write_as: Literal["nifti", "seg"] = "nifti"  # predictions: NIfTI in the series' geometry, or DICOM SEG
+        write_as: Literal["nifti", "seg", "rtstruct"] = "nifti"  # predictions: NIfTI in the series' geometry, DICOM SEG or RTSTRUCT
         algorithm: str = "medseg"  # the model named in a SEG's algorithm identification
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
@@ -272,6 +273,9 @@ class DicomReader(Reader):
         seg = Path(root) / f"{case.id}.seg.dcm"
         if seg.is_file():  # written with --as seg
             return read_seg(seg, case.sources["files"], spec.classes)
+        rt = Path(root) / f"{case.id}.rtstruct.dcm"
+        if rt.is_file():  # written with --as rtstruct
+            return read_rtstruct(rt, case.sources["files"], spec.classes)
         return read_label_prediction(Path(root), spec, case, shape)  # written as NIfTI in the series' geometry
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:
@@ -280,11 +284,13 @@ class DicomReader(Reader):
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         import nibabel as nib
 
-        if self.options.write_as == "seg":
+        if self.options.write_as != "nifti":
             if probabilities is not None:
-                raise MedsegError("--save-probabilities writes NIfTI maps; a SEG holds binary segments (use --as nifti)")
-            return [write_seg(case.sources["files"], mask, spec.classes, Path(out_dir) / f"{case.id}.seg.dcm",
-                              self.options.algorithm)]
+                raise MedsegError(f"--save-probabilities writes NIfTI maps; a {self.options.write_as.upper()} holds "
+                                  "binary structures (use --as nifti)")
+            write = write_seg if self.options.write_as == "seg" else write_rtstruct
+            return [write(case.sources["files"], mask, spec.classes,
+                          Path(out_dir) / f"{case.id}.{self.options.write_as}.dcm", self.options.algorithm)]
 
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
         lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)

@@ -1,0 +1,108 @@
+"""RTSTRUCT out and back on the oblique hippocampus DICOM fixture: contours in patient coordinates that
+rasterise back to the mask, holes kept, valid for dciodvfy, and the structure set's errors named."""
+from __future__ import annotations
+
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import FIXTURES, dciodvfy_errors
+from medseg.data.formats import get_reader
+from medseg.data.formats.dicom_rtstruct import read_rtstruct, slice_contours, write_rtstruct
+from medseg.errors import MedsegError
+
+DICOM = FIXTURES / "dicom"
+
+
+@pytest.fixture(scope="module")
+def series():
+    r = get_reader("dicom", masks="masks", write_as="rtstruct", algorithm="test-model")
+    spec = r.scan(DICOM)
+    return r, spec, spec.cases[0], r.load(spec, spec.cases[0])
+
+
+def test_contours_of_a_square_run_half_way_between_pixel_centres():
+    m = np.zeros((6, 6), np.uint8)
+    m[1:4, 2:5] = 1
+    [c] = slice_contours(m)
+    assert c[:, 0].min() == pytest.approx(0.5) and c[:, 0].max() == pytest.approx(3.5)
+    assert c[:, 1].min() == pytest.approx(1.5) and c[:, 1].max() == pytest.approx(4.5)
+
+
+def test_mask_to_rtstruct_to_mask_per_structure_with_a_hole(series, tmp_path):
+    r, spec, case, data = series
+    mask = data.mask.copy()
+    mask[20, 1] = 0
+    mask[20, 1, 10:30, 5:25] = 1
+    mask[20, 1, 15:25, 10:20] = 0  # a ring: its inner contour is a hole
+    [f] = r.write_prediction(spec, case, mask, tmp_path)
+    assert f.name == f"{case.id}.rtstruct.dcm"
+    back = r.read_prediction(tmp_path, spec, case, mask.shape)
+    for j in range(len(spec.classes)):
+        a, b = mask[:, j] > 0, back[:, j] > 0
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98, spec.classes[j]
+    assert np.array_equal(back[20, 1], mask[20, 1])  # the hole stays a hole
+    ds = pydicom.dcmread(f)
+    src = [pydicom.dcmread(p, stop_before_pixels=True) for p in case.sources["files"]]
+    assert ds.Modality == "RTSTRUCT" and ds.FrameOfReferenceUID == src[0].FrameOfReferenceUID
+    assert [x.ROIName for x in ds.StructureSetROISequence] == spec.classes
+    # every contour point lies on the plane of the slice it references, inside its image
+    uid = {str(s.SOPInstanceUID): s for s in src}
+    for rc in ds.ROIContourSequence:
+        assert len(rc.ROIDisplayColor) == 3
+        for c in rc.ContourSequence:
+            s = uid[str(c.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+            iop = np.array([float(v) for v in s.ImageOrientationPatient])
+            d = np.array([float(v) for v in c.ContourData]).reshape(-1, 3) - np.array([float(v) for v in s.ImagePositionPatient])
+            assert np.abs(d @ np.cross(iop[:3], iop[3:])).max() < 1e-3
+            rows, cols = d @ iop[3:] / float(s.PixelSpacing[0]), d @ iop[:3] / float(s.PixelSpacing[1])
+            assert rows.min() >= -0.5 and cols.min() >= -0.5 and rows.max() <= s.Rows - 0.5 and cols.max() <= s.Columns - 0.5
+
+
+def test_rtstruct_passes_dciodvfy(series, tmp_path):
+    r, spec, case, data = series
+    [f] = r.write_prediction(spec, case, data.mask, tmp_path)
+    assert dciodvfy_errors(f) == []
+
+
+def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
+    r, spec, case, data = series
+    files = case.sources["files"]
+    f = write_rtstruct(files, data.mask, spec.classes, tmp_path / "a.dcm")
+
+    def edited(name, change):
+        ds = pydicom.dcmread(f)
+        change(ds)
+        out = tmp_path / name
+        ds.save_as(out)
+        return out
+
+    with pytest.raises(MedsegError, match="ROI 'label_1' matches no class"):
+        read_rtstruct(f, files, ["hippocampus", "label_2"])
+    with pytest.raises(MedsegError, match="references frame of reference 1.2.3.4"):
+        read_rtstruct(edited("b.dcm", lambda ds: setattr(ds.ReferencedFrameOfReferenceSequence[0], "FrameOfReferenceUID", "1.2.3.4")), files, spec.classes)
+    with pytest.raises(MedsegError, match="ROI 'label_2' has no contours"):
+        read_rtstruct(edited("c.dcm", lambda ds: delattr(ds.ROIContourSequence[1], "ContourSequence")), files, spec.classes)
+
+    def shift(ds):
+        c = ds.ROIContourSequence[0].ContourSequence[0]
+        pts = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
+        s = pydicom.dcmread(files[0], stop_before_pixels=True)
+        iop = np.array([float(v) for v in s.ImageOrientationPatient])
+        c.ContourData = [f"{v:.4f}" for v in (pts + 500 * iop[:3]).ravel()]  # 500 mm along the rows
+
+    with pytest.raises(MedsegError, match="ROI 'label_1': a contour on slice .* runs outside the image"):
+        read_rtstruct(edited("d.dcm", shift), files, spec.classes)
+
+    def lift(ds):
+        c = ds.ROIContourSequence[0].ContourSequence[0]
+        s = pydicom.dcmread(files[0], stop_before_pixels=True)
+        iop = np.array([float(v) for v in s.ImageOrientationPatient])
+        pts = np.array([float(v) for v in c.ContourData]).reshape(-1, 3) + 3 * np.cross(iop[:3], iop[3:])
+        c.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+
+    with pytest.raises(MedsegError, match="mm off slice"):
+        read_rtstruct(edited("e.dcm", lift), files, spec.classes)
+    with pytest.raises(MedsegError, match=r"references instance .* not in the series"):
+        read_rtstruct(f, files[:17] + files[18:], spec.classes)  # the middle slice, which holds contours, left out
