@@ -2,6 +2,8 @@
 rasterise back to the mask, holes kept, valid for dciodvfy, and the structure set's errors named."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -104,5 +106,61 @@ def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
 
     with pytest.raises(MedsegError, match="mm off slice"):
         read_rtstruct(edited("e.dcm", lift), files, spec.classes)
+    with pytest.raises(MedsegError, match="ROI 'label_1': a OPEN_PLANAR contour encloses no area"):
+        read_rtstruct(edited("f.dcm", lambda ds: setattr(ds.ROIContourSequence[0].ContourSequence[0], "ContourGeometricType",
+                                                          "OPEN_PLANAR")), files, spec.classes)
     with pytest.raises(MedsegError, match=r"references instance .* not in the series"):
         read_rtstruct(f, files[:17] + files[18:], spec.classes)  # the middle slice, which holds contours, left out
+
+
+def _study(tmp_path, kind: str, names: list[str], mask_of):
+    """The fixture series and one label object of ``kind`` for it, named ``names`` (mask_of(mask) -> [z, k, h, w])."""
+    from medseg.data.formats.dicom_seg import write_seg
+
+    study = tmp_path / "study"
+    shutil.copytree(DICOM / "series", study / "series")
+    r = get_reader("dicom", masks="masks")
+    spec = r.scan(DICOM)
+    case = spec.cases[0]
+    mask = r.load(spec, case).mask
+    files = sorted(str(p) for p in (study / "series").iterdir())
+    files = [f for f in files if any(f.endswith(Path(s).name) for s in case.sources["files"])]
+    files.sort(key=lambda f: [Path(s).name for s in case.sources["files"]].index(Path(f).name))
+    write = write_seg if kind == "seg" else write_rtstruct
+    write(files, mask_of(mask), names, study / f"labels.{kind}.dcm", "hand")
+    return study, mask
+
+
+@pytest.mark.parametrize("kind", ["rtstruct", "seg"])
+def test_prepare_reads_label_objects_with_rois_mapped_to_classes(tmp_path, kind, recwarn):
+    def with_body(m):  # the two structures, and a body outline a planning export also holds
+        return np.concatenate([m, np.ones_like(m[:, :1])], 1)
+
+    study, mask = _study(tmp_path, kind, ["Hippo_A", "HIPPO_P", "External"], with_body)
+    r = get_reader("dicom", labels=kind, rois="anterior:Hippo_A,posterior:Hippo_P|HIPPO_P")
+    spec = r.scan(study)
+    assert spec.classes == ["anterior", "posterior"] and spec.class_kind == "multilabel"
+    assert any("left out: External" in str(w.message) for w in recwarn)
+    got = r.load(spec, spec.cases[0]).mask
+    if kind == "seg":
+        assert np.array_equal(got, mask)
+    else:
+        for j in range(2):
+            a, b = mask[:, j] > 0, got[:, j] > 0
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98
+    plain = get_reader("dicom", labels=kind).scan(study)  # no mapping: every name is a class
+    assert plain.classes == ["External", "HIPPO_P", "Hippo_A"]
+
+
+def test_label_objects_that_fit_no_series_are_named(tmp_path):
+    study, _ = _study(tmp_path, "rtstruct", ["a", "b"], lambda m: m)
+    f = study / "labels.rtstruct.dcm"
+    ds = pydicom.dcmread(f)
+    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    ref.SeriesInstanceUID = "1.2.3.4.5"
+    ds.save_as(f)
+    with pytest.raises(MedsegError, match=r"RTSTRUCT references series 1.2.3.4.5, which is not in"):
+        get_reader("dicom", labels="rtstruct").scan(study)
+    f.unlink()
+    with pytest.raises(MedsegError, match="has no RTSTRUCT file referencing it"):
+        get_reader("dicom", labels="rtstruct").scan(study)

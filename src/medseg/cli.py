@@ -75,6 +75,8 @@ def prepare(
     workers: Optional[int] = typer.Option(None, help="worker processes (default: min(CPU count, 4)); 1 reads in this process"),
     images_only: bool = typer.Option(False, "--images-only", help="no masks (data to predict on)"),
     overwrite: bool = typer.Option(False, help="replace an existing prepared dataset"),
+    labels: Optional[str] = typer.Option(None, help="DICOM: labels as seg or rtstruct files beside the series "
+                                         "(ROI names to classes with -o rois=class:Name|Other,...)"),
 ) -> None:
     """Read a dataset in its native layout and write a prepared dataset with patient-level splits."""
     import time
@@ -83,8 +85,11 @@ def prepare(
     from medseg.data.prepared import PreparedDataset
 
     t0 = time.perf_counter()
+    options = _kv(option, "--option")
+    if labels is not None:
+        options["labels"] = labels  # a reader without label objects refuses the option by name
     out = run_prepare(
-        format, input, output, options=_kv(option, "--option"), folds=folds, seed=seed, split=split,
+        format, input, output, options=options, folds=folds, seed=seed, split=split,
         overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
     )
     ds = PreparedDataset.open(out)

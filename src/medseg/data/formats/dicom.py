@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from medseg.data.formats.nifti import (labels_to_mask,
     write_volume_nifti)
 from medseg.data.formats.dicom_rtstruct import read_rtstruct, write_rtstruct
 from medseg.data.formats.dicom_seg import read_seg, write_seg
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 from medseg.text import plural
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -78,6 +78,8 @@ class DicomReader(Reader):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
         classes: ClassNames = None  # names of label values 1..K
         patient_regex: str | None = None  # first group of the case id = patient (default: the PatientID tag)
+        labels: Optional[Literal["seg", "rtstruct"]] = None  # labels as DICOM SEG or RTSTRUCT files in ROOT (else masks=)
+        rois: Optional[str] = None  # class:Name|Other,class2:Name2 (labels=seg|rtstruct); default: every name is a class
         write_as: Literal["nifti", "seg", "rtstruct"] = "nifti"  # predictions: NIfTI in the series' geometry, DICOM SEG or RTSTRUCT
         algorithm: str = "medseg"  # the model named in a SEG's algorithm identification
 
@@ -90,6 +92,7 @@ class DicomReader(Reader):
             raise MedsegError("not a folder or a DICOM file", root)
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
         series: dict[str, list[tuple[Path, Any]]] = {}
+        label_files: list[tuple[Path, Any]] = []
         skipped: list[Path] = []
         last_error: Exception | None = None
         for f in files:
@@ -98,6 +101,9 @@ class DicomReader(Reader):
             except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
                 skipped.append(f)
                 last_error = e
+                continue
+            if str(getattr(ds, "Modality", "")) in ("SEG", "RTSTRUCT"):
+                label_files.append((f, ds))  # labels, not an image series
                 continue
             uid = getattr(ds, "SeriesInstanceUID", None)
             if uid is None or "PixelSpacing" not in ds and "ImagePositionPatient" not in ds and "Rows" not in ds:
@@ -127,6 +133,8 @@ class DicomReader(Reader):
 
         classes: list[str] = []
         values: list[int] = []
+        if require_masks and self.options.labels:
+            return self._scan_label_objects(root, cases, label_files)
         if require_masks:
             if not self.options.masks:
                 raise MedsegError(
@@ -174,6 +182,55 @@ class DicomReader(Reader):
             has_masks=require_masks,
             meta={"label_values": values},
         )
+
+    def _class_names(self, found: list[str]) -> tuple[list[str], dict[str, str]]:
+        """(classes, ROI or segment name -> class) from option ``rois`` or, without it, every name found."""
+        if not self.options.rois:
+            return sorted(set(found)), {n: n for n in found}
+        classes, names = [], {}
+        for part in self.options.rois.split(","):
+            cls, sep, aliases = part.partition(":")
+            if not cls.strip():
+                raise MedsegError(f"option rois: {part!r} is not class:Name|Other")
+            classes.append(cls.strip())
+            for a in (aliases.split("|") if sep else [cls]):
+                names[a.strip()] = cls.strip()
+        return classes, names
+
+    def _scan_label_objects(self, root: Path, cases: list[CaseSpec], label_files: list[tuple[Path, Any]]) -> DatasetSpec:
+        """Labels as SEG or RTSTRUCT files beside the series: each matched to the series it references."""
+        kind = "SEG" if self.options.labels == "seg" else "RTSTRUCT"
+        by_uid = {c.sources["series_uid"]: c for c in cases}
+        found: list[str] = []
+        for f, ds in label_files:
+            if str(ds.Modality) != kind:
+                continue
+            try:
+                if kind == "SEG":
+                    uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+                    found += [str(x.SegmentLabel) for x in ds.SegmentSequence]
+                else:
+                    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                    uid = str(ref.RTReferencedSeriesSequence[0].SeriesInstanceUID)
+                    found += [str(x.ROIName) for x in ds.StructureSetROISequence]
+            except (AttributeError, IndexError) as e:
+                raise MedsegError(f"{kind} names no referenced series ({e})", f) from None
+            case = by_uid.get(uid)
+            if case is None:
+                raise MedsegError(f"{kind} references series {uid}, which is not in {root}", f)
+            if "labels_file" in case.sources:
+                raise MedsegError(f"two {kind} files for series {case.id!r}: {case.sources['labels_file']} and this one", f)
+            case.sources["labels_file"] = str(f)
+        missing = [c for c in cases if "labels_file" not in c.sources]
+        if missing:
+            raise MedsegError(f"series {missing[0].id!r} has no {kind} file referencing it", missing[0].sources["files"][0])
+        classes, names = self._class_names(found)
+        left = sorted(set(found) - set(names))
+        if left:
+            warn(f"{kind} names not in option rois, left out: {', '.join(left)}", root)
+        return DatasetSpec(format=self.name, root=str(root), channels=["image"], classes=classes,
+                           class_kind="multilabel", spatial_dims=3, cases=cases, has_masks=True,
+                           meta={"label_names": names})
 
     def _series_geometry(self, uid: str, items: list[tuple[Path, Any]]) -> dict[str, Any]:
         """Sort a series' slices along the normal; check sizes; compute spacing and the affine."""
@@ -235,7 +292,10 @@ class DicomReader(Reader):
         image = image[:, None]
         affine = np.array(case.sources["affine"])
         mask = None
-        if case.sources.get("mask"):
+        if case.sources.get("labels_file"):
+            read = read_seg if self.options.labels == "seg" else read_rtstruct
+            mask = read(case.sources["labels_file"], case.sources["files"], spec.classes, spec.meta.get("label_names"))
+        elif case.sources.get("mask"):
             mp = case.sources["mask"]
             mimg = load_nifti(mp)
             lab = nifti_array(mimg, mp)

@@ -142,8 +142,11 @@ def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes
     return out
 
 
-def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str]) -> np.ndarray:
-    """The RTSTRUCT's ROIs named like ``classes`` rasterised onto the series, ``[z, k, h, w]`` uint8."""
+def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str],
+                  names: dict[str, str] | None = None) -> np.ndarray:
+    """The RTSTRUCT's ROIs named like ``classes`` (or mapped through ``names``, ROI name -> class, which
+    skips the ROIs it lacks) rasterised onto the series, ``[z, k, h, w]`` uint8; ROIs mapped to one class
+    are merged."""
     import pydicom
     from matplotlib.path import Path as Polygon
 
@@ -151,7 +154,7 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     try:
         ds = pydicom.dcmread(str(path))
         frames = {str(f.FrameOfReferenceUID) for f in ds.ReferencedFrameOfReferenceSequence}
-        names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
+        rois = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
     except Exception as e:
         raise MedsegError(f"not a readable RTSTRUCT ({type(e).__name__}: {e})", path) from None
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in source_files]
@@ -159,7 +162,8 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
         raise MedsegError(f"references frame of reference {sorted(frames)[0]}, the series is in "
                           f"{sources[0].FrameOfReferenceUID}", path)
     index = {c: j for j, c in enumerate(classes)}
-    unknown = [n for n in names.values() if n not in index]
+    target = {n: (names.get(r) if names is not None else r) for n, r in rois.items()}
+    unknown = [rois[n] for n, c in target.items() if c is not None and c not in index]
     if unknown:
         raise MedsegError(f"ROI {unknown[0]!r} matches no class ({', '.join(classes)})", path)
     h, w = int(sources[0].Rows), int(sources[0].Columns)
@@ -169,13 +173,22 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     rr, cc = np.mgrid[:h, :w]
     centres = np.stack([rr.ravel(), cc.ravel()], 1).astype(np.float64)
     for rc in ds.ROIContourSequence:
-        name = names.get(int(rc.ReferencedROINumber))
+        number = int(rc.ReferencedROINumber)
+        name = rois.get(number)
+        if target.get(number) is None:
+            continue  # a ROI the class mapping leaves out
         items = list(getattr(rc, "ContourSequence", []) or [])
         if not items:
             raise MedsegError(f"ROI {name!r} has no contours", path)
-        j = index[name]
+        j = index[target[number]]
+        filled = np.zeros((len(sources), h, w), np.uint8)
         for c in items:
+            kind = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR"))
+            if kind != "CLOSED_PLANAR":
+                raise MedsegError(f"ROI {name!r}: a {kind} contour encloses no area (only CLOSED_PLANAR can be filled)", path)
             xyz = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
+            if len(xyz) < 3:
+                raise MedsegError(f"ROI {name!r}: a contour of {len(xyz)} point(s) encloses no area", path)
             ref = getattr(c, "ContourImageSequence", None)
             if ref:
                 z = uid_z.get(str(ref[0].ReferencedSOPInstanceUID))
@@ -194,7 +207,8 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
             if pts.min() < -0.5 or pts[:, 0].max() > h - 0.5 or pts[:, 1].max() > w - 0.5:
                 raise MedsegError(f"ROI {name!r}: a contour on slice {z} runs outside the image", path)
             inside = Polygon(pts).contains_points(centres).reshape(h, w)
-            out[z, j] ^= inside.astype(np.uint8)  # even-odd: a contour inside another is a hole
+            filled[z] ^= inside.astype(np.uint8)  # even-odd: a contour inside another is a hole
+        out[:, j] |= filled
     return out
 
 

@@ -71,10 +71,11 @@ def write_seg(source_files: Sequence[str | Path], mask: np.ndarray, classes: Seq
     return out
 
 
-def read_seg(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str]) -> np.ndarray:
+def read_seg(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str],
+             names: dict[str, str] | None = None) -> np.ndarray:
     """A SEG's segments as ``[z, k, h, w]`` uint8 in the order of ``source_files``, segments matched to
-    ``classes`` by label; a frame that references an instance outside the series, or a label that names no
-    class, is an error naming the file."""
+    ``classes`` by label (or through ``names``, label -> class, which skips the labels it lacks); a frame
+    that references an instance outside the series, or a label that names no class, is an error naming the file."""
     import highdicom as hd
     import pydicom
 
@@ -89,19 +90,21 @@ def read_seg(path: str | Path, source_files: Sequence[str | Path], classes: Sequ
     if missing:
         raise MedsegError(f"references {len(missing)} instance(s) not in the series, e.g. {missing[0]}", path)
     labels = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    if names is not None:
+        labels = {n: names[lab] for n, lab in labels.items() if lab in names}
     index = {c: j for j, c in enumerate(classes)}
     unknown = [lab for lab in labels.values() if lab not in index]
     if unknown:
         raise MedsegError(f"segment {unknown[0]!r} matches no class ({', '.join(classes)})", path)
     out = np.zeros((len(uids), len(classes), int(seg.Rows), int(seg.Columns)), np.uint8)
     present = [u for u in uids if u in referenced]
-    if present:
+    if present and labels:
         numbers = sorted(labels)
         arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=present, segment_numbers=numbers,
                                                 ignore_spatial_locations=True)
         rows = [uids.index(u) for u in present]
         for n_i, n in enumerate(numbers):
-            out[rows, index[labels[n]]] = arr[..., n_i] > 0
+            out[rows, index[labels[n]]] |= (arr[..., n_i] > 0).astype(np.uint8)
     return out
 
 
