@@ -164,3 +164,42 @@ def test_label_objects_that_fit_no_series_are_named(tmp_path):
     f.unlink()
     with pytest.raises(MedsegError, match="has no RTSTRUCT file referencing it"):
         get_reader("dicom", labels="rtstruct").scan(study)
+
+
+@pytest.mark.parametrize("geometry", ["flipped", "non-square"])
+def test_contours_sit_where_the_series_geometry_puts_the_voxels(tmp_path, geometry):
+    """On a flipped series (both in-plane directions reversed) and one with non-square pixels, the round
+    trip holds and the contours' patient coordinates agree exactly with the reader's affine."""
+    study = tmp_path / "dicom"
+    shutil.copytree(DICOM, study)
+    for f in (study / "series").iterdir():
+        ds = pydicom.dcmread(f)
+        if geometry == "flipped":
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+            ds.ImageOrientationPatient = [f"{v:.6f}" for v in -iop]
+        else:
+            ds.PixelSpacing = ["0.7", "1.3"]
+        ds.save_as(f)
+    r0 = get_reader("dicom", masks="masks")
+    spec0 = r0.scan(DICOM)
+    mask = r0.load(spec0, spec0.cases[0]).mask  # the same voxels, on the changed grid
+    r = get_reader("dicom", write_as="rtstruct", classes=spec0.classes)
+    spec = r.scan(study, require_masks=False)
+    spec.classes = spec0.classes
+    case = spec.cases[0]
+    [f] = r.write_prediction(spec, case, mask, tmp_path / "out")
+    back = r.read_prediction(tmp_path / "out", spec, case, mask.shape)
+    a, b = mask > 0, back > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98
+    # every contour point, taken back through the reader's own affine (RAS; contours are LPS), lands on its
+    # slice's plane, on the half-pixel grid between pixel centres, inside the image
+    inv = np.linalg.inv(np.array(case.sources["affine"]))
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in case.sources["files"]]
+    for c in pydicom.dcmread(f).ROIContourSequence[0].ContourSequence:
+        z = uids.index(str(c.ContourImageSequence[0].ReferencedSOPInstanceUID))
+        lps = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
+        ijk = (inv @ np.c_[lps * np.array([-1, -1, 1]), np.ones(len(lps))].T)[:3].T  # column, row, slice
+        assert np.abs(ijk[:, 2] - z).max() < 1e-3
+        half = ijk[:, :2] * 2
+        assert np.abs(half - np.round(half)).max() < 1e-3
+        assert ijk[:, :2].min() >= -0.5 and ijk[:, 0].max() <= mask.shape[3] - 0.5 and ijk[:, 1].max() <= mask.shape[2] - 0.5
