@@ -260,6 +260,59 @@ def make_dicom(shared: Path) -> None:
     )
 
 
+def make_dicom_lgg(shared: Path) -> None:
+    """8 slices of a bundled LGG patient (tests/fixtures/lgg, in the repo) as an axial MR series: its FLAIR channel
+    as uint16 slices (0.9375 mm pixels, 3 mm slices, written top slice first), the tumour masks as 0/255
+    PNGs named after the DICOM files: real anatomy for the RTSTRUCT and SEG round trips."""
+    import tifffile
+    from PIL import Image
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    patient = OUT / "lgg" / "kaggle_3m" / "TCGA_CS_5393_19990606"
+    dst = OUT / "dicom_lgg"
+    shutil.rmtree(dst, ignore_errors=True)
+    case_id = "lgg_flair"
+    (dst / "series").mkdir(parents=True)
+    (dst / "masks" / case_id).mkdir(parents=True)
+    masks = [tifffile.imread(patient / f"{patient.name}_{i}_mask.tif") for i in range(1, len(list(patient.glob("*_mask.tif"))) + 1)]
+    tumour = [i for i, m in enumerate(masks) if m.any()]
+    first = max(0, tumour[0] - 1)
+    slices = list(range(first, min(len(masks), first + 8)))  # 8 contiguous slices from just above the tumour
+    n = len(slices)
+    base = "1.2.826.0.1.3680043.8.498.20"
+    for k, i in enumerate(slices):
+        img = tifffile.imread(patient / f"{patient.name}_{i + 1}.tif")[..., 1].astype(np.uint16)  # FLAIR
+        mask = masks[i]
+        name = f"IM{n - k:04d}"  # files in reverse slice order: the reader sorts by position
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = f"{base}.10.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.99"
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = f"{base}.1", f"{base}.2", f"{base}.3"
+        ds.Modality, ds.PatientID, ds.PatientName = "MR", "TCGA_CS_5393", "TCGA^CS5393"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "19990606", "120000", "1"
+        ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = "lgg flair", 1, k + 1
+        ds.ImagePositionPatient = ["-120.0", "-120.0", f"{3.0 * k:.1f}"]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.PixelSpacing, ds.SliceThickness = ["0.9375", "0.9375"], "3.0"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = img.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(img).tobytes()
+        ds.save_as(dst / "series" / f"{name}.dcm", enforce_file_format=True)
+        Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(dst / "masks" / case_id / f"{name}.png")
+    (dst / "README.md").write_text(
+        "# DICOM LGG fixture\n\n8 contiguous slices, from just above the tumour, of the bundled LGG patient TCGA_CS_5393_19990606 (tests/fixtures/lgg; Buda et al. "
+        "2019, TCGA-LGG) as an axial MR series written with pydicom by scripts/make_fixtures.py: the FLAIR channel "
+        "as uint16, 0.9375 mm pixels, 3 mm slices (assumed: the source stores no geometry). "
+        "`masks/lgg_flair/` holds the tumour masks as 0/255 PNGs named after the DICOM files.\n"
+    )
+
+
 def make_uwmgi(shared: Path) -> None:
     try:
         from medseg.data.formats.uwmgi_synthetic import write_uwmgi_from_derived
@@ -274,11 +327,11 @@ def make_uwmgi(shared: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--only", nargs="*", choices=["lgg", "coco", "nifti", "dicom", "uwmgi"])
+    ap.add_argument("--only", nargs="*", choices=["lgg", "coco", "nifti", "dicom", "dicom_lgg", "uwmgi"])
     args = ap.parse_args()
     if not args.shared.is_dir():
         sys.exit(f"error: {args.shared}: shared data folder not found")
-    makers = {"lgg": make_lgg, "coco": make_coco, "nifti": make_nifti, "dicom": make_dicom, "uwmgi": make_uwmgi}
+    makers = {"lgg": make_lgg, "coco": make_coco, "nifti": make_nifti, "dicom": make_dicom, "dicom_lgg": make_dicom_lgg, "uwmgi": make_uwmgi}
     for name in args.only or makers:
         makers[name](args.shared)
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in sorted(OUT.iterdir()) if p.is_dir()}

@@ -24,6 +24,15 @@ def series():
     return r, spec, spec.cases[0], r.load(spec, spec.cases[0])
 
 
+def test_self_intersection():
+    from medseg.data.formats.dicom_rtstruct import self_intersects
+
+    square = np.array([[0, 0], [0, 2], [2, 2], [2, 0]], float)
+    assert not self_intersects(square)
+    assert self_intersects(square[[0, 2, 1, 3]])  # a bow tie
+    assert not any(self_intersects(c) for c in slice_contours(np.pad(np.ones((5, 7), np.uint8), 2)))
+
+
 def test_contours_of_a_square_run_half_way_between_pixel_centres():
     m = np.zeros((6, 6), np.uint8)
     m[1:4, 2:5] = 1
@@ -38,6 +47,7 @@ def test_mask_to_rtstruct_to_mask_per_structure_with_a_hole(series, tmp_path):
     mask[20, 1] = 0
     mask[20, 1, 10:30, 5:25] = 1
     mask[20, 1, 15:25, 10:20] = 0  # a ring: its inner contour is a hole
+    mask[25, 0] = 1  # a whole slice: contours on the image's border
     [f] = r.write_prediction(spec, case, mask, tmp_path)
     assert f.name == f"{case.id}.rtstruct.dcm"
     back = r.read_prediction(tmp_path, spec, case, mask.shape)
@@ -45,6 +55,7 @@ def test_mask_to_rtstruct_to_mask_per_structure_with_a_hole(series, tmp_path):
         a, b = mask[:, j] > 0, back[:, j] > 0
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98, spec.classes[j]
     assert np.array_equal(back[20, 1], mask[20, 1])  # the hole stays a hole
+    assert back[25, 0].all()
     ds = pydicom.dcmread(f)
     src = [pydicom.dcmread(p, stop_before_pixels=True) for p in case.sources["files"]]
     assert ds.Modality == "RTSTRUCT" and ds.FrameOfReferenceUID == src[0].FrameOfReferenceUID
@@ -59,7 +70,8 @@ def test_mask_to_rtstruct_to_mask_per_structure_with_a_hole(series, tmp_path):
             d = np.array([float(v) for v in c.ContourData]).reshape(-1, 3) - np.array([float(v) for v in s.ImagePositionPatient])
             assert np.abs(d @ np.cross(iop[:3], iop[3:])).max() < 1e-3
             rows, cols = d @ iop[3:] / float(s.PixelSpacing[0]), d @ iop[:3] / float(s.PixelSpacing[1])
-            assert rows.min() >= -0.5 and cols.min() >= -0.5 and rows.max() <= s.Rows - 0.5 and cols.max() <= s.Columns - 0.5
+            e = 1e-3  # pixels: the file stores 4 decimals of mm
+            assert rows.min() >= -0.5 - e and cols.min() >= -0.5 - e and rows.max() <= s.Rows - 0.5 + e and cols.max() <= s.Columns - 0.5 + e
 
 
 def test_rtstruct_passes_dciodvfy(series, tmp_path):
@@ -84,8 +96,9 @@ def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
         read_rtstruct(f, files, ["hippocampus", "label_2"])
     with pytest.raises(MedsegError, match="references frame of reference 1.2.3.4"):
         read_rtstruct(edited("b.dcm", lambda ds: setattr(ds.ReferencedFrameOfReferenceSequence[0], "FrameOfReferenceUID", "1.2.3.4")), files, spec.classes)
-    with pytest.raises(MedsegError, match="ROI 'label_2' has no contours"):
-        read_rtstruct(edited("c.dcm", lambda ds: delattr(ds.ROIContourSequence[1], "ContourSequence")), files, spec.classes)
+    with pytest.warns(UserWarning, match="ROI 'label_2' has no contours: read as empty"):
+        empty = read_rtstruct(edited("c.dcm", lambda ds: delattr(ds.ROIContourSequence[1], "ContourSequence")), files, spec.classes)
+    assert not empty[:, 1].any() and empty[:, 0].any()
 
     def shift(ds):
         c = ds.ROIContourSequence[0].ContourSequence[0]
@@ -106,6 +119,17 @@ def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
 
     with pytest.raises(MedsegError, match="mm off slice"):
         read_rtstruct(edited("e.dcm", lift), files, spec.classes)
+    def bowtie(ds):  # a contour whose edges cross, on its slice's plane
+        c = ds.ROIContourSequence[0].ContourSequence[0]
+        p0 = np.array([float(v) for v in c.ContourData[:3]])
+        s = pydicom.dcmread(files[0], stop_before_pixels=True)
+        x, y = np.array([float(v) for v in s.ImageOrientationPatient[:3]]), np.array([float(v) for v in s.ImageOrientationPatient[3:]])
+        pts = np.stack([p0, p0 + 5 * x + 5 * y, p0 + 5 * x, p0 + 5 * y])
+        c.NumberOfContourPoints = 4
+        c.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+
+    with pytest.raises(MedsegError, match="ROI 'label_1': a contour on slice .* crosses itself"):
+        read_rtstruct(edited("g.dcm", bowtie), files, spec.classes)
     with pytest.raises(MedsegError, match="ROI 'label_1': a OPEN_PLANAR contour encloses no area"):
         read_rtstruct(edited("f.dcm", lambda ds: setattr(ds.ROIContourSequence[0].ContourSequence[0], "ContourGeometricType",
                                                           "OPEN_PLANAR")), files, spec.classes)
@@ -202,4 +226,59 @@ def test_contours_sit_where_the_series_geometry_puts_the_voxels(tmp_path, geomet
         assert np.abs(ijk[:, 2] - z).max() < 1e-3
         half = ijk[:, :2] * 2
         assert np.abs(half - np.round(half)).max() < 1e-3
-        assert ijk[:, :2].min() >= -0.5 and ijk[:, 0].max() <= mask.shape[3] - 0.5 and ijk[:, 1].max() <= mask.shape[2] - 0.5
+        assert ijk[:, :2].min() >= -0.5 - 1e-3 and ijk[:, 0].max() <= mask.shape[3] - 0.5 + 1e-3 and ijk[:, 1].max() <= mask.shape[2] - 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["rtstruct", "seg"])
+def test_round_trip_on_a_real_lgg_tumour(tmp_path, kind):
+    """The bundled LGG patient as a DICOM series (scripts/make_fixtures.py --only dicom_lgg): its tumour
+    through an RTSTRUCT (Dice >= 0.98) or a SEG (exact), both valid for dciodvfy."""
+    r = get_reader("dicom", masks="masks", classes=["tumour"], write_as=kind)
+    spec = r.scan(FIXTURES / "dicom_lgg")
+    case = spec.cases[0]
+    mask = r.load(spec, case).mask
+    assert mask.shape == (8, 1, 256, 256) and mask.sum() > 1000
+    [f] = r.write_prediction(spec, case, mask, tmp_path)
+    back = r.read_prediction(tmp_path, spec, case, mask.shape)
+    if kind == "seg":
+        assert np.array_equal(back, mask)
+    else:
+        assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) >= 0.98
+    assert dciodvfy_errors(f) == []
+
+
+def test_cli_predict_writes_seg_and_rtstruct_for_a_dicom_series(tmp_path, monkeypatch, capsys):
+    """`medseg predict RUN DICOM OUT --as seg|rtstruct` with a (tiny, 1-channel) trained model: one file per
+    series, read back by the reader as the same masks the NIfTI output holds."""
+    import sys
+
+    import yaml
+
+    from medseg.cli import main
+    from medseg.training.run import train
+    from medseg.training.synthetic import make_synthetic
+
+    syn = make_synthetic(tmp_path / "syn", n_patients=4, slices=4, size=32, channels=1)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"prepared": str(syn), "batch_size": 4}, "model": {"name": "unet", "kwargs": {"base": 8, "depth": 3}},
+                                   "train": {"epochs": 1, "steps_per_epoch": 2}}))
+    train(cfg, out=tmp_path / "run")
+    outs = {}
+    for kind in ("nifti", "seg", "rtstruct"):
+        monkeypatch.setattr(sys, "argv", ["medseg", "predict", str(tmp_path / "run"), str(DICOM / "series"), str(tmp_path / kind),
+                                          "--as", kind, "--device", "cpu", "--no-tta"])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 0, capsys.readouterr().err
+        outs[kind] = sorted(p.name for p in (tmp_path / kind).iterdir())
+    assert outs == {"nifti": ["hippo_t1.nii.gz"], "seg": ["hippo_t1.seg.dcm"], "rtstruct": ["hippo_t1.rtstruct.dcm"]}
+    r = get_reader("dicom", classes=["disc", "square"])
+    spec = r.scan(DICOM / "series", require_masks=False)
+    spec.classes, spec.meta["label_values"] = ["disc", "square"], [1, 2]
+    shape = (35, 2, 52, 34)
+    ref = r.read_prediction(tmp_path / "nifti", spec, spec.cases[0], shape)
+    assert np.array_equal(r.read_prediction(tmp_path / "seg", spec, spec.cases[0], shape), ref)
+    rt = r.read_prediction(tmp_path / "rtstruct", spec, spec.cases[0], shape)
+    if ref.any():
+        assert 2 * (rt & ref).sum() / (rt.sum() + ref.sum()) >= 0.98
+    assert pydicom.dcmread(tmp_path / "seg" / "hippo_t1.seg.dcm").SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "run"

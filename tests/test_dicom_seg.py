@@ -38,6 +38,16 @@ def test_mask_to_seg_to_mask_is_exact_with_overlaps(series, tmp_path):
     assert [s.SegmentLabel for s in ds.SegmentSequence] == spec.classes
     algo = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "test-model"
+    # each frame sits where its source slice is: the same position, orientation and pixel spacing
+    pos = {str(s.SOPInstanceUID): [float(v) for v in s.ImagePositionPatient]
+           for s in (pydicom.dcmread(p, stop_before_pixels=True) for p in case.sources["files"])}
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == \
+        [float(v) for v in src.ImageOrientationPatient]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [float(v) for v in src.PixelSpacing]
+    for fr in ds.PerFrameFunctionalGroupsSequence:
+        uid = str(fr.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert np.allclose([float(v) for v in fr.PlanePositionSequence[0].ImagePositionPatient], pos[uid])
     refs = {str(x.ReferencedSOPInstanceUID) for x in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert refs == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in case.sources["files"]}
 

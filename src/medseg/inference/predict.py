@@ -136,6 +136,8 @@ def predict(
             device = f"cuda:{local % torch.cuda.device_count()}"
     seg = model if loaded else Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights,
                                               device=resolve_device(device))
+    if write_as is not None and not getattr(reader.options, "classes", None):
+        reader.options.classes = list(seg.classes)  # a SEG's segments and an RTSTRUCT's ROIs are named after them
     created = not output.exists()
     try:
         who = f" (process {rank + 1} of {world})" if world > 1 else ""

@@ -349,7 +349,8 @@ class DicomReader(Reader):
                 raise MedsegError(f"--save-probabilities writes NIfTI maps; a {self.options.write_as.upper()} holds "
                                   "binary structures (use --as nifti)")
             write = write_seg if self.options.write_as == "seg" else write_rtstruct
-            return [write(case.sources["files"], mask, spec.classes,
+            names = list(spec.classes or self.options.classes or [f"label_{j + 1}" for j in range(mask.shape[1])])
+            return [write(case.sources["files"], mask, names,
                           Path(out_dir) / f"{case.id}.{self.options.write_as}.dcm", self.options.algorithm)]
 
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))

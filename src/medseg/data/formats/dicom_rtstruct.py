@@ -10,7 +10,8 @@ from each slice's ImagePositionPatient, ImageOrientationPatient and PixelSpacing
 slice's SOP instance. The contour runs half-way between the pixel centres inside and outside, so filling
 it again selects exactly the pixel centres inside: the round trip is exact except for structures thinner
 than a pixel's diagonal. Reading fills each contour's pixel centres with the even-odd rule (an inner
-contour is a hole) and refuses contours off their slice's plane or outside the image.
+contour is a hole) and refuses contours off their slice's plane, outside the image or crossing themselves; a ROI without
+contours reads as empty, with a warning.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.atomic import atomic_path
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired), the referenced-study class used by RTSTRUCTs
@@ -50,6 +51,25 @@ def slice_contours(m: np.ndarray) -> list[np.ndarray]:
         if len(pts) >= 3:
             out.append(pts)
     return out
+
+
+def self_intersects(pts: np.ndarray) -> bool:
+    """Whether a closed polygon [n, 2] crosses itself: two edges that are not neighbours properly cross
+    (vectorised over all pairs; contours of up to a few thousand points)."""
+    a, b = pts, np.roll(pts, -1, axis=0)
+    n = len(pts)
+    if n < 4:
+        return False
+
+    def orient(p, q, r):
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+
+    i, j = np.triu_indices(n, k=2)
+    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
+    i, j = i[keep], j[keep]
+    o1, o2 = orient(a[i], b[i], a[j]), orient(a[i], b[i], b[j])
+    o3, o4 = orient(a[j], b[j], a[i]), orient(a[j], b[j], b[i])
+    return bool(np.any((o1 * o2 < 0) & (o3 * o4 < 0)))
 
 
 def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes: Sequence[str], out: str | Path,
@@ -178,8 +198,9 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
         if target.get(number) is None:
             continue  # a ROI the class mapping leaves out
         items = list(getattr(rc, "ContourSequence", []) or [])
-        if not items:
-            raise MedsegError(f"ROI {name!r} has no contours", path)
+        if not items:  # an empty structure (a prediction that found none): read as empty, said
+            warn(f"ROI {name!r} has no contours: read as empty", path)
+            continue
         j = index[target[number]]
         filled = np.zeros((len(sources), h, w), np.uint8)
         for c in items:
@@ -204,7 +225,10 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
             if off.max() > PLANE_TOLERANCE:
                 raise MedsegError(f"ROI {name!r}: a contour lies {off.max():.2f} mm off slice {z}'s plane", path)
             pts = np.stack([d @ yc / dr, d @ xr / dc], 1)  # (row, column)
-            if pts.min() < -0.5 or pts[:, 0].max() > h - 0.5 or pts[:, 1].max() > w - 0.5:
+            if len(pts) <= 4000 and self_intersects(pts):
+                raise MedsegError(f"ROI {name!r}: a contour on slice {z} crosses itself", path)
+            eps = 0.01  # pixels: the file's 4 decimals of mm; a mask touching the border has contours at -0.5 exactly
+            if pts.min() < -0.5 - eps or pts[:, 0].max() > h - 0.5 + eps or pts[:, 1].max() > w - 0.5 + eps:
                 raise MedsegError(f"ROI {name!r}: a contour on slice {z} runs outside the image", path)
             inside = Polygon(pts).contains_points(centres).reshape(h, w)
             filled[z] ^= inside.astype(np.uint8)  # even-odd: a contour inside another is a hole
@@ -212,4 +236,4 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     return out
 
 
-__all__ = ["write_rtstruct", "read_rtstruct", "slice_contours"]
+__all__ = ["write_rtstruct", "read_rtstruct", "slice_contours", "self_intersects"]
