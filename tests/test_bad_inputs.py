@@ -763,6 +763,59 @@ def _train_resume_without_run(tmp, prepared):
     return Case(["train", cfg, "--out", tmp / "run", "--resume"], tmp / "run", "no run here", absent=[tmp / "run"])
 
 
+# ------------------------------------------------------------------------------------ plan and view
+def _plan_not_a_prepared_dataset(tmp, prepared):
+    return Case(["plan", LGG_TINY, "--out", tmp / "plan.yaml"], LGG_TINY, "not a prepared dataset",
+                absent=[tmp / "plan.yaml"])
+
+
+def _plan_output_exists(tmp, prepared):
+    out = tmp / "plan.yaml"
+    out.write_text("keep")
+    return Case(["plan", prepared, "--out", out], out, "already exists", intact=[out])
+
+
+def _view_truth_missing(tmp):
+    return Case(["view", LGG_TINY, tmp / "nothing", "--no-open", "--out", tmp / "v.html"], tmp / "nothing",
+                "no such file", absent=[tmp / "v.html"])
+
+
+def _view_without_truth_or_images(tmp):
+    return Case(["view", LGG_TINY, "--no-open", "--out", tmp / "v.html"], LGG_TINY, "give TRUTH, or --image",
+                absent=[tmp / "v.html"])
+
+
+def _predict_as_seg_for_tiff_input(tmp):
+    return Case(["predict", "lgg-unet", LGG_TINY, tmp / "out", "--as", "seg"], "--as", "is for inputs with several output forms",
+                absent=[tmp / "out"])
+
+
+def _dicom_rtstruct_of_another_series(tmp):
+    import pydicom
+
+    from medseg.data.formats import get_reader
+    from medseg.data.formats.dicom_rtstruct import write_rtstruct
+
+    study = tmp / "study"
+    shutil.copytree(FIXTURES / "dicom" / "series", study)
+    r = get_reader("dicom", masks="masks")
+    spec = r.scan(FIXTURES / "dicom")
+    f = write_rtstruct(spec.cases[0].sources["files"], r.load(spec, spec.cases[0]).mask, spec.classes, study / "rt.dcm")
+    ds = pydicom.dcmread(f)
+    ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3"
+    ds.save_as(f)
+    return Case(["prepare", "dicom", study, tmp / "out", "--labels", "rtstruct"], f, "references series 1.2.3",
+                absent=[tmp / "out"])
+
+
+def _dicom_series_without_its_seg(tmp):
+    study = tmp / "study"
+    shutil.copytree(FIXTURES / "dicom" / "series", study)
+    (study / "labels.dcm").write_bytes(b"not a SEG")  # unreadable: skipped, so the series has none
+    return Case(["prepare", "dicom", study, tmp / "out", "--labels", "seg"], "IM0", "has no SEG file referencing it",
+                absent=[tmp / "out"])
+
+
 # ------------------------------------------------------------------------------------------ predict
 def _predict_input_missing(tmp):
     return Case(["predict", "lgg-unet", tmp / "nothing", tmp / "out"], tmp / "nothing", "no such file or folder",
@@ -1064,8 +1117,8 @@ def _tune_without_data(tmp):
 
 
 PLAIN = [f for n, f in sorted(globals().items()) if n.startswith("_") and callable(f) and n.split("_")[1] in
-         ("lgg", "folder", "nifti", "dicom", "coco", "uwmgi", "prepare", "predict", "evaluate", "export", "tune")]
-WITH_PREPARED = [f for n, f in sorted(globals().items()) if n.startswith(("_inspect_", "_train_"))]
+         ("lgg", "folder", "nifti", "dicom", "coco", "uwmgi", "prepare", "predict", "evaluate", "export", "tune", "view")]
+WITH_PREPARED = [f for n, f in sorted(globals().items()) if n.startswith(("_inspect_", "_train_", "_plan_"))]
 
 
 def _check(case: Case, tmp: Path, monkeypatch, capsys) -> None:
