@@ -100,36 +100,26 @@ def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
         empty = read_rtstruct(edited("c.dcm", lambda ds: delattr(ds.ROIContourSequence[1], "ContourSequence")), files, spec.classes)
     assert not empty[:, 1].any() and empty[:, 0].any()
 
-    def shift(ds):
-        c = ds.ROIContourSequence[0].ContourSequence[0]
-        pts = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
-        s = pydicom.dcmread(files[0], stop_before_pixels=True)
-        iop = np.array([float(v) for v in s.ImageOrientationPatient])
-        c.ContourData = [f"{v:.4f}" for v in (pts + 500 * iop[:3]).ravel()]  # 500 mm along the rows
+    iop = np.array([float(v) for v in pydicom.dcmread(files[0], stop_before_pixels=True).ImageOrientationPatient])
+    x, y = iop[:3], iop[3:]  # along the rows, along the columns (the fixture's slices share them)
+
+    def moved(name, points):  # the first contour of the first ROI replaced by points(its points)
+        def change(ds):
+            c = ds.ROIContourSequence[0].ContourSequence[0]
+            pts = points(np.array([float(v) for v in c.ContourData]).reshape(-1, 3))
+            c.NumberOfContourPoints = len(pts)
+            c.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+        return edited(name, change)
 
     with pytest.raises(MedsegError, match="ROI 'label_1': a contour on slice .* runs outside the image"):
-        read_rtstruct(edited("d.dcm", shift), files, spec.classes)
-
-    def lift(ds):
-        c = ds.ROIContourSequence[0].ContourSequence[0]
-        s = pydicom.dcmread(files[0], stop_before_pixels=True)
-        iop = np.array([float(v) for v in s.ImageOrientationPatient])
-        pts = np.array([float(v) for v in c.ContourData]).reshape(-1, 3) + 3 * np.cross(iop[:3], iop[3:])
-        c.ContourData = [f"{v:.4f}" for v in pts.ravel()]
-
+        read_rtstruct(moved("d.dcm", lambda pts: pts + 500 * x), files, spec.classes)  # 500 mm along the rows
     with pytest.raises(MedsegError, match="mm off slice"):
-        read_rtstruct(edited("e.dcm", lift), files, spec.classes)
-    def bowtie(ds):  # a contour whose edges cross, on its slice's plane
-        c = ds.ROIContourSequence[0].ContourSequence[0]
-        p0 = np.array([float(v) for v in c.ContourData[:3]])
-        s = pydicom.dcmread(files[0], stop_before_pixels=True)
-        x, y = np.array([float(v) for v in s.ImageOrientationPatient[:3]]), np.array([float(v) for v in s.ImageOrientationPatient[3:]])
-        pts = np.stack([p0, p0 + 5 * x + 5 * y, p0 + 5 * x, p0 + 5 * y])
-        c.NumberOfContourPoints = 4
-        c.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+        read_rtstruct(moved("e.dcm", lambda pts: pts + 3 * np.cross(x, y)), files, spec.classes)
+    def bowtie(pts):  # four points whose edges cross
+        return np.stack([pts[0], pts[0] + 5 * x + 5 * y, pts[0] + 5 * x, pts[0] + 5 * y])
 
     with pytest.raises(MedsegError, match="ROI 'label_1': a contour on slice .* crosses itself"):
-        read_rtstruct(edited("g.dcm", bowtie), files, spec.classes)
+        read_rtstruct(moved("g.dcm", bowtie), files, spec.classes)
     with pytest.raises(MedsegError, match="ROI 'label_1': a OPEN_PLANAR contour encloses no area"):
         read_rtstruct(edited("f.dcm", lambda ds: setattr(ds.ROIContourSequence[0].ContourSequence[0], "ContourGeometricType",
                                                           "OPEN_PLANAR")), files, spec.classes)
@@ -147,9 +137,7 @@ def _study(tmp_path, kind: str, names: list[str], mask_of):
     spec = r.scan(DICOM)
     case = spec.cases[0]
     mask = r.load(spec, case).mask
-    files = sorted(str(p) for p in (study / "series").iterdir())
-    files = [f for f in files if any(f.endswith(Path(s).name) for s in case.sources["files"])]
-    files.sort(key=lambda f: [Path(s).name for s in case.sources["files"]].index(Path(f).name))
+    files = [str(study / "series" / Path(s).name) for s in case.sources["files"]]  # the copies, in slice order
     write = write_seg if kind == "seg" else write_rtstruct
     write(files, mask_of(mask), names, study / f"labels.{kind}.dcm", "hand")
     return study, mask

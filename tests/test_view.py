@@ -18,6 +18,11 @@ from medseg.training.synthetic import make_synthetic
 RED = [230, 25, 75]  # the first class's colour
 
 
+def view_data(page: str) -> dict:
+    """The JSON a view page embeds."""
+    return json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+
+
 def test_components_are_islands_and_missed_structures():
     t = np.zeros((4, 1, 16, 16), np.uint8)
     p = np.zeros_like(t)
@@ -63,7 +68,7 @@ def planted(tmp_path_factory):
 
 def test_evaluate_writes_the_view_with_the_planted_components(planted):
     page = (planted / "eval" / "view.html").read_text()
-    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    data = view_data(page)
     cases = {c["id"]: c for c in data["cases"]}
     assert set(cases) == {"case00", "case01", "case02"} and data["planes"] == 3
     assert cases["case00"]["components"] == [{"kind": "FP", "class": "disc", "voxels": 9, "z0": 1, "z1": 1, "z": 1, "y": 1, "x": 1}]
@@ -107,7 +112,7 @@ def test_the_page_in_chromium_sorts_opens_scrolls_and_toggles(planted, tmp_path)
     """, tmp_path / "probe.html")
     page = (planted / "eval" / "view.html").read_text()
     dice = {c["id"]: c["metrics"]["dice"] for c in
-            json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])["cases"]}
+            view_data(page)["cases"]}
     assert res["asc"] == sorted(dice, key=dice.get) and res["desc"] == res["asc"][::-1]
     assert res["desc"][0] == "case02" and len(set(dice.values())) == 3
     assert res["z0"] == 1  # a case opens at its largest error component
@@ -141,7 +146,7 @@ def test_cli_view_marks_cases_it_cannot_show(planted, tmp_path, capsys, monkeypa
     assert "skipped case02: no prediction for case case02" in said and "view of 1 of 3 cases (1 error component)" in said
     assert "skipped case01: case case01: prediction shape (6, 2, 32, 30) differs from the truth's (6, 2, 32, 32)" in said
     page = out.read_text()
-    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    data = view_data(page)
     missing = [c for c in data["cases"] if c.get("missing")]
     assert [c["id"] for c in missing] == ["case01", "case02"] and "no prediction" in missing[1]["missing"]
     assert "differs from the truth" in missing[0]["missing"]
@@ -163,7 +168,7 @@ def test_cli_view_of_predictions_over_their_images_without_truth(tmp_path, capsy
         main()
     assert e.value.code == 0
     page = (tmp_path / "pred_view.html").read_text()
-    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    data = view_data(page)
     assert [c["id"] for c in data["cases"]] == sorted(p.name for p in src.iterdir() if p.is_dir())
     assert all(c["truth"] is False and c["components"] == [] and c["z"] == 4 for c in data["cases"])
     monkeypatch.setattr(sys, "argv", ["medseg", "view", str(pred), "--no-open"])

@@ -26,7 +26,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
 from medseg.evaluation.report import pick_cases, write_report
 from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
-from medseg.evaluation.viewer import ViewWriter, case_metrics_row
+from medseg.evaluation.viewer import ViewWriter, case_image, case_metrics_row
 from medseg.rundir import RunDir
 from medseg.scores import SCORES, score_for
 from medseg.text import plural
@@ -162,7 +162,7 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             for k, cls in enumerate(classes):
                 rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k]})
             if view is not None:
-                view.add_case(case_id, t.patient, _image_or_none(t), t.mask, p, t.spacing, case_metrics_row(crow))
+                view.add_case(case_id, t.patient, case_image(t)[0], t.mask, p, t.spacing, case_metrics_row(crow))
             dices = [r["dice"] for r in crow if math.isfinite(r["dice"])]
             if dices:
                 case_score[case_id] = float(np.mean(dices))
@@ -227,14 +227,6 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
     summary["seconds"] = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
     return summary
-
-
-def _image_or_none(t: Any) -> np.ndarray | None:
-    """The case's image for the view, or None (the view marks the case) when it cannot be read."""
-    try:
-        return np.asarray(t.image())
-    except (MedsegError, OSError, ValueError):
-        return None
 
 
 def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float,

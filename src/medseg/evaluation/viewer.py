@@ -170,6 +170,14 @@ class ViewWriter:
         return path
 
 
+def case_image(t: Any) -> tuple[np.ndarray | None, str | None]:
+    """A truth case's image for the view, or None and why (the view then marks the case) when it cannot be read."""
+    try:
+        return np.asarray(t.image()), None
+    except (MedsegError, OSError, ValueError) as e:
+        return None, f"image not shown ({e})"
+
+
 def case_metrics_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The table's columns for one case from its per-class metric rows: mean Dice and HD95 over classes
     (NaN left out) and the volume error (predicted - true voxels, over true voxels, all classes)."""
@@ -187,7 +195,7 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-__all__ = ["ViewWriter", "view", "components", "mosaic", "case_metrics_row", "COLOURS"]
+__all__ = ["ViewWriter", "view", "components", "mosaic", "case_image", "case_metrics_row", "COLOURS"]
 
 
 def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path | None = None, fmt: str | None = None,
@@ -222,11 +230,9 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
             w.add_missing(cid, t.patient, e.problem)
             skipped.append((cid, e.problem))
             continue
-        try:
-            image = np.asarray(t.image())
-        except (MedsegError, OSError, ValueError) as e:
-            image = None
-            skipped.append((cid, f"image not shown ({e})"))
+        image, why = case_image(t)
+        if why:
+            skipped.append((cid, why))
         if not t.has_mask:
             w.add_case(cid, t.patient, image, None, p, t.spacing)
             continue
