@@ -241,6 +241,13 @@ def _lgg_non_utf8_folder_name(tmp):
     return Case(["prepare", "lgg", root, tmp / "out"], "TCGA_CS_9", "is not valid UTF-8", absent=[tmp / "out"])
 
 
+def _lgg_spacing_for_slices(tmp):
+    root = copy_lgg(tmp)
+    return Case(["prepare", "lgg", root, tmp / "out", "--spacing", "1,1,1"], root,
+                "--spacing 1,1,1: this layout stores independent 2D slices; only volumes are resampled",
+                absent=[tmp / "out"])
+
+
 def _lgg_empty_folder(tmp):
     (tmp / "empty").mkdir()
     return Case(["prepare", "lgg", tmp / "empty", tmp / "out"], tmp / "empty", "no LGG slices", absent=[tmp / "out"])
@@ -335,6 +342,13 @@ def _folder_unknown_option(tmp):
     root = folder_set(tmp)
     return Case(["prepare", "folder", root, tmp / "out", "-o", "mask_treshold=3"], "mask_treshold",
                 "bad option for format 'folder'", absent=[tmp / "out"])
+
+
+def _nifti_spacing_not_three_numbers(tmp):
+    root = nifti_set(tmp)
+    return Case(["prepare", "nifti", root, tmp / "out", "--spacing", "1,x,1"], root,
+                "--spacing '1,x,1': expected 'auto', 'native' or three positive numbers Z,Y,X in mm",
+                absent=[tmp / "out"])
 
 
 def _nifti_label_shifted_50mm(tmp):

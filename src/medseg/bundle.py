@@ -50,6 +50,7 @@ class InputSpec(BaseModel):
     divisor: int = 32  # the network's input sizes must be multiples of this
     overlap: float = 0.5  # sliding windows
     fixed_size: Optional[list[int]] = None  # an ONNX graph valid for this one spatial size
+    spacing: Optional[list[float]] = None  # volumes go to this (z, y, x) mm grid first, probabilities come back
 
 
 class ArchSpec(BaseModel):

@@ -77,6 +77,8 @@ def prepare(
     overwrite: bool = typer.Option(False, help="replace an existing prepared dataset"),
     labels: Optional[str] = typer.Option(None, help="DICOM: labels as seg or rtstruct files beside the series "
                                          "(ROI names to classes with -o rois=class:Name|Other,...)"),
+    spacing: str = typer.Option("auto", help="volumes: 'auto' resamples cases off the data set's target spacing "
+                                "(the median; docs/planning.md) to it, 'native' keeps each as read, Z,Y,X sets it (mm)"),
 ) -> None:
     """Read a dataset in its native layout and write a prepared dataset with patient-level splits."""
     import time
@@ -91,9 +93,14 @@ def prepare(
     out = run_prepare(
         format, input, output, options=options, folds=folds, seed=seed, split=split,
         overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
+        spacing=spacing,
     )
     ds = PreparedDataset.open(out)
     dt = time.perf_counter() - t0
+    target = ds.fingerprint.get("target_spacing")
+    if target:
+        moved = sum(c.native is not None for c in ds.cases)
+        console.print(f"resampled {moved} of {plural(len(ds), 'case')} to {' x '.join(f'{v:g}' for v in target)} mm (z, y, x)")
     n_slices = ds.fingerprint["n_slices"]
     console.print(
         f"[green]prepared[/] {plural(len(ds), 'case')}, {plural(len(ds.patients), 'patient')}, "

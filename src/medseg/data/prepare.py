@@ -9,6 +9,7 @@ statistics, so the parent never holds more than a case per worker.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from medseg.atomic import atomic_write_text
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
 from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done_path
+from medseg.data.resample import needs_resampling, resample, shape_for, target_spacing
 from medseg.data.splits import make_splits
 from medseg.errors import MedsegError, MedsegWarning, warn
 
@@ -188,11 +190,14 @@ def prepare(
     workers: int | None = None,
     require_masks: bool = True,
     progress: bool = False,
+    spacing: str = "auto",
 ) -> Path:
     """Read ``input`` with the ``fmt`` reader and write a prepared dataset to ``output``.
 
     ``split``: "auto" keeps the dataset's own train/valid split when its reader reports one (a
-    Roboflow export), else makes ``folds`` patient-level folds; "kfold" always makes the folds."""
+    Roboflow export), else makes ``folds`` patient-level folds; "kfold" always makes the folds.
+    ``spacing`` (volumes only): "auto" resamples the cases whose spacing differs from the target spacing
+    (``resample.target_spacing``) to it, "native" keeps every case as read, "Z,Y,X" sets the target (mm)."""
     if split not in ("auto", "kfold"):
         raise MedsegError(f"--split must be 'auto' or 'kfold', got {split!r}")
     options = dict(options or {})
@@ -209,8 +214,9 @@ def prepare(
         raise MedsegError(f"duplicate case ids {dup}", root)
     _check_names(spec, root)
     _warn_shared_patients(spec)
+    spacing_arg = _spacing_arg(spacing, spec.spatial_dims, root)
     key = {"format": fmt, "input": str(root.resolve()), "options": options, "masks": require_masks,
-           "cases": len(spec.cases), "version": 1}
+           "cases": len(spec.cases), "version": 1, "spacing": spacing}
     writer = PreparedWriter(output, overwrite=overwrite, key=key)
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     t0 = time.perf_counter()
@@ -256,7 +262,11 @@ def prepare(
             for w in results[c.id].warnings:
                 warn(w)
         ordered = [results[c.id] for c in spec.cases]
-        fp = _fingerprint(spec, ordered)
+        fp = _fingerprint(spec, ordered)  # of the source, before any resampling
+        target = _target(spacing_arg, spec, ordered, reader.has_spacing)
+        if target is not None:
+            fp["target_spacing"] = target
+            _resample_cases(ordered, writer.tmp, target)
         fp["prepare_seconds"] = round(time.perf_counter() - t0, 3)
         info = {
             "name": Path(output).name,
@@ -295,6 +305,66 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
+
+
+def _spacing_arg(spacing: str, spatial_dims: int, root: Path) -> str | list[float]:
+    """``--spacing`` checked before any case is read: "auto", "native" or [z, y, x] mm."""
+    if spacing in ("auto", "native"):
+        return spacing
+    try:
+        target = [float(v) for v in spacing.split(",")]
+    except ValueError:
+        target = []
+    if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
+        raise MedsegError(f"--spacing {spacing!r}: expected 'auto', 'native' or three positive numbers Z,Y,X in mm",
+                          root)
+    if spatial_dims != 3:
+        raise MedsegError(f"--spacing {spacing}: this layout stores independent 2D slices; only volumes are "
+                          "resampled", root)
+    return target
+
+
+def _target(spacing: str | list[float], spec: DatasetSpec, results: list[_CaseResult],
+            has_spacing: bool) -> list[float] | None:
+    """The spacing the cases are stored at, or None to keep each as read (slice layouts, unknown voxel
+    sizes, ``native``, or every case already at the target)."""
+    if spacing == "native" or spec.spatial_dims != 3 or (spacing == "auto" and not has_spacing):
+        return None
+    target = spacing if isinstance(spacing, list) else target_spacing(
+        [r.record.spacing for r in results], [[r.record.shape[0], *r.record.shape[2:]] for r in results])
+    if not any(needs_resampling(r.record.spacing, target) for r in results):
+        return None
+    return target
+
+
+def _resample_cases(results: list[_CaseResult], tmp: Path, target: list[float]) -> None:
+    """Each case off the target spacing rewritten at it. New array names, then the record, then the old
+    arrays go: a prepare killed half-way resumes with every case in one state or the other."""
+    for r in results:
+        rec = r.record
+        if rec.native is not None or not needs_resampling(rec.spacing, target):
+            continue
+        size = shape_for(rec.shape, rec.spacing, target)
+        img = resample(np.load(tmp / rec.image, mmap_mode="r"), size)
+        old = [rec.image, rec.mask]
+        rec.native = {"shape": list(rec.shape), "spacing": list(rec.spacing)}
+        rec.image = case_filename(rec.id, "img_resampled")
+        np.save(tmp / rec.image, img)
+        if rec.mask is not None:
+            mask = resample(np.load(tmp / rec.mask, mmap_mode="r"), size, mask=True)
+            rec.mask = case_filename(rec.id, "seg_resampled")
+            np.save(tmp / rec.mask, mask)
+            per_slice = mask.reshape(mask.shape[0], mask.shape[1], -1).sum(axis=2)
+            rec.foreground = [float(v) / (per_slice.shape[0] * size[1] * size[2]) for v in per_slice.sum(axis=0)]
+            rec.fg_slices = [np.flatnonzero(per_slice[:, j]).tolist() for j in range(per_slice.shape[1])]
+        rec.shape = [size[0], img.shape[1], size[1], size[2]]
+        rec.spacing = [float(v) for v in target]
+        done = json.loads(done_path(tmp, rec.id).read_text())
+        done["record"] = asdict(rec)
+        atomic_write_text(done_path(tmp, rec.id), json.dumps(done))
+        for rel in old:
+            if rel is not None:
+                (tmp / rel).unlink(missing_ok=True)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -7,6 +7,9 @@ Layout::
     OUT/cases/<id>.img.npy  image[z, c, h, w], native dtype
     OUT/cases/<id>.seg.npy  mask[z, k, h, w], uint8 0/1
 
+Volumes whose spacing differs from the data set's target spacing are stored resampled to it
+(``target_spacing`` in dataset.json, ``native`` in the case's record: the source's shape and spacing).
+
 While ``prepare`` runs, everything lives in ``OUT.partial/`` (see ``PreparedWriter``).
 
 Why .npy: ``np.load(mmap_mode="r")`` maps the file with no decoding and no extra copy, so a random
@@ -42,7 +45,8 @@ class CaseRecord:
     sources: list[str] = field(default_factory=list)
     foreground: list[float] | None = None  # fraction of voxels per class
     fg_slices: list[list[int]] | None = None  # per class, slice indices holding that class
-    affine: list[list[float]] | None = None
+    affine: list[list[float]] | None = None  # the source's voxel-to-world matrix
+    native: dict[str, Any] | None = None  # resampled in prepare: the source's {"shape", "spacing"}
     slices: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 from medseg.inference.pipeline import model_channels
 from medseg.inference.segmenter import Segmenter
 from medseg.machine import resolve_device
@@ -188,6 +188,9 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
             (output / name).unlink()
     written: list[Path] = []
     n_slices = 0
+    if seg.spec.input.spacing and not reader.has_spacing:
+        warn(f"the {fmt} layout stores no voxel size: the volumes are used as they are, not resampled to the "
+             f"model's {seg.spec.input.spacing} mm", spec.root)
     show = (console is not None and sys.stderr.isatty()) if progress is None else progress
     if show:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -214,7 +217,8 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
                 if i + 1 < len(spec.cases):
                     ahead = loads.submit(reader.load, spec, spec.cases[i + 1])
                 pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
-                                   postprocess_overrides=postprocess, where=case_path(case, spec))
+                                   postprocess_overrides=postprocess, where=case_path(case, spec),
+                                   spacing=data.spacing if reader.has_spacing else None)
                 pending.append(writes.submit(_write, reader, spec, case, pred.mask, output,
                                              pred.prob if save_probabilities else None))
                 n_slices += data.image.shape[0]

@@ -20,6 +20,7 @@ from medseg.bundle import PipelineSpec, build_model, bundle_from_checkpoint, loa
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.data.normalize import apply, stats_for
+from medseg.data.resample import needs_resampling, resample, shape_for
 from medseg.errors import MedsegError
 from medseg.inference.backends import TorchNet, activate, onnx_backend, torch_backend
 from medseg.inference.onnx_graph import export_module, fixed_size_for
@@ -207,6 +208,7 @@ class Segmenter:
         postprocess_overrides: dict[str, Any] | None = None,
         where: str | Path | None = None,
         fmt: str | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> Prediction:
         """Segment ``x``: an array ``[z, c, h, w]`` or ``[c, h, w]``, or a path a reader can read.
         The result holds ``.mask`` and, unless ``probabilities=False`` (to save memory), ``.prob``.
@@ -214,7 +216,8 @@ class Segmenter:
         A path is read with the reader ``fmt`` (guessed if absent); a path holding several cases returns
         the first case's prediction (use ``medseg predict`` or ``predict_cases`` for all).
         ``spatial_dims`` picks 2D (per slice) or 3D (per volume) post-processing; default: 3 for 3D
-        models (or an ensemble with one), else 2.
+        models (or an ensemble with one), else 2. ``spacing`` (z, y, x mm): a model trained on resampled
+        volumes sees the array on its own grid, and the probabilities come back to the array's.
         """
         if isinstance(x, (str, Path)):
             preds = list(self.predict_cases(x, probabilities=probabilities, fmt=fmt,
@@ -236,7 +239,7 @@ class Segmenter:
         pp = merge_config(self.spec.postprocess, postprocess_overrides)
         check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
-        for idx, p in self._chunks(image):
+        for idx, p in self._grid_chunks(image, spacing):
             self._decide(p, idx, thr, mask, prob, slice_max)
         postprocess(mask, slice_max, pp, spatial_dims)
         return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
@@ -257,7 +260,8 @@ class Segmenter:
         for case in spec.cases:
             data = reader.load(spec, case)
             yield case.id, self.predict(data.image, probabilities, spec.spatial_dims, postprocess_overrides,
-                                        where=case_path(case, spec))
+                                        where=case_path(case, spec),
+                                        spacing=data.spacing if reader.has_spacing else None)
 
     # ------------------------------------------------------------------ internals
     def probabilities(self, x: np.ndarray) -> np.ndarray:
@@ -290,6 +294,25 @@ class Segmenter:
         stats = stats_for(image, self.spec.normalization)
         for lo, hi in self._ranges(image.shape):
             yield from self._range_prob(image, stats, lo, hi)
+
+    def _grid_chunks(self, image: np.ndarray, spacing: Sequence[float] | None):
+        """``_chunks`` on the model's voxel grid when it was trained on resampled volumes: the whole
+        volume resampled there, its probabilities resampled back to ``image``'s grid."""
+        target = self.spec.input.spacing
+        if spacing is None or not needs_resampling(spacing, target):
+            yield from self._chunks(image)
+            return
+        size = shape_for(image.shape, spacing, target)
+        p = None
+        for idx, q in self._chunks(resample(image, size)):
+            if p is None:
+                p = np.empty((size[0], q.shape[1], size[1], size[2]), np.float32)
+            p[idx] = q
+        back = resample(p, (image.shape[0], image.shape[2], image.shape[3]))
+        del p
+        for s in range(0, image.shape[0], DECIDE_SLICES):
+            e = min(image.shape[0], s + DECIDE_SLICES)
+            yield np.arange(s, e), back[s:e]
 
     def _batch(self, h: int, w: int) -> int:
         # CPU: at most batch_size slices and about as many pixels as 8 slices of 256x256, so large slices
@@ -408,6 +431,10 @@ class Ensemble(Segmenter):
 
     def __init__(self, members: Sequence[Segmenter], weights: Sequence[float]):
         ref = members[0]
+        grids = {tuple(m.spec.input.spacing or ()) for m in members}
+        if len(grids) > 1:
+            raise MedsegError(f"the members were trained at different voxel spacings {sorted(grids)}: an ensemble "
+                              "averages probabilities on one grid")
         # the first member's description (decision and post-processing); members keep their own inputs
         self.spec = ref.spec.model_copy(update={"name": "+".join(m.name for m in members)})
         self.name = self.spec.name

@@ -114,7 +114,7 @@ def bundle_for(module: Any, cfg: ExperimentConfig, task: Task, fold: int, epoch:
         "channels": task.channels,
         "input": {"mode": cfg.data.mode, "context": cfg.data.context, "stride": cfg.data.stride,
                   "size": cfg.data.size, "resize": cfg.data.resize, "divisor": module.divisor,
-                  "overlap": inf.overlap},
+                  "overlap": inf.overlap, "spacing": task.fingerprint.get("target_spacing")},
         "normalization": task.norm,
         "postprocess": {"thresholds": th, "presence": pp.presence, "min_size": pp.min_size,
                         "largest_cc": pp.largest_cc, "components": pp.components},

@@ -9,12 +9,14 @@ The rules (each stated in the written plan beside the value it produced):
 - size: whole slices on a GPU (random 512 crops above that); on a CPU whole slices resized to at most
   128 px a side (the LGG recipe's measured trade: 4x cheaper than 256, Dice kept); 3D patches the median
   volume, capped by a voxel budget per device;
-- depth: poolings until the coarsest map is 4-8 voxels a side; widths from 8 (CPU) or 32 (GPU), doubling;
+- depth: poolings until the coarsest map is 4-8 voxels a side; widths from 8 (CPU 2D), 16 (CPU 3D) or 32
+  (GPU), doubling;
 - normalisation: per-case z-score unless a channel looks like CT (0.5th percentile below -200: Hounsfield
   units have a meaning, so the data set's clipped statistics are used);
 - foreground oversampling 0.5 when the rarest class is in under 10% of the slices, else nnU-Net's 1/3;
 - loss: Dice + cross-entropy for exclusive labels, Dice + BCE for overlapping ones;
 - flips only along axes where every class's foreground is centred (mirror-symmetric anatomy), TTA the same.
+The voxel grid is ``prepare``'s (``data/resample.py``): volumes off the target spacing are stored resampled.
 """
 from __future__ import annotations
 
@@ -163,14 +165,16 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
                                  + (" (< 10%): half the samples centred on foreground" if rare < 0.1 else
                                     ": nnU-Net's 1/3 of the samples centred on foreground"))
 
-    widths = [(8 if dev == "cpu" else 32) * 2**i for i in range(depth + 1)]
+    # 8 suffices in 2D on a CPU (the LGG recipe); 3D kernels mix 27 neighbours and need 16 (the 3D recipe)
+    base = 32 if dev == "cuda" else (16 if mode == "3d" else 8)
+    widths = [base * 2**i for i in range(depth + 1)]
     widths = [min(v, 320 if mode == "3d" else 512) for v in widths]
     model = {"name": "unet", "kwargs": {"features": widths}}
     small = data["batch_size"] <= 4
     if small:
         model["kwargs"]["norm"] = "instance"
     why["model"] = (f"U-Net, {depth} poolings (coarsest map {int(min(data['size']) / 2**depth)} voxels a side), "
-                    f"widths from {widths[0]} ({'a CPU' if dev == 'cpu' else 'a GPU'}) doubling, capped at {widths[-1]}"
+                    f"widths from {widths[0]} ({'a GPU' if dev == 'cuda' else 'a CPU, ' + mode}) doubling, capped at {widths[-1]}"
                     + ("; instance norm: batch statistics of 2 patches are noise (nnU-Net's choice)" if small else ""))
     multilabel = ds.class_kind == "multilabel"
     loss = {"terms": [{"name": "dice_bce" if multilabel else "dice_ce", "weight": 1.0}]}
@@ -208,7 +212,26 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
               "schedule": {"name": "cosine", "warmup_epochs": 1, "by": "time"},
               "train": train, "inference": inference}
     why["optim"] = "AdamW 2e-3 with a 1-epoch warm-up and cosine decay (the shipped recipes)"
-    return Plan(config, why, {"spacing": sp, "shape": shape, "anisotropy": aniso, "device": dev})
+    return Plan(config, why, {"spacing": sp, "shape": shape, "anisotropy": aniso, "device": dev,
+                              "grid": _grid(ds, root)})
+
+
+def _grid(ds: PreparedDataset, root: Path) -> str:
+    """What ``prepare`` did about voxel sizes, for the plan's header; a warning when volumes of different
+    spacings were kept as read."""
+    if ds.spatial_dims != 3 or not ds.info.get("spacing_known", True):
+        return "slices used at their own pixel grid (resized to the planned size)"
+    target = ds.fingerprint.get("target_spacing")
+    if target:
+        moved = sum(c.native is not None for c in ds.cases)
+        return (f"{moved} of {len(ds.cases)} volumes resampled in prepare to {target} mm (the median spacing, its "
+                "10th percentile along a coarse axis of few slices); predictions go back to each input's grid")
+    spacings = np.array([c.spacing for c in ds.cases])
+    if np.any(spacings.max(axis=0) > spacings.min(axis=0) * 1.02):
+        warn("the volumes' spacings differ (prepared with --spacing native): the network sees each at its own "
+             "voxel size; `medseg prepare --spacing auto` resamples them to one", root)
+        return "volumes kept at their own spacings (--spacing native)"
+    return f"every volume at {spacings[0].tolist()} mm: no resampling"
 
 
 def render(p: Plan) -> str:
@@ -216,7 +239,8 @@ def render(p: Plan) -> str:
     lines = ["# medseg plan: every value below follows from the data set's fingerprint by a stated rule.",
              f"# fingerprint: median spacing {p.fingerprint['spacing']} mm, median shape "
              f"{[int(v) for v in p.fingerprint['shape']]} (z, c, h, w), anisotropy {p.fingerprint['anisotropy']:.2f}, "
-             f"planned for {p.fingerprint['device']}"]
+             f"planned for {p.fingerprint['device']}",
+             f"# voxel grid: {p.fingerprint['grid']}"]
     for section, value in p.config.items():
         for key, reason in p.why.items():
             if key == section or key.startswith(section + "."):
