@@ -248,6 +248,12 @@ def _lgg_spacing_for_slices(tmp):
                 absent=[tmp / "out"])
 
 
+def _lgg_group_regex_misses_a_patient(tmp):
+    root = copy_lgg(tmp)
+    return Case(["prepare", "lgg", root, tmp / "out", "--split", "group", "--group-regex", r"^TCGA_(\d+)_"], root,
+                "finds no group in patient id 'TCGA_CS_5393'", absent=[tmp / "out"])
+
+
 def _lgg_empty_folder(tmp):
     (tmp / "empty").mkdir()
     return Case(["prepare", "lgg", tmp / "empty", tmp / "out"], tmp / "empty", "no LGG slices", absent=[tmp / "out"])
@@ -607,7 +613,7 @@ def _prepare_foreign_partial_folder(tmp):
 
 
 def _prepare_bad_split(tmp):
-    return Case(["prepare", "lgg", LGG_TINY, tmp / "out", "--split", "random"], "--split", "must be 'auto' or 'kfold'",
+    return Case(["prepare", "lgg", LGG_TINY, tmp / "out", "--split", "random"], "--split", "must be 'auto', 'kfold' or 'group'",
                 absent=[tmp / "out"])
 
 

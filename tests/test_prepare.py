@@ -112,6 +112,26 @@ def test_splits_grouped_by_patient(tmp_path: Path):
     assert any({"TCGA_CS_5393_20000101", "TCGA_CS_5393_19990606"} <= v for v in val_sets)
 
 
+def test_cli_split_by_group_leaves_each_hospital_out(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    src = FIXTURES / "lgg" / "kaggle_3m"  # 2 CS, 1 DU, 3 HT patients
+    res = CliRunner().invoke(app, ["prepare", "lgg", str(src), str(tmp_path / "p"), "--workers", "1",
+                                   "--split", "group", "--group-regex", "^TCGA_([A-Z0-9]+)_"])
+    assert res.exit_code == 0, res.output
+    ds = PreparedDataset.open(tmp_path / "p")
+    splits = json.loads((tmp_path / "p" / "splits.json").read_text())
+    assert [f["name"] for f in splits["folds"]] == ["CS", "DU", "HT"]
+    assert [len(f["val"]) for f in splits["folds"]] == [2, 1, 3]
+    tr, va = ds.fold(2)
+    assert sorted(va) == ["TCGA_HT_7694_19950404", "TCGA_HT_7860_19960513", "TCGA_HT_8105_19980826"]
+    assert sorted(tr) == ["TCGA_CS_5393_19990606", "TCGA_CS_5395_19981004", "TCGA_DU_5855_19951217"]
+    with pytest.raises(MedsegError, match="--split group and --group-regex go together"):
+        prepare("lgg", src, tmp_path / "q", workers=1, split="group")
+
+
 def test_refuses_to_overwrite(tmp_path: Path):
     out = prepare("lgg", TINY, tmp_path / "p", workers=1, folds=2)
     with pytest.raises(MedsegError, match="output already exists; pass --overwrite to replace it"):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,3 +67,30 @@ def test_stratification_spreads_foreground():
 def test_too_few_patients():
     with pytest.raises(MedsegError, match="3 patients cannot be split into 5 folds"):
         patient_folds(["a", "b", "c"], [True, False, True], k=5)
+
+
+def test_group_splits_leave_one_group_out():
+    from medseg.data.splits import group_splits
+
+    ids = ["TCGA_CS_1_a", "TCGA_CS_1_b", "TCGA_DU_2", "TCGA_HT_3", "TCGA_DU_4"]
+    patients = ["TCGA_CS_1", "TCGA_CS_1", "TCGA_DU_2", "TCGA_HT_3", "TCGA_DU_4"]
+    s = group_splits(ids, patients, r"^TCGA_([A-Z0-9]+)_")
+    assert s["k"] == 3 and [f["name"] for f in s["folds"]] == ["CS", "DU", "HT"]
+    assert s["folds"][0] == {"name": "CS", "train": ["TCGA_DU_2", "TCGA_HT_3", "TCGA_DU_4"],
+                             "val": ["TCGA_CS_1_a", "TCGA_CS_1_b"]}
+    assert s["folds"][1]["val"] == ["TCGA_DU_2", "TCGA_DU_4"]
+    assert s["groups"] == {"CS": ["TCGA_CS_1"], "DU": ["TCGA_DU_2", "TCGA_DU_4"], "HT": ["TCGA_HT_3"]}
+    assert s["patient_fold"] == {"TCGA_CS_1": 0, "TCGA_DU_2": 1, "TCGA_DU_4": 1, "TCGA_HT_3": 2}
+
+
+@pytest.mark.parametrize("regex,says", [
+    ("^TCGA_[A-Z]+_", "has no capture group"),
+    ("^TCGA_([A-Z]+", "is not a regular expression"),
+    (r"^TCGA_(\d+)_", "finds no group in patient id 'TCGA_CS_1'"),
+    ("^(TCGA)_", "puts every patient in one group ('TCGA')"),
+])
+def test_group_splits_refused(regex: str, says: str):
+    from medseg.data.splits import group_splits
+
+    with pytest.raises(MedsegError, match=re.escape(says)):
+        group_splits(["a", "b"], ["TCGA_CS_1", "TCGA_DU_2"], regex)

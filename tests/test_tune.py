@@ -137,6 +137,22 @@ def _fake_run(tmp: Path, prepared: Path, class_kind: str = "multilabel") -> Path
     return run
 
 
+def test_nested_scores_choose_on_the_other_folds():
+    from medseg.evaluation.tune import nested_scores
+
+    # one class, one rule set, two candidates; rows (Dice sum, cases, 0, 0) per fold
+    t = {0: [[np.array([[1.8, 2, 0, 0], [1.0, 2, 0, 0]])]],   # fold 0 prefers candidate 0 (0.9 vs 0.5)
+         1: [[np.array([[0.8, 2, 0, 0], [1.6, 2, 0, 0]])]]}   # fold 1 prefers candidate 1 (0.8 vs 0.4)
+    # pooled, both candidates score 2.6 / 4 = 0.65 (a tie: candidate 0), i.e. 0.9 and 0.4 per fold;
+    # nested, fold 0 gets fold 1's choice (0.5) and fold 1 gets fold 0's (0.4)
+    assert nested_scores(t, [0, 1], 1) == {0: (0, [1], 0.5), 1: (0, [0], 0.4)}
+    assert nested_scores(t, [0], 1) == {}
+    # a second rule set that only fold 1's cases favour is what fold 0 is scored with
+    t2 = {0: [t[0][0], [np.array([[0.2, 2, 0, 0], [0.2, 2, 0, 0]])]],
+          1: [t[1][0], [np.array([[2.0, 2, 0, 0], [0.0, 2, 0, 0]])]]}
+    assert nested_scores(t2, [0, 1], 2)[0] == (1, [0], 0.1)
+
+
 def test_tune_finds_the_planted_thresholds_and_writes_the_bundle(tmp_path, prepared):
     from medseg.bundle import load_bundle
     from medseg.inference.segmenter import Segmenter
@@ -293,6 +309,7 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
     assert res["score"] == pytest.approx(1.0)
     assert res["largest_cc"] and res["components"] == "volume" and res["classes"][0]["threshold"] == 0.3
     assert res["per_fold"] == {"0": {"score_before": pytest.approx(res["score_before"]), "score": pytest.approx(1.0)}}
+    assert res["nested"] == {}  # one fold: nothing to choose on but itself
     pp = load_bundle(run / "fold_0" / "model.pt")["postprocess"]
     assert pp["thresholds"] == [0.3] and pp["largest_cc"] and pp["components"] == "volume"
     # the segmenter decides a one-class softmax by its tuned foreground threshold, not by argmax

@@ -71,7 +71,8 @@ def prepare(
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value (repeatable)"),
     folds: int = typer.Option(5, help="number of patient-level folds"),
     seed: int = typer.Option(0, help="seed of the fold assignment"),
-    split: str = typer.Option("auto", help="'auto': the dataset's own train/valid split where it has one (Roboflow exports), else folds; 'kfold': always folds"),
+    split: str = typer.Option("auto", help="'auto': the dataset's own train/valid split where it has one (Roboflow exports), else folds; 'kfold': always folds; 'group': one fold per group of --group-regex (leave one hospital out)"),
+    group_regex: Optional[str] = typer.Option(None, help="with --split group: the group (hospital, scanner) of a patient is this regex's first capture group in its id, e.g. '^TCGA_([A-Z0-9]+)_'"),
     workers: Optional[int] = typer.Option(None, help="worker processes (default: min(CPU count, 4)); 1 reads in this process"),
     images_only: bool = typer.Option(False, "--images-only", help="no masks (data to predict on)"),
     overwrite: bool = typer.Option(False, help="replace an existing prepared dataset"),
@@ -93,7 +94,7 @@ def prepare(
     out = run_prepare(
         format, input, output, options=options, folds=folds, seed=seed, split=split,
         overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
-        spacing=spacing,
+        spacing=spacing, group_regex=group_regex,
     )
     ds = PreparedDataset.open(out)
     dt = time.perf_counter() - t0

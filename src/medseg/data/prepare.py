@@ -25,7 +25,7 @@ from medseg.atomic import atomic_write_text
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
 from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done_path
 from medseg.data.resample import needs_resampling, resample, shape_for, target_spacing
-from medseg.data.splits import make_splits
+from medseg.data.splits import group_splits, make_splits
 from medseg.errors import MedsegError, MedsegWarning, warn
 
 _SAMPLES_PER_CASE = 20_000
@@ -191,15 +191,19 @@ def prepare(
     require_masks: bool = True,
     progress: bool = False,
     spacing: str = "auto",
+    group_regex: str | None = None,
 ) -> Path:
     """Read ``input`` with the ``fmt`` reader and write a prepared dataset to ``output``.
 
     ``split``: "auto" keeps the dataset's own train/valid split when its reader reports one (a
-    Roboflow export), else makes ``folds`` patient-level folds; "kfold" always makes the folds.
+    Roboflow export), else makes ``folds`` patient-level folds; "kfold" always makes the folds; "group"
+    makes one fold per group of patients, the first capture group of ``group_regex`` in the patient id.
     ``spacing`` (volumes only): "auto" resamples the cases whose spacing differs from the target spacing
     (``resample.target_spacing``) to it, "native" keeps every case as read, "Z,Y,X" sets the target (mm)."""
-    if split not in ("auto", "kfold"):
-        raise MedsegError(f"--split must be 'auto' or 'kfold', got {split!r}")
+    if split not in ("auto", "kfold", "group"):
+        raise MedsegError(f"--split must be 'auto', 'kfold' or 'group', got {split!r}")
+    if (split == "group") != (group_regex is not None):
+        raise MedsegError("--split group and --group-regex go together (the regex names each patient's group)")
     options = dict(options or {})
     reader = get_reader(fmt, **options)
     root = Path(input)
@@ -215,6 +219,10 @@ def prepare(
     _check_names(spec, root)
     _warn_shared_patients(spec)
     spacing_arg = _spacing_arg(spacing, spec.spatial_dims, root)
+    try:
+        by_group = group_splits(ids, [c.patient for c in spec.cases], group_regex) if split == "group" else None
+    except MedsegError as e:
+        raise MedsegError(e.problem, root) from None
     key = {"format": fmt, "input": str(root.resolve()), "options": options, "masks": require_masks,
            "cases": len(spec.cases), "version": 1, "spacing": spacing}
     writer = PreparedWriter(output, overwrite=overwrite, key=key)
@@ -286,7 +294,9 @@ def prepare(
         splits = None
         n_patients = len({c.patient for c in spec.cases})
         own = own_split(spec.cases) if split == "auto" else None
-        if spec.has_masks and own is not None:
+        if spec.has_masks and by_group is not None:
+            splits = by_group
+        elif spec.has_masks and own is not None:
             splits = own
         elif spec.has_masks and n_patients >= 2:
             if folds > n_patients:
