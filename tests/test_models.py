@@ -172,6 +172,22 @@ def test_impossible_configurations():
         create_model("unet", 1, 1, encoder="resnet34")
     with pytest.raises(MedsegError, match="'attention_unet' does not take a timm encoder"):
         create_model("attention_unet", 1, 1, encoder="tu-resnet34")
+    with pytest.raises(MedsegError, match="unknown activation 'gelu'; choose relu or leakyrelu"):
+        create_model("unet", 1, 1, act="gelu")
+
+
+def test_leaky_relu_passes_a_gradient_below_zero():
+    from torch import nn
+
+    relu = create_model("unet", 1, 2, base=4, depth=2)
+    leaky = create_model("unet", 1, 2, base=4, depth=2, act="leakyrelu")
+    assert any(isinstance(m, nn.ReLU) for m in relu.modules())
+    acts = [m for m in leaky.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
+    assert acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in acts)
+    # the same weights: outputs differ only through the negative side of the activation
+    leaky.load_state_dict(relu.state_dict())
+    x = torch.randn(2, 1, 16, 16)
+    assert not torch.allclose(relu(x), leaky(x))
 
 
 @pytest.mark.parametrize("name", NAMES)

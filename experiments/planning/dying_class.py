@@ -32,6 +32,8 @@ VARIANTS: dict[str, list[str]] = {
     "warmup3": ["schedule.warmup_epochs=3"],          # a 3-epoch warm-up instead of 1
     "ce_only": ["loss.terms=[{name: ce, weight: 1.0}]"],  # no Dice term
     "instance_norm": ["model.kwargs={norm: instance}"],   # no batch statistics
+    "leakyrelu": ["model.kwargs={act: leakyrelu}"],        # nnU-Net's activation: a unit below zero still learns
+    "wide_top": ["model.kwargs={features: [16, 32, 64, 128, 256]}"],  # 16 channels at full resolution, not 8
 }
 
 

@@ -74,26 +74,37 @@ def check_input(x: torch.Tensor, spatial_dims: int, divisor: int, name: str, in_
             )
 
 
+def activation(kind: str) -> nn.Module:
+    """``relu`` or ``leakyrelu`` (slope 0.01, nnU-Net's: a unit pushed below zero for every input still
+    passes a gradient, so it can come back)."""
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "leakyrelu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    raise MedsegError(f"unknown activation {kind!r}; choose relu or leakyrelu")
+
+
 class ConvNormAct(nn.Sequential):
     def __init__(self, dims: int, cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1,
-                 norm_kind: str = "batch", act: bool = True):
+                 norm_kind: str = "batch", act: bool = True, act_kind: str = "relu"):
         layers = [conv(dims, cin, cout, k, stride, dilation, bias=norm_kind == "none"), norm(norm_kind, dims, cout)]
         if act:
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(activation(act_kind))
         super().__init__(*layers)
 
 
 class DoubleConv(nn.Module):
     """Two 3×3 conv-norm-ReLU (Ronneberger's unit); ``residual`` adds a (1×1-projected) identity path."""
 
-    def __init__(self, dims: int, cin: int, cout: int, norm_kind: str = "batch", residual: bool = False):
+    def __init__(self, dims: int, cin: int, cout: int, norm_kind: str = "batch", residual: bool = False,
+                 act_kind: str = "relu"):
         super().__init__()
-        self.c1 = ConvNormAct(dims, cin, cout, norm_kind=norm_kind)
-        self.c2 = ConvNormAct(dims, cout, cout, norm_kind=norm_kind, act=not residual)
+        self.c1 = ConvNormAct(dims, cin, cout, norm_kind=norm_kind, act_kind=act_kind)
+        self.c2 = ConvNormAct(dims, cout, cout, norm_kind=norm_kind, act=not residual, act_kind=act_kind)
         self.residual = residual
         if residual:
             self.skip = nn.Identity() if cin == cout else ConvNormAct(dims, cin, cout, k=1, norm_kind=norm_kind, act=False)
-            self.act = nn.ReLU(inplace=True)
+            self.act = activation(act_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c2(self.c1(x))

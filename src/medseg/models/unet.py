@@ -50,7 +50,8 @@ def _features(features: Sequence[int] | None, base: int | None, depth: int | Non
 
 @MODELS.register("unet")
 class UNet(nn.Module):
-    """``features`` (widths per level, full resolution first) overrides ``base``/``depth``."""
+    """``features`` (widths per level, full resolution first) overrides ``base``/``depth``; ``act``: relu
+    (Ronneberger's) or leakyrelu (nnU-Net's)."""
 
     name = "unet"
     paper = "Ronneberger et al. 2015, U-Net (MICCAI)"
@@ -72,6 +73,7 @@ class UNet(nn.Module):
         ds_levels: int = 2,
         encoder: str | None = None,
         encoder_pretrained: bool = False,
+        act: str = "relu",
     ):
         super().__init__()
         check_dims(self.name, spatial_dims, self.dims)
@@ -96,12 +98,12 @@ class UNet(nn.Module):
         self.enc = nn.ModuleList()
         cin = in_channels
         for f in feats:
-            self.enc.append(DoubleConv(d, cin, f, norm, residual))
+            self.enc.append(DoubleConv(d, cin, f, norm, residual, act))
             cin = f
         self.pool = max_pool(d)
         self.ups = nn.ModuleList(conv_transpose(d, feats[i + 1], feats[i]) for i in range(len(feats) - 1))
         self.gates = self._make_gates(feats, norm)
-        self.dec = nn.ModuleList(DoubleConv(d, 2 * feats[i], feats[i], norm, residual) for i in range(len(feats) - 1))
+        self.dec = nn.ModuleList(DoubleConv(d, 2 * feats[i], feats[i], norm, residual, act) for i in range(len(feats) - 1))
         self.head = conv(d, feats[0], out_channels, 1)
         n_aux = min(ds_levels, len(feats) - 2) if deep_supervision else 0
         self.aux_heads = nn.ModuleList(conv(d, feats[i], out_channels, 1) for i in range(1, 1 + n_aux))
