@@ -145,3 +145,26 @@ def test_cli_plan_then_train_the_plan(tmp_path, syn, monkeypatch, capsys):
 def test_render_puts_each_reason_above_its_section(syn):
     text = render(plan(syn, device="cpu"))
     assert text.index("# loss: ") < text.index("\nloss:") < text.index("# augment.flip")
+
+
+def test_gpu_batch_from_two_measured_steps(tmp_path, syn, monkeypatch):
+    from medseg.training import plan as planmod
+    from medseg.training.plan import fit_batch
+
+    mib = 2**20
+    # 300 MiB at batch 2, 500 at 4: 100 MiB fixed + 100 per sample
+    assert fit_batch(300 * mib, 500 * mib, 2, 4, 1000 * mib, 64) == 9
+    assert fit_batch(300 * mib, 500 * mib, 2, 4, 1000 * mib, 8) == 8
+    assert fit_batch(300 * mib, 500 * mib, 2, 4, 150 * mib, 64) == 1  # nothing fits: one sample, not zero
+    # on a GPU the plan asks the measurement, with this data set's channels, outputs and size
+    seen = {}
+
+    def fake(kwargs, nd, in_ch, out_ch, size, start):
+        seen.update(nd=nd, in_ch=in_ch, out_ch=out_ch, size=size, start=start)
+        return 24, "24: measured"
+
+    monkeypatch.setattr(planmod, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(planmod, "gpu_batch", fake)
+    p = plan(syn, device="cuda")
+    assert p.config["data"]["batch_size"] == 24 and p.why["data.batch_size"] == "24: measured"
+    assert seen == {"nd": 3, "in_ch": 1, "out_ch": 3, "size": p.config["data"]["size"], "start": 2}

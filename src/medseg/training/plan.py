@@ -176,6 +176,12 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
     why["model"] = (f"U-Net, {depth} poolings (coarsest map {int(min(data['size']) / 2**depth)} voxels a side), "
                     f"widths from {widths[0]} ({'a GPU' if dev == 'cuda' else 'a CPU, ' + mode}) doubling, capped at {widths[-1]}"
                     + ("; instance norm: batch statistics of 2 patches are noise (nnU-Net's choice)" if small else ""))
+    if dev == "cuda":
+        in_ch = len(ds.channels) * ((2 * data["context"] + 1) if mode == "2.5d" else 1)
+        out_ch = len(ds.classes) + (0 if ds.class_kind == "multilabel" else 1)
+        bs, note = gpu_batch(model["kwargs"], 3 if mode == "3d" else 2, in_ch, out_ch, data["size"], data["batch_size"])
+        data["batch_size"] = bs
+        why["data.batch_size"] = note
     multilabel = ds.class_kind == "multilabel"
     loss = {"terms": [{"name": "dice_bce" if multilabel else "dice_ce", "weight": 1.0}]}
     why["loss"] = ("labels overlap: per-class sigmoid, Dice + BCE" if multilabel
@@ -234,6 +240,51 @@ def _grid(ds: PreparedDataset, root: Path) -> str:
     return f"every volume at {spacings[0].tolist()} mm: no resampling"
 
 
+def fit_batch(peak_a: int, peak_b: int, a: int, b: int, budget: int, cap: int) -> int:
+    """The largest batch (at most ``cap``, at least 1) whose training step fits ``budget`` bytes, from
+    the peak memory of two measured steps at batches ``a`` < ``b``: peak = fixed + batch x per sample."""
+    per = max(1.0, (peak_b - peak_a) / (b - a))
+    fixed = peak_a - a * per
+    return int(max(1, min(cap, (budget - fixed) // per)))
+
+
+def gpu_batch(kwargs: dict, nd: int, in_ch: int, out_ch: int, size: list[int], start: int,
+              share: float = 0.6) -> tuple[int, str]:
+    """The batch a training step of this U-Net fits in ``share`` of the GPU's free memory, measured:
+    two bf16 steps (forward, backward, AdamW) at batches 2 and 4, extrapolated linearly. The rule's
+    cap stays the batch the size rule gave (``start``, or 8 patches in 3D): beyond it, steps get longer
+    without more updates."""
+    import torch
+
+    from medseg.machine import gpu_free_bytes
+    from medseg.models import create_model
+
+    dev = torch.device("cuda")
+    model = create_model("unet", in_ch, out_ch, spatial_dims=nd, **kwargs).to(dev)
+    opt = torch.optim.AdamW(model.parameters())
+    peaks = []
+    for b in (2, 4):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        x = torch.randn(b, in_ch, *size, device=dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+        del x, loss
+    del model, opt
+    torch.cuda.empty_cache()
+    free = gpu_free_bytes("cuda")
+    cap = max(start, 8) if nd == 3 else start
+    bs = fit_batch(peaks[0], peaks[1], 2, 4, int(share * free), cap)
+    return bs, (f"{bs}: measured {peaks[0] / 2**20:.0f} / {peaks[1] / 2**20:.0f} MiB for a step at 2 / 4, "
+                f"{share:.0%} of the {free / 2**30:.1f} GiB free fits {bs} (capped at {cap})")
+
+
 def render(p: Plan) -> str:
     """The plan as YAML, each section preceded by comments giving its reasons."""
     lines = ["# medseg plan: every value below follows from the data set's fingerprint by a stated rule.",
@@ -255,4 +306,4 @@ def write_plan(p: Plan, out: str | Path) -> Path:
     return out
 
 
-__all__ = ["Plan", "plan", "render", "write_plan"]
+__all__ = ["Plan", "fit_batch", "gpu_batch", "plan", "render", "write_plan"]
