@@ -153,3 +153,54 @@ def test_spatial_augmentation_moves_image_and_mask_identically(shape):
     xi, mi = augment_batch(msk.float(), msk, cfg, torch.Generator().manual_seed(3))
     assert torch.equal((xi > 0.5).to(torch.uint8), mi)
     assert not torch.equal(mi, msk) and int(mi.sum()) > 0
+
+
+def test_scanner_augmentations_bias_field_blur_lowres():
+    import torch
+
+    from medseg.data.augment import bias_field, blur, lowres
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    x = torch.randn(4, 2, 32, 32)
+    # off, or a field of magnitude 0: the image as it was
+    assert torch.equal(bias_field(x, 0.0, 0.3, g()), x) and torch.allclose(bias_field(x, 1.0, 0.0, g()), x, atol=1e-5)
+    y = bias_field(x, 1.0, 0.3, g())
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    ratio = (y - lo) / (x - lo).clamp_min(1e-3)
+    big = (x - lo) > 0.5  # where the ratio is well defined
+    assert torch.allclose(y.amin(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3)), atol=1e-5)  # the minimum stays put
+    assert bool((ratio[big] > 0).all()) and float(ratio[big].max() / ratio[big].min()) > 1.05  # a real field
+    assert float((ratio[..., 1:] - ratio[..., :-1])[big[..., 1:] & big[..., :-1]].abs().mean()) < 0.02  # smooth
+    # blur of a point: a normalised Gaussian whose spread lies in the sigma range; p=0 leaves it alone
+    d = torch.zeros(3, 1, 31, 31)
+    d[:, :, 15, 15] = 1.0
+    assert torch.equal(blur(d, 0.0, [0.5, 1.5], g()), d)
+    b = blur(d, 1.0, [0.5, 1.5], g())
+    assert torch.allclose(b.sum(dim=(2, 3)), torch.ones(3, 1), atol=1e-5)
+    t = torch.arange(31.0) - 15
+    var_x = (b[:, 0] * t.view(1, 1, -1) ** 2).sum(dim=(1, 2))
+    assert bool(((var_x > 0.5**2 - 0.05) & (var_x < 1.5**2 + 0.05)).all()), var_x
+    assert torch.allclose(b, b.transpose(-1, -2), atol=1e-6)  # the same sigma along both axes
+    # lower resolution: factor 1 is the identity; a 4x coarser grid removes most pixel noise, keeps the mean
+    assert torch.allclose(lowres(x, 1.0, [1.0, 1.0], g()), x, atol=1e-6)
+    c = lowres(x, 1.0, [4.0, 4.0], g())
+    assert float(c.var()) < 0.5 * float(x.var()) and abs(float(c.mean() - x.mean())) < 0.15  # 512 nearest picks
+    # 3D batches: the same transforms, shapes kept
+    v = torch.randn(2, 1, 6, 16, 16)
+    for f in (lambda a: bias_field(a, 1.0, 0.3, g()), lambda a: blur(a, 1.0, [1.0, 1.0], g()),
+              lambda a: lowres(a, 1.0, [2.0, 2.0], g())):
+        assert f(v).shape == v.shape
+
+
+def test_scanner_augmentations_from_the_config_leave_masks_alone():
+    import torch
+
+    from medseg.config import AugmentConfig
+    from medseg.data.augment import augment_batch
+
+    cfg = AugmentConfig(flip=0, rotate=0, scale=0, gamma=0, contrast=0, noise=0, bias_field=1.0, blur=1.0, lowres=1.0)
+    x, m = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).to(torch.uint8)
+    y, m2 = augment_batch(x, m, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(m2, m) and not torch.allclose(y, x)
+    off = AugmentConfig(flip=0, rotate=0, scale=0, gamma=0, contrast=0, noise=0)
+    assert torch.equal(augment_batch(x, m, off, torch.Generator().manual_seed(0))[0], x)

@@ -176,6 +176,14 @@ class AugmentConfig(_Section):
     contrast_range: list[float] = Field(default_factory=lambda: [0.75, 1.25])
     noise: float = Field(0.15, ge=0, le=1)
     noise_std: float = 0.1
+    # what differs between scanners, off by default: a smooth multiplicative bias field (coil
+    # sensitivity), blur, and a lower acquisition resolution (downsampled, then back)
+    bias_field: float = Field(0.0, ge=0, le=1)
+    bias_field_magnitude: float = Field(0.3, ge=0)  # std of the field's log at its control points
+    blur: float = Field(0.0, ge=0, le=1)
+    blur_sigma: list[float] = Field(default_factory=lambda: [0.5, 1.5])  # pixels
+    lowres: float = Field(0.0, ge=0, le=1)
+    lowres_factor: list[float] = Field(default_factory=lambda: [1.0, 2.0])  # pixel size multiplied by
     # gamma and contrast draw their on/off and factor per channel (each slice's own in a 2.5D stack)
     # instead of per sample: for sequences whose contrasts vary independently between scanners
     intensity_per_channel: bool = False

@@ -2,7 +2,8 @@
 
 One ``affine_grid`` + ``grid_sample`` per batch does flips, rotation, scaling and a smooth random
 displacement (grid/elastic distortion) for every sample at once, then channel filling and intensity
-transforms (gamma, contrast, noise) act on the image only. It runs in the training step on the batch
+transforms (gamma, contrast, a bias field, lower resolution, blur, noise: what differs between scanners)
+act on the image only. It runs in the training step on the batch
 (on the GPU when there is one), so loader workers only slice memmaps. Measured against per-sample
 MONAI dictionary transforms in ``benchmarks/loader.py`` (see docs/training.md).
 
@@ -72,6 +73,64 @@ def fill_channels(image: torch.Tensor, p: float, source: int, modalities: int, g
     return torch.where(keep, x, x[:, :, source : source + 1]).reshape(image.shape)
 
 
+def bias_field(image: torch.Tensor, p: float, magnitude: float, g: torch.Generator) -> torch.Tensor:
+    """Each sample, with probability ``p``, times a smooth positive field: exp of a 3-point-per-axis
+    normal grid (std ``magnitude``) interpolated over the image, applied above the sample's minimum (the
+    images are z-scored; the field scales the signal, not the offset)."""
+    b, nd = image.shape[0], image.ndim - 2
+    on = _p(b, p, g)
+    if not bool(on.any()):
+        return image
+    coarse = torch.randn(b, 1, *([3] * nd), generator=g) * magnitude * on.view(b, *([1] * (nd + 1)))
+    mode = "bicubic" if nd == 2 else "trilinear"
+    field = F.interpolate(to_device(coarse, image.device), size=image.shape[2:], mode=mode, align_corners=True).exp()
+    lo = image.amin(dim=tuple(range(1, image.ndim)), keepdim=True)
+    return (image - lo) * field.to(image.dtype) + lo
+
+
+def blur(image: torch.Tensor, p: float, sigma: list[float], g: torch.Generator) -> torch.Tensor:
+    """Each sample, with probability ``p``, smoothed in-plane by a Gaussian of a random sigma (pixels):
+    one separable grouped convolution for the whole batch (an identity kernel for the others)."""
+    b, c = image.shape[:2]
+    on = _p(b, p, g)
+    if not bool(on.any()):
+        return image
+    s = torch.where(on, _u(b, sigma[0], sigma[1], g), torch.zeros(b))
+    r = int(math.ceil(3 * max(sigma[1], 1e-3)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s.clamp_min(1e-3).view(-1, 1)) ** 2)
+    k = torch.where(on.view(-1, 1), k, (t == 0).float().view(1, -1))
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(image.device, image.dtype)  # [b*c, 2r+1]
+    x = image.reshape(1, b * c, *image.shape[2:])
+    h, w = x.shape[-2:]
+    lead = x.shape[2:-2]
+    x = x.reshape(1, b * c, -1, h, w) if lead else x.unsqueeze(2)  # [1, bc, d, h, w]
+    kk = k.view(b * c, 1, 1, 1, -1)
+    x = F.conv3d(F.pad(x, (r, r, 0, 0, 0, 0), mode="replicate"), kk, groups=b * c)
+    x = F.conv3d(F.pad(x, (0, 0, r, r, 0, 0), mode="replicate"), kk.transpose(-1, -2), groups=b * c)
+    return x.reshape(image.shape)
+
+
+def lowres(image: torch.Tensor, p: float, factor: list[float], g: torch.Generator) -> torch.Tensor:
+    """Each sample, with probability ``p``, resampled in-plane to a grid ``factor`` times coarser (nearest)
+    and back (linear): the look of a scan acquired at a lower resolution."""
+    b, nd = image.shape[0], image.ndim - 2
+    on = _p(b, p, g)
+    f = _u(b, factor[0], factor[1], g)
+    if not bool(on.any()):
+        return image
+    out = image.clone()
+    h, w = image.shape[-2:]
+    mode = "bilinear" if nd == 2 else "trilinear"
+    for i in torch.nonzero(on).flatten().tolist():
+        x = image[i : i + 1]
+        small = [*x.shape[2:-2], max(1, round(h / float(f[i]))), max(1, round(w / float(f[i])))]
+        x = F.interpolate(F.interpolate(x, size=small, mode="nearest"), size=image.shape[2:], mode=mode,
+                          align_corners=False)
+        out[i : i + 1] = x
+    return out
+
+
 def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Generator,
                   modalities: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``image`` float [b, c, *spatial], ``mask`` [b, k, *spatial] 0/1 -> augmented (mask same dtype).
@@ -116,6 +175,12 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, cfg: Any, g: torch.Ge
             c = to_device(torch.where(on, _u(n, cfg.contrast_range[0], cfg.contrast_range[1], g), torch.ones(n)), dev).to(image.dtype)
             mu = image.mean(dim=red, keepdim=True)
             image = (image - mu) * c.view(view) + mu
+    if cfg.bias_field > 0:
+        image = bias_field(image, cfg.bias_field, cfg.bias_field_magnitude, g)
+    if cfg.lowres > 0:
+        image = lowres(image, cfg.lowres, cfg.lowres_factor, g)
+    if cfg.blur > 0:
+        image = blur(image, cfg.blur, cfg.blur_sigma, g)
     if cfg.noise > 0:
         on = _p(b, cfg.noise, g)
         if bool(on.any()):
