@@ -204,3 +204,22 @@ def test_scanner_augmentations_from_the_config_leave_masks_alone():
     assert torch.equal(m2, m) and not torch.allclose(y, x)
     off = AugmentConfig(flip=0, rotate=0, scale=0, gamma=0, contrast=0, noise=0)
     assert torch.equal(augment_batch(x, m, off, torch.Generator().manual_seed(0))[0], x)
+
+
+def test_zscore_body_ignores_the_background():
+    from medseg.data.normalize import apply, stats_for
+
+    body = np.array([2.0, 4.0, 6.0, 8.0])  # mean 5, std sqrt(5)
+    small = np.zeros((1, 1, 4, 4), np.float32)
+    small[0, 0, 0] = body
+    large = np.zeros((1, 1, 16, 16), np.float32)  # the same body in a wider field of view
+    large[0, 0, 0, :4] = body
+    for img in (small, large):
+        mean, std, clip = stats_for(img, {"mode": "zscore_body"})
+        assert clip is None and mean[0] == pytest.approx(5.0) and std[0] == pytest.approx(np.sqrt(5.0))
+    # the per-case z-score moves with the amount of background; the body's does not
+    assert stats_for(small, {"mode": "zscore_case"})[0][0] != pytest.approx(stats_for(large, {"mode": "zscore_case"})[0][0])
+    np.testing.assert_allclose(apply(large[..., 0, :4], *stats_for(large, {"mode": "zscore_body"}), channel_axis=1)[0, 0],
+                               (body - 5) / np.sqrt(5), rtol=1e-6)
+    const = np.full((1, 1, 4, 4), 3.0, np.float32)  # nothing above the minimum: all voxels
+    assert stats_for(const, {"mode": "zscore_body"})[0][0] == pytest.approx(3.0)

@@ -31,7 +31,7 @@ class DataConfig(_Section):
     size: Optional[list[int]] = None  # training crop [h, w] or [d, h, w]; None = whole slice
     resize: bool = False  # resize slices to size instead of random crop/pad
     fg_oversample: float = Field(0.33, ge=0.0, le=1.0)  # nnU-Net's default 1/3
-    normalization: Literal["zscore_case", "dataset"] = "zscore_case"
+    normalization: Literal["zscore_case", "zscore_body", "dataset"] = "zscore_case"
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(16, ge=1)
     # loader processes; auto: none on a CPU (measured fastest on 2 cores, docs/training.md), one per spare

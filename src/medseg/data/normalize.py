@@ -3,6 +3,9 @@
 Modes (the bundle's ``normalization.mode``):
 - ``zscore_case``: per case and channel, (x - mean) / std over the case's voxels (nnU-Net's MRI default:
   MRI intensities have no absolute scale, so each scan is standardised on its own).
+- ``zscore_body``: as ``zscore_case``, over the voxels above the channel's minimum only (the body, not
+  the black around it), so a case's statistics do not depend on how much background its field of view
+  holds (nnU-Net's ``use_mask_for_norm``); the background maps below the body's range.
 - ``dataset``: clip to the fingerprint's 0.5/99.5 percentiles, then (x - mean) / std of the dataset
   (CT-like data with a meaningful scale).
 """
@@ -15,8 +18,9 @@ import numpy as np
 _SAMPLE = 200_000
 
 
-def case_stats(image: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) of ``image[z, c, h, w]`` from a fixed subsample (cheap on memmaps)."""
+def case_stats(image: np.ndarray, seed: int = 0, body: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) of ``image[z, c, h, w]`` from a fixed subsample (cheap on memmaps); with
+    ``body``, of the voxels above each channel's minimum (all of them if the channel is constant)."""
     z, c = image.shape[:2]
     per = image.shape[2] * image.shape[3]
     if z * per <= _SAMPLE:
@@ -25,16 +29,22 @@ def case_stats(image: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray
         rng = np.random.default_rng(seed)
         zs = np.sort(rng.choice(z, size=min(z, max(1, _SAMPLE // per)), replace=False))
         flat = np.asarray(image[zs], dtype=np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
-    mean = flat.mean(axis=1)
-    std = flat.std(axis=1)
+    if body:
+        rows = [r[r > r.min()] for r in flat]
+        rows = [r if r.size else f for r, f in zip(rows, flat)]
+        mean = np.array([r.mean() for r in rows])
+        std = np.array([r.std() for r in rows])
+    else:
+        mean = flat.mean(axis=1)
+        std = flat.std(axis=1)
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def stats_for(image: np.ndarray, norm: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(mean, std, clip[c, 2] or None) to apply to any slice/patch of this case."""
     mode = norm.get("mode", "zscore_case")
-    if mode == "zscore_case":
-        mean, std = case_stats(image)
+    if mode in ("zscore_case", "zscore_body"):
+        mean, std = case_stats(image, body=mode == "zscore_body")
         return mean, std, None
     if mode == "dataset":
         s = norm["stats"]

@@ -97,7 +97,7 @@ def norm_config(ds: PreparedDataset, mode: str) -> dict[str, Any]:
     """The bundle's ``normalization`` entry for a prepared dataset."""
     if mode == "dataset":
         return normalize.dataset_norm(ds.fingerprint, ds.channels)
-    return {"mode": "zscore_case"}
+    return {"mode": mode}
 
 
 class TrainSamples:
