@@ -168,3 +168,22 @@ def test_gpu_batch_from_two_measured_steps(tmp_path, syn, monkeypatch):
     p = plan(syn, device="cuda")
     assert p.config["data"]["batch_size"] == 24 and p.why["data.batch_size"] == "24: measured"
     assert seen == {"nd": 3, "in_ch": 1, "out_ch": 3, "size": p.config["data"]["size"], "start": 2}
+
+
+def test_channel_fill_when_cases_hold_a_copied_channel(tmp_path):
+    from medseg.data.prepared import PreparedDataset
+
+    src = make_synthetic(tmp_path / "three", n_patients=5, slices=4, size=32, channels=3)
+    assert "channel_fill" not in plan(src, device="cpu").config["augment"]  # every channel its own
+    ds = PreparedDataset.open(src)
+    for i in (1, 3):  # two cases fill their missing channel 0 and channel 2 with channel 1
+        path = src / ds.cases[i].image
+        img = np.load(path)
+        img[:, 0] = img[:, 1]
+        if i == 3:
+            img[:, 2] = img[:, 1]
+        np.save(path, img)
+    p = plan(src, device="cpu")
+    # pairs (0,1) twice, (0,2) and (1,2) once: channel 1 is in 3 pairs, 0 in 3, 2 in 2 -> tie to index 0
+    assert p.config["augment"]["channel_fill"] == 0.2 and p.config["augment"]["channel_fill_source"] == 0
+    assert p.why["augment.channel_fill"].startswith("2 of 5 cases hold a channel identical to another")

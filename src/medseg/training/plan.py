@@ -15,7 +15,8 @@ The rules (each stated in the written plan beside the value it produced):
   units have a meaning, so the data set's clipped statistics are used);
 - foreground oversampling 0.5 when the rarest class is in under 10% of the slices, else nnU-Net's 1/3;
 - loss: Dice + cross-entropy for exclusive labels, Dice + BCE for overlapping ones;
-- flips only along axes where every class's foreground is centred (mirror-symmetric anatomy), TTA the same.
+- flips only along axes where every class's foreground is centred (mirror-symmetric anatomy), TTA the same;
+- channel fill when some cases hold a channel identical to another (a missing sequence filled in).
 The voxel grid is ``prepare``'s (``data/resample.py``): volumes off the target spacing are stored resampled.
 """
 from __future__ import annotations
@@ -85,6 +86,27 @@ def _centres(ds: PreparedDataset, max_slices: int = 400) -> np.ndarray:
         if ys:
             out[j] = [np.mean(ys), np.mean(xs)]
     return out
+
+
+def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, int]:
+    """(cases whose middle slice holds two identical channels, the channel most often in such a pair):
+    a data set that fills a missing sequence with another, which the network should see in training."""
+    c = len(ds.channels)
+    if c < 2:
+        return 0, 0
+    shared = np.zeros(c, int)
+    n = 0
+    step = max(1, len(ds.cases) // max_cases)
+    for i in range(0, len(ds.cases), step):
+        img = ds.image(i)
+        sl = np.asarray(img[img.shape[0] // 2])
+        pairs = [(a, b) for a in range(c) for b in range(a + 1, c)
+                 if sl[a].std() > 0 and np.array_equal(sl[a], sl[b])]
+        for a, b in pairs:
+            shared[a] += 1
+            shared[b] += 1
+        n += bool(pairs)
+    return n * step, int(np.argmax(shared))
 
 
 def _round_to(v: float, d: int) -> int:
@@ -199,6 +221,13 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
                                        ("mirror-symmetric, flipped" if ok else f"off-centre by more than {CENTRED}, not flipped"))
     nd = 3 if mode == "3d" else 2
     aug: dict[str, Any] = {"flip": 0.5 if axes else 0.0}
+    filled, source = _filled_channels(ds)
+    if filled:
+        aug["channel_fill"], aug["channel_fill_source"] = 0.2, source
+        why["augment.channel_fill"] = (
+            f"{filled} of {len(ds.cases)} cases hold a channel identical to another (a missing sequence filled "
+            f"in): other channels replaced by channel {source} ({channels[source]}, the one most often shared; "
+            "ties to the lower index) with probability 0.2 (the LGG recipe's measured value, docs/lgg.md)")
     if axes:
         aug["flip_axes"] = [a + (1 if nd == 3 else 0) for a in axes]
     inference: dict[str, Any] = {"tta": bool(axes)}
