@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +24,7 @@ from medseg.atomic import atomic_write_text
 from medseg.data.formats import CaseSpec, DatasetSpec, get_reader
 from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done_path
 from medseg.data.resample import needs_resampling, resample, shape_for, target_spacing
-from medseg.data.splits import group_splits, make_splits
+from medseg.data.splits import group_splits, make_splits, own_split, warn_shared_patients
 from medseg.errors import MedsegError, MedsegWarning, warn
 
 _SAMPLES_PER_CASE = 20_000
@@ -217,7 +216,7 @@ def prepare(
         dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
         raise MedsegError(f"duplicate case ids {dup}", root)
     _check_names(spec, root)
-    _warn_shared_patients(spec)
+    warn_shared_patients(spec)
     spacing_arg = _spacing_arg(spacing, spec.spatial_dims, root)
     try:
         by_group = group_splits(ids, [c.patient for c in spec.cases], group_regex) if split == "group" else None
@@ -417,49 +416,6 @@ def _check_names(spec: DatasetSpec, root: Path) -> None:
                 where = next((str(v) for v in c.sources.values() if isinstance(v, str)), str(root))
                 raise MedsegError(f"{what} {raw!r} is not valid UTF-8 (a name in another encoding); rename it",
                                   os.fsencode(where).decode("utf-8", "replace")) from None
-
-
-_LAST_TOKEN = re.compile(r"^(?P<stem>.*?[A-Za-z]*\d+[A-Za-z]*)[-_. ]+[A-Za-z]*\d*[A-Za-z]*$")
-
-
-def _warn_shared_patients(spec: DatasetSpec) -> None:
-    """Without a patient rule every case is its own patient; warn when the names suggest that several
-    cases share one (``p01_t1``, ``p01_t2``): folds would split that patient and scores leak."""
-    if any(c.patient != c.id for c in spec.cases) or len(spec.cases) < 4:
-        return
-    groups: dict[str, list[str]] = {}
-    for c in spec.cases:
-        m = _LAST_TOKEN.match(c.id)
-        if m:
-            groups.setdefault(m["stem"], []).append(c.id)
-    shared = {k: v for k, v in groups.items() if len(v) > 1}
-    if len(shared) >= 2 and max(len(v) for v in shared.values()) < len(spec.cases) / 2:
-        stem, ids = next(iter(shared.items()))
-        warn(f"each case is its own patient, but {len(shared)} groups of case names share a prefix "
-             f"(e.g. {', '.join(ids[:3])}): if they are one patient's, pass -o patient_regex='^(.*?)[-_. ][^-_. ]*$' "
-             "(first group = patient) so that no fold splits a patient", spec.root)
-
-
-_TRAIN, _VAL = ("train",), ("valid", "val", "validation")
-
-
-def own_split(cases: list[Any]) -> dict | None:
-    """``splits.json`` with one fold, the dataset's own train/valid split, when the reader reported one
-    with both sides non-empty (test cases are in neither side) and no patient on both sides."""
-    train = [c.id for c in cases if (c.split or "").lower() in _TRAIN]
-    val = [c.id for c in cases if (c.split or "").lower() in _VAL]
-    if not train or not val:
-        return None
-    by_id = {c.id: c.patient for c in cases}
-    shared = sorted({by_id[i] for i in train} & {by_id[i] for i in val})
-    if shared:
-        raise MedsegError(f"the dataset's own split has patient {shared[0]!r} on both sides "
-                          f"(train and valid); use --split kfold for patient-level folds")
-    counts: dict[str, int] = {}
-    for c in cases:
-        counts[c.split or "none"] = counts.get(c.split or "none", 0) + 1
-    return {"k": 1, "seed": None, "grouped_by": "the dataset's own split", "source_split": counts,
-            "folds": [{"train": train, "val": val}]}
 
 
 class _NoBar:

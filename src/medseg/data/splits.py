@@ -9,8 +9,12 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
+
+if TYPE_CHECKING:
+    from medseg.data.formats import DatasetSpec
 
 
 def patient_folds(
@@ -90,3 +94,46 @@ def group_splits(case_ids: Sequence[str], patients: Sequence[str], regex: str) -
     return {"k": len(names), "seed": None, "grouped_by": f"group (leave one out): {regex}",
             "groups": {g: sorted(p for p in group if group[p] == g) for g in names},
             "patient_fold": {p: names.index(group[p]) for p in sorted(group)}, "folds": folds}
+
+
+_LAST_TOKEN = re.compile(r"^(?P<stem>.*?[A-Za-z]*\d+[A-Za-z]*)[-_. ]+[A-Za-z]*\d*[A-Za-z]*$")
+
+
+def warn_shared_patients(spec: DatasetSpec) -> None:
+    """Without a patient rule every case is its own patient; warn when the names suggest that several
+    cases share one (``p01_t1``, ``p01_t2``): folds would split that patient and scores leak."""
+    if any(c.patient != c.id for c in spec.cases) or len(spec.cases) < 4:
+        return
+    groups: dict[str, list[str]] = {}
+    for c in spec.cases:
+        m = _LAST_TOKEN.match(c.id)
+        if m:
+            groups.setdefault(m["stem"], []).append(c.id)
+    shared = {k: v for k, v in groups.items() if len(v) > 1}
+    if len(shared) >= 2 and max(len(v) for v in shared.values()) < len(spec.cases) / 2:
+        stem, ids = next(iter(shared.items()))
+        warn(f"each case is its own patient, but {len(shared)} groups of case names share a prefix "
+             f"(e.g. {', '.join(ids[:3])}): if they are one patient's, pass -o patient_regex='^(.*?)[-_. ][^-_. ]*$' "
+             "(first group = patient) so that no fold splits a patient", spec.root)
+
+
+_TRAIN, _VAL = ("train",), ("valid", "val", "validation")
+
+
+def own_split(cases: list[Any]) -> dict | None:
+    """``splits.json`` with one fold, the dataset's own train/valid split, when the reader reported one
+    with both sides non-empty (test cases are in neither side) and no patient on both sides."""
+    train = [c.id for c in cases if (c.split or "").lower() in _TRAIN]
+    val = [c.id for c in cases if (c.split or "").lower() in _VAL]
+    if not train or not val:
+        return None
+    by_id = {c.id: c.patient for c in cases}
+    shared = sorted({by_id[i] for i in train} & {by_id[i] for i in val})
+    if shared:
+        raise MedsegError(f"the dataset's own split has patient {shared[0]!r} on both sides "
+                          f"(train and valid); use --split kfold for patient-level folds")
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.split or "none"] = counts.get(c.split or "none", 0) + 1
+    return {"k": 1, "seed": None, "grouped_by": "the dataset's own split", "source_split": counts,
+            "folds": [{"train": train, "val": val}]}

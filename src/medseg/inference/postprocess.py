@@ -159,3 +159,26 @@ def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:
 
 __all__: Sequence[str] = ["decide", "postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for",
                           "check_config"]
+
+
+def decide(p: np.ndarray, idx: np.ndarray, thr: list[float], class_kind: str, mask: np.ndarray,
+           prob: np.ndarray | None, slice_max: np.ndarray) -> None:
+    """Fill masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``
+    (``[b, out, h, w]``; multiclass ``out`` has the background first)."""
+    k = mask.shape[1]
+    if class_kind == "multiclass" and k == 1:
+        # one class against background: p1 > 0.5 is the argmax, and a tuned threshold moves it
+        mask[idx, 0] = p[:, 1] > thr[0]
+        pc = p[:, 1:]
+    elif class_kind == "multiclass":
+        am = p.argmax(axis=1)
+        for j in range(k):
+            mask[idx, j] = am == j + 1
+        pc = p[:, 1:]
+    else:
+        for j in range(k):
+            mask[idx, j] = p[:, j] > thr[j]
+        pc = p
+    slice_max[idx] = pc.reshape(pc.shape[0], k, -1).max(axis=2)
+    if prob is not None:
+        prob[idx] = pc

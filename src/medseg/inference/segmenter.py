@@ -20,13 +20,13 @@ from medseg.bundle import PipelineSpec, build_model, bundle_from_checkpoint, loa
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.data.normalize import apply, stats_for
-from medseg.data.resample import needs_resampling, resample, shape_for
 from medseg.errors import MedsegError
 from medseg.inference.backends import TorchNet, activate, onnx_backend, torch_backend
 from medseg.inference.onnx_graph import export_module, fixed_size_for
 from medseg.inference.pipeline import Prediction, _check_compatible, model_divisor, pipeline_spec
-from medseg.inference.postprocess import check_config, merge_config, postprocess, thresholds_for
-from medseg.inference.windows import DECIDE_SLICES, SLAB_BYTES, resize, slab_for, sliding_windows, z_slabs
+from medseg.inference.postprocess import check_config, decide, merge_config, postprocess, thresholds_for
+from medseg.inference.windows import (DECIDE_SLICES, SLAB_BYTES, on_grid, resize, slab_for, sliding_windows,
+                                     z_slabs)
 
 DEFAULT_FLIPS: list[list[int]] = [[-1], [-2]]
 
@@ -239,8 +239,8 @@ class Segmenter:
         pp = merge_config(self.spec.postprocess, postprocess_overrides)
         check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
-        for idx, p in self._grid_chunks(image, spacing):
-            self._decide(p, idx, thr, mask, prob, slice_max)
+        for idx, p in on_grid(self._chunks, image, spacing, self.spec.input.spacing):
+            decide(p, idx, thr, self.class_kind, mask, prob, slice_max)
         postprocess(mask, slice_max, pp, spatial_dims)
         return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
 
@@ -294,25 +294,6 @@ class Segmenter:
         stats = stats_for(image, self.spec.normalization)
         for lo, hi in self._ranges(image.shape):
             yield from self._range_prob(image, stats, lo, hi)
-
-    def _grid_chunks(self, image: np.ndarray, spacing: Sequence[float] | None):
-        """``_chunks`` on the model's voxel grid when it was trained on resampled volumes: the whole
-        volume resampled there, its probabilities resampled back to ``image``'s grid."""
-        target = self.spec.input.spacing
-        if spacing is None or not needs_resampling(spacing, target):
-            yield from self._chunks(image)
-            return
-        size = shape_for(image.shape, spacing, target)
-        p = None
-        for idx, q in self._chunks(resample(image, size)):
-            if p is None:
-                p = np.empty((size[0], q.shape[1], size[1], size[2]), np.float32)
-            p[idx] = q
-        back = resample(p, (image.shape[0], image.shape[2], image.shape[3]))
-        del p
-        for s in range(0, image.shape[0], DECIDE_SLICES):
-            e = min(image.shape[0], s + DECIDE_SLICES)
-            yield np.arange(s, e), back[s:e]
 
     def _batch(self, h: int, w: int) -> int:
         # CPU: at most batch_size slices and about as many pixels as 8 slices of 256x256, so large slices
@@ -404,25 +385,6 @@ class Segmenter:
             e = min(hi, s + DECIDE_SLICES)
             yield np.arange(s, e), p[:, s - a:e - a].transpose(1, 0, 2, 3)
 
-    def _decide(self, p: np.ndarray, idx: np.ndarray, thr: list[float], mask, prob, slice_max) -> None:
-        """Masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``."""
-        k = len(self.classes)
-        if self.class_kind == "multiclass" and k == 1:
-            # one class against background: p1 > 0.5 is the argmax, and a tuned threshold moves it
-            mask[idx, 0] = p[:, 1] > thr[0]
-            pc = p[:, 1:]
-        elif self.class_kind == "multiclass":
-            am = p.argmax(axis=1)
-            for j in range(k):
-                mask[idx, j] = am == j + 1
-            pc = p[:, 1:]
-        else:
-            for j in range(k):
-                mask[idx, j] = p[:, j] > thr[j]
-            pc = p
-        slice_max[idx] = pc.reshape(pc.shape[0], k, -1).max(axis=2)
-        if prob is not None:
-            prob[idx] = pc
 
 class Ensemble(Segmenter):
     """The weighted mean of several models' probabilities (e.g. a 2.5D and a 3D model), made by

@@ -3,7 +3,7 @@ Gaussian-weighted sliding windows, and resizing to and from a training size. Pur
 no model, no backend."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,3 +76,25 @@ def sliding_windows(x: np.ndarray, roi: list[int], probabilities: Callable[[np.n
         p = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(x)), roi, sw_batch_size=batch,
                                      predictor=predictor, overlap=overlap, mode="gaussian")
     return p.numpy()
+
+
+def on_grid(chunks: Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]], image: np.ndarray,
+            spacing: Sequence[float] | None, target: Sequence[float] | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``chunks(image)`` on the grid a model was trained at: the volume resampled to ``target`` spacing,
+    its probabilities resampled back to ``image``'s grid (the decision is made there)."""
+    from medseg.data.resample import needs_resampling, resample, shape_for
+
+    if spacing is None or not needs_resampling(spacing, target):
+        yield from chunks(image)
+        return
+    size = shape_for(image.shape, spacing, target)
+    p = None
+    for idx, q in chunks(resample(image, size)):
+        if p is None:
+            p = np.empty((size[0], q.shape[1], size[1], size[2]), np.float32)
+        p[idx] = q
+    back = resample(p, (image.shape[0], image.shape[2], image.shape[3]))
+    del p
+    for s in range(0, image.shape[0], DECIDE_SLICES):
+        e = min(image.shape[0], s + DECIDE_SLICES)
+        yield np.arange(s, e), back[s:e]
