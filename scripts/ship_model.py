@@ -20,6 +20,18 @@ from medseg.bundle import load_bundle, save_bundle
 from medseg.bundle import SHIPPED, WEIGHTS_DIR
 
 
+def portable(path: str | Path) -> str:
+    """A path as recorded in a shipped model: relative to the working directory, or its last two parts
+    (a shipped file names no machine's folders)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*p.parts[-2:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
@@ -37,11 +49,14 @@ def main() -> None:
     info = json.loads((prepared / "dataset.json").read_text()) if (prepared / "dataset.json").is_file() else {}
     # the patients it learned from, so that anyone can check an evaluation set against them
     patients = sorted({c["patient"] for c in info.get("cases", [])})
-    b["meta"] = {"name": a.name, "card": a.card, "trained_from": str(a.bundle), "epoch": meta.get("epoch"),
-                 "fold": meta.get("fold"), "config": meta.get("config"), "precision": meta.get("precision"),
+    config = dict(meta.get("config") or {})
+    if config.get("data", {}).get("prepared"):
+        config["data"] = {**config["data"], "prepared": portable(config["data"]["prepared"])}
+    b["meta"] = {"name": a.name, "card": a.card, "trained_from": portable(a.bundle), "epoch": meta.get("epoch"),
+                 "fold": meta.get("fold"), "config": config, "precision": meta.get("precision"),
                  "members": meta.get("members"), "fingerprint": meta.get("fingerprint"),
                  "training_patients": patients,
-                 "postprocess_tuned_on": None if tuned is None else {"run": tuned["run"], "folds": tuned["folds"],
+                 "postprocess_tuned_on": None if tuned is None else {"run": portable(tuned["run"]), "folds": tuned["folds"],
                                                                      "score_before": tuned["score_before"],
                                                                      "score": tuned["score"]}}
     out = save_bundle(b, WEIGHTS_DIR / SHIPPED[a.name], half=True)

@@ -1,6 +1,7 @@
 """What a collapsed class's network looks like inside: for a trained 2D/2.5D run, every U-Net block's
 share of dead units (channels whose activation is positive on under 1% of the validation pixels), and
-each output's softmax mean and spread over the validation slices.
+each output's softmax mean and spread over the validation slices. Written to
+experiments/planning/results/dead_units.json under the run's name.
 
     .venv/bin/python experiments/planning/dead_units.py RUN [--fold 0] [--cases 10]
 """
@@ -56,20 +57,25 @@ def main() -> None:
             x = torch.nn.functional.pad(x, (0, (-w) % d, 0, (-h) % d))
             p = torch.softmax(model(x), dim=1)[..., :h, :w]
             probs.append(p.numpy())
-    p = np.concatenate(probs)  # [slices, out, h, w]
     out = {"blocks": {}, "outputs": {}}
     for name, v in acts.items():
         alive = np.mean(v, axis=0)  # share of pixels where each channel is positive
         out["blocks"][name] = {"channels": int(alive.size), "dead": int((alive < 0.01).sum()),
                                "alive_share": [round(float(s), 3) for s in alive]}
     names = ["background", *b["classes"]]
+    flat = [q.transpose(1, 0, 2, 3).reshape(q.shape[1], -1) for q in probs]  # cases differ in size
     for j, nm in enumerate(names):
-        out["outputs"][nm] = {"mean": float(p[:, j].mean()), "std": float(p[:, j].std()), "max": float(p[:, j].max())}
+        v = np.concatenate([f[j] for f in flat])
+        out["outputs"][nm] = {"mean": float(v.mean()), "std": float(v.std()), "max": float(v.max())}
     for name, r in out["blocks"].items():
         print(f"{name:6s} {r['dead']:3d} of {r['channels']:3d} channels dead")
     for nm, r in out["outputs"].items():
         print(f"{nm:12s} softmax mean {r['mean']:.3f} std {r['std']:.3f} max {r['max']:.3f}")
-    (a.run / "dead_units.json").write_text(json.dumps(out, indent=1))
+    res = Path(__file__).resolve().parent / "results" / "dead_units.json"
+    results = json.loads(res.read_text()) if res.exists() else {}
+    results[a.run.name] = out
+    res.write_text(json.dumps(results, indent=1))
+    print(f"-> {res} [{a.run.name!r}]")
 
 
 if __name__ == "__main__":

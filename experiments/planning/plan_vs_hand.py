@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/plan_vs_hand"))
     a = ap.parse_args()
     out = a.out / a.name
-    row: dict = {"fold": a.fold, "prepared": str(a.prepared)}
+    row: dict = {"fold": a.fold, "prepared": a.prepared.name}
     minutes = a.minutes
     if not a.plan_only:
         hand = out / "hand"
@@ -57,7 +57,7 @@ def main() -> None:
     _medseg("plan", str(a.prepared), "--minutes", f"{minutes:.2f}", "--device", "cpu", "--out", str(plan_file))
     took = _medseg("train", str(plan_file), "--fold", a.fold, "--out", str(out / "plan"))
     row["plan"] = {"minutes_budget": round(minutes, 2), "minutes": round(took, 2), **_scores(out / "plan"),
-                   "plan": plan_file.read_text()}
+                   "plan": plan_file.read_text().replace(str(a.prepared.resolve()), "PREPARED")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     res[a.name] = {**res.get(a.name, {}), **row}

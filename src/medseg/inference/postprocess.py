@@ -113,21 +113,11 @@ def decide(prob: np.ndarray, class_kind: str, cfg: dict[str, Any], spatial_dims:
     """``mask[z, k, h, w]`` from probabilities as prediction decides it: argmax (or a tuned threshold for
     one class) over a softmax that includes its background, per-class thresholds for sigmoids; then the
     post-processing rules of ``cfg``."""
-    z = prob.shape[0]
-    if class_kind == "multiclass":
-        k = prob.shape[1] - 1
-        pc = prob[:, 1:]
-        if k == 1:
-            mask = (pc > thresholds_for(cfg, 1)[0]).astype(np.uint8)
-        else:
-            am = prob.argmax(axis=1)
-            mask = np.stack([am == j + 1 for j in range(k)], axis=1).astype(np.uint8)
-    else:
-        k = prob.shape[1]
-        pc = prob
-        thr = np.asarray(thresholds_for(cfg, k), np.float32)[None, :, None, None]
-        mask = (pc > thr).astype(np.uint8)
-    slice_max = pc.reshape(z, k, -1).max(axis=2).astype(np.float32)
+    z, out, h, w = prob.shape
+    k = out - 1 if class_kind == "multiclass" else out
+    mask = np.zeros((z, k, h, w), np.uint8)
+    slice_max = np.zeros((z, k), np.float32)
+    decide_slices(prob, np.arange(z), thresholds_for(cfg, k), class_kind, mask, None, slice_max)
     return postprocess(mask, slice_max, cfg, spatial_dims)
 
 
@@ -157,12 +147,8 @@ def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:
     return _per_class(cfg.get("thresholds"), k, 0.5)
 
 
-__all__: Sequence[str] = ["decide", "postprocess", "remove_small", "largest_component", "merge_config", "thresholds_for",
-                          "check_config"]
-
-
-def decide(p: np.ndarray, idx: np.ndarray, thr: list[float], class_kind: str, mask: np.ndarray,
-           prob: np.ndarray | None, slice_max: np.ndarray) -> None:
+def decide_slices(p: np.ndarray, idx: np.ndarray, thr: list[float], class_kind: str, mask: np.ndarray,
+                  prob: np.ndarray | None, slice_max: np.ndarray) -> None:
     """Fill masks, probabilities and per-slice class maxima of slices ``idx`` from probabilities ``p``
     (``[b, out, h, w]``; multiclass ``out`` has the background first)."""
     k = mask.shape[1]
@@ -182,3 +168,7 @@ def decide(p: np.ndarray, idx: np.ndarray, thr: list[float], class_kind: str, ma
     slice_max[idx] = pc.reshape(pc.shape[0], k, -1).max(axis=2)
     if prob is not None:
         prob[idx] = pc
+
+
+__all__: Sequence[str] = ["decide", "decide_slices", "postprocess", "remove_small", "largest_component",
+                          "merge_config", "thresholds_for", "check_config"]

@@ -24,7 +24,7 @@ from medseg.errors import MedsegError
 from medseg.inference.backends import TorchNet, activate, onnx_backend, torch_backend
 from medseg.inference.onnx_graph import export_module, fixed_size_for
 from medseg.inference.pipeline import Prediction, _check_compatible, model_divisor, pipeline_spec
-from medseg.inference.postprocess import check_config, decide, merge_config, postprocess, thresholds_for
+from medseg.inference.postprocess import check_config, decide_slices, merge_config, postprocess, thresholds_for
 from medseg.inference.windows import (DECIDE_SLICES, SLAB_BYTES, on_grid, resize, slab_for, sliding_windows,
                                      z_slabs)
 
@@ -151,11 +151,11 @@ class Segmenter:
             fixed = fixed_size_for(spec)
             if fixed:
                 spec.input.fixed_size = fixed
-            tmp = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
             nets = []
-            for i, m in enumerate(models):
-                export_module(m, spec, tmp / f"fold{i}.onnx")
-                nets.append(onnx_backend(tmp / f"fold{i}.onnx", threads, device))
+            with tempfile.TemporaryDirectory(prefix="medseg-onnx-") as d:  # a session keeps its graph in memory
+                for i, m in enumerate(models):
+                    export_module(m, spec, Path(d) / f"fold{i}.onnx")
+                    nets.append(onnx_backend(Path(d) / f"fold{i}.onnx", threads, device))
             return cls(spec, nets, tta, "onnx", batch_size, models, device)
         if threads:
             import torch
@@ -240,7 +240,7 @@ class Segmenter:
         check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
         for idx, p in on_grid(self._chunks, image, spacing, self.spec.input.spacing):
-            decide(p, idx, thr, self.class_kind, mask, prob, slice_max)
+            decide_slices(p, idx, thr, self.class_kind, mask, prob, slice_max)
         postprocess(mask, slice_max, pp, spatial_dims)
         return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
 
