@@ -53,7 +53,9 @@ def test_mode_follows_anisotropy_and_the_layout(tmp_path, syn):
     assert p.config["data"]["mode"] == "3d"
     size = p.config["data"]["size"]
     depth = len(p.config["model"]["kwargs"]["features"]) - 1
-    assert all(s % 2**depth == 0 for s in size) and size[1] >= 48 and p.config["data"]["batch_size"] == 2
+    assert all(s % 2**depth == 0 for s in size) and size[1] >= 48
+    # a small volume: the patch leaves voxels of the budget over, spent on a larger batch (capped at 8)
+    assert p.config["data"]["batch_size"] == min(8, 2 * 48**3 // int(np.prod(size)))
     thick = _edit(syn, tmp_path / "thick", spacing=[4.0, 1.0, 1.0], spatial_dims=3)
     p = plan(thick, device="cpu")
     assert p.config["data"]["mode"] == "2.5d" and p.config["data"]["context"] == 2
@@ -167,7 +169,8 @@ def test_gpu_batch_from_two_measured_steps(tmp_path, syn, monkeypatch):
     monkeypatch.setattr(planmod, "gpu_batch", fake)
     p = plan(syn, device="cuda")
     assert p.config["data"]["batch_size"] == 24 and p.why["data.batch_size"] == "24: measured"
-    assert seen == {"nd": 3, "in_ch": 1, "out_ch": 3, "size": p.config["data"]["size"], "start": 2}
+    # the measurement starts from the size rule's batch (here its cap, 8: a small volume, a GPU budget)
+    assert seen == {"nd": 3, "in_ch": 1, "out_ch": 3, "size": p.config["data"]["size"], "start": 8}
 
 
 def test_channel_fill_when_cases_hold_a_copied_channel(tmp_path):
@@ -187,3 +190,15 @@ def test_channel_fill_when_cases_hold_a_copied_channel(tmp_path):
     # pairs (0,1) twice, (0,2) and (1,2) once: channel 1 is in 3 pairs, 0 in 3, 2 in 2 -> tie to index 0
     assert p.config["augment"]["channel_fill"] == 0.2 and p.config["augment"]["channel_fill_source"] == 0
     assert p.why["augment.channel_fill"].startswith("2 of 5 cases hold a channel identical to another")
+
+
+def test_3d_patch_rounds_down_and_spends_the_budget_on_the_batch():
+    from medseg.training.plan import patch_3d
+
+    # hippocampus-sized volumes: 3 poolings (36/8 >= 4), the patch inside the volume, 2*48^3 // (32*48*32) = 4
+    assert patch_3d([36, 50, 35], 48**3) == ([32, 48, 32], 3, 4, 1.0)
+    # a volume above the budget is scaled to it (by 48/128 per axis): one budget per patch, batch 2
+    patch, depth, batch, scale = patch_3d([128, 128, 128], 48**3)
+    assert scale == pytest.approx(48 / 128) and patch == [48, 48, 48] and depth == 3 and batch == 2
+    # tiny volumes: one pooling, even sizes, the batch capped at 8
+    assert patch_3d([10, 12, 9], 48**3) == ([10, 12, 8], 1, 8, 1.0)
