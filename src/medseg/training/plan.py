@@ -121,7 +121,7 @@ def patch_3d(size: list[float], budget: int) -> tuple[list[int], int, int, float
     scale = min(1.0, (budget / float(np.prod(size))) ** (1 / 3))
     depth = max(1, min(max(0, min(5, int(math.log2(max(1.0, s * scale) / 4)))) for s in size))
     d = 2**depth
-    patch = [max(d, int(s * scale) // d * d) for s in size]
+    patch = [max(d, int(s * scale + 1e-6) // d * d) for s in size]  # 47.999... from the cube root is 48
     batch = int(min(8, max(2, 2 * budget // int(np.prod(patch)))))
     return patch, depth, batch, scale
 
@@ -164,8 +164,7 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
                             + f", rounded down to a multiple of {d} (the network's {depth} poolings): random "
                             "crops then move the anatomy inside the patch")
         why["data.batch_size"] = (f"{data['batch_size']}: twice the {budget}-voxel budget per step, in patches of "
-                                  f"this size (2 to 8; on hippocampus 4 patches of 32x48x32 scored 0.885, one "
-                                  "whole-volume patch of 40x56x40 at batch 2 0.862, docs/planning.md)")
+                                  "this size (2 to 8; measured on hippocampus, docs/planning.md)")
     else:
         cap = 128 if dev == "cpu" else 512
         scale = min(1.0, cap / max(h, w))
@@ -203,8 +202,8 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
     base = 32 if dev == "cuda" else (16 if mode == "3d" else 8)
     widths = [base * 2**i for i in range(depth + 1)]
     widths = [min(v, 320 if mode == "3d" else 512) for v in widths]
-    # LeakyReLU: with ReLU a rare class's logit units can all go negative and never recover (measured:
-    # hippocampus 2.5D, the posterior Dice stuck at 0 for 20 epochs with ReLU, 0.78 with LeakyReLU)
+    # LeakyReLU: the output layer reading a few non-negative ReLU features can starve a class for good
+    # (hippocampus 2.5D: posterior Dice 0 for 20 epochs with ReLU, 0.78 with LeakyReLU; docs/planning.md)
     model = {"name": "unet", "kwargs": {"features": widths, "act": "leakyrelu"}}
     small = data["batch_size"] <= 4
     if small:
