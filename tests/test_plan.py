@@ -192,6 +192,21 @@ def test_channel_fill_when_cases_hold_a_copied_channel(tmp_path):
     assert p.why["augment.channel_fill"].startswith("2 of 5 cases hold a channel identical to another")
 
 
+def test_no_channel_fill_when_every_case_copies_its_channels(tmp_path):
+    from medseg.data.prepared import PreparedDataset
+
+    src = make_synthetic(tmp_path / "grey", n_patients=4, slices=3, size=32, channels=3)
+    ds = PreparedDataset.open(src)
+    for c in ds.cases:  # a grey image stored as RGB, as in JPEG exports
+        img = np.load(src / c.image)
+        img[:, 1] = img[:, 0]
+        img[:, 2] = img[:, 0]
+        np.save(src / c.image, img)
+    p = plan(src, device="cpu")
+    assert "channel_fill" not in p.config["augment"]
+    assert p.why["augment.channel_fill"].startswith("every one of the 4 cases looked at holds a channel identical")
+
+
 def test_3d_patch_rounds_down_and_spends_the_budget_on_the_batch():
     from medseg.training.plan import patch_3d
 

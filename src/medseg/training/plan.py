@@ -88,12 +88,12 @@ def _centres(ds: PreparedDataset, max_slices: int = 400) -> np.ndarray:
     return out
 
 
-def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, int]:
-    """(cases whose middle slice holds two identical channels, the channel most often in such a pair):
-    a data set that fills a missing sequence with another, which the network should see in training."""
+def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, int, int]:
+    """(cases whose middle slice holds two identical channels, cases looked at, the channel most often in
+    such a pair): a data set that fills a missing sequence with another, which the network should see."""
     c = len(ds.channels)
     if c < 2:
-        return 0, 0
+        return 0, 0, 0
     shared = np.zeros(c, int)
     n = 0
     step = max(1, len(ds.cases) // max_cases)
@@ -106,7 +106,7 @@ def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, in
             shared[a] += 1
             shared[b] += 1
         n += bool(pairs)
-    return n * step, int(np.argmax(shared))
+    return n * step, len(range(0, len(ds.cases), step)) * step, int(np.argmax(shared))
 
 
 def _round_to(v: float, d: int) -> int:
@@ -211,7 +211,7 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
     why["model"] = (f"U-Net, {depth} poolings (coarsest map {int(min(data['size']) / 2**depth)} voxels a side), "
                     f"widths from {widths[0]} ({'a GPU' if dev == 'cuda' else 'a CPU, ' + mode}) doubling, capped at {widths[-1]}; "
                     "LeakyReLU (nnU-Net's): with ReLU a rare class can die (docs/planning.md)"
-                    + ("; instance norm: batch statistics of 2 patches are noise (nnU-Net's choice)" if small else ""))
+                    + (f"; instance norm: batch statistics of {data['batch_size']} patches are noise (nnU-Net's choice)" if small else ""))
     if dev == "cuda":
         in_ch = len(ds.channels) * ((2 * data["context"] + 1) if mode == "2.5d" else 1)
         out_ch = len(ds.classes) + (0 if ds.class_kind == "multilabel" else 1)
@@ -235,8 +235,12 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
                                        ("mirror-symmetric, flipped" if ok else f"off-centre by more than {CENTRED}, not flipped"))
     nd = 3 if mode == "3d" else 2
     aug: dict[str, Any] = {"flip": 0.5 if axes else 0.0}
-    filled, source = _filled_channels(ds)
-    if filled:
+    filled, seen, source = _filled_channels(ds)
+    if filled and filled == seen:
+        # every case alike (a grey image stored as RGB): no case-to-case variation for the augmentation to teach
+        why["augment.channel_fill"] = (f"every one of the {seen} cases looked at holds a channel identical to "
+                                       "another (one image stored in several channels?): no case differs, so no fill")
+    elif filled:
         aug["channel_fill"], aug["channel_fill_source"] = 0.2, source
         why["augment.channel_fill"] = (
             f"{filled} of {len(ds.cases)} cases hold a channel identical to another (a missing sequence filled "
