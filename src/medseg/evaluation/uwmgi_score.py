@@ -165,11 +165,17 @@ class UWMGIScore(TaskScore):
         return np.array([float(dice.sum()), dice.size, 0.0 if hd is None else hd, 0 if hd is None else 1], float)
 
     def case_terms(self, pred: np.ndarray, truth: np.ndarray, variant: str = "competition") -> np.ndarray:
-        total = super().case_terms(pred, truth)
+        return self.case_and_class_terms(pred, truth, variant)[0]
+
+    def case_and_class_terms(self, pred: np.ndarray, truth: np.ndarray,
+                             variant: str = "competition") -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the case's ``[4]`` sums, each class's): one pass for the score and its per-class report."""
+        per = [self.class_terms(pred[:, k], truth[:, k]) for k in range(pred.shape[1])]
+        total = sum(per, np.zeros(4))
         if check_variant(variant) == "mlebench":  # one merged distance per case-day instead of one per class
             hd = mlebench_hd(pred, truth)
             total[2:] = (0.0, 0) if hd is None else (hd, 1)
-        return total
+        return total, per
 
     def definition(self, variant: str = "competition") -> str:
         if check_variant(variant) == "competition":
@@ -184,13 +190,6 @@ class UWMGIScore(TaskScore):
             mean_dice = np.where(nd > 0, d / np.maximum(nd, 1), 1.0)
             mean_hd = np.where(nh > 0, h / np.maximum(nh, 1), 0.0)
         return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd)
-
-
-def combine(dice_sum: float, n_dice: int, hd_sum: float, n_hd: int) -> tuple[float, float, float]:
-    """(score, mean Dice, mean HD) from running sums; an empty term counts as perfect."""
-    mean_dice = dice_sum / n_dice if n_dice else 1.0
-    mean_hd = hd_sum / n_hd if n_hd else 0.0
-    return 0.4 * mean_dice + 0.6 * (1.0 - mean_hd), mean_dice, mean_hd
 
 
 def _as_mask(value: MaskLike, shape: tuple[int, int], where: str | Path | None, row: str) -> np.ndarray:
@@ -243,7 +242,8 @@ def uwmgi_score(
         days[day].append((n, slice_id))
 
     check_variant(variant)
-    dice_sum, n_dice, hd_sum, n_hd = 0.0, 0, 0.0, 0
+    scorer = UWMGIScore()
+    total = np.zeros(4)
     rows: list[dict[str, Any]] = []
     for d_i, day in enumerate(sorted(days)):
         ids = [s for _, s in sorted(days[day])]
@@ -256,29 +256,21 @@ def uwmgi_score(
         vol_p = np.zeros((len(ids), len(classes), *shape), dtype=bool)
         vol_t = np.zeros_like(vol_p)
         for k, cls in enumerate(classes):
-            p, t = vol_p[:, k], vol_t[:, k]
             for z, s in enumerate(ids):
-                row = f"id {s}, class {cls}"
                 if (s, cls) in truth:
-                    t[z] = _as_mask(truth[(s, cls)], shape, truth_path, row)
-                    p[z] = _as_mask(pred[(s, cls)], shape, pred_path, row)
-            dice, hd = volume_terms(p, t)
-            dice_sum += float(dice.sum())
-            n_dice += int(dice.size)
-            if hd is not None and variant == "competition":
-                hd_sum += hd
-                n_hd += 1
-            rows.append({"case_day": day, "class": cls, "slices": len(ids), "scored_slices": int(dice.size),
-                         "dice": float(dice.mean()) if dice.size else None,
-                         "hd": hd if variant == "competition" else None})
+                    row = f"id {s}, class {cls}"
+                    vol_t[z, k] = _as_mask(truth[(s, cls)], shape, truth_path, row)
+                    vol_p[z, k] = _as_mask(pred[(s, cls)], shape, pred_path, row)
+        day_total, per = scorer.case_and_class_terms(vol_p, vol_t, variant)
+        total += day_total
+        for cls, (d, nd, h, nh) in zip(classes, per):
+            rows.append({"case_day": day, "class": cls, "slices": len(ids), "scored_slices": int(nd),
+                         "dice": d / nd if nd else None, "hd": h if nh and variant == "competition" else None})
         if variant == "mlebench":
-            hd = mlebench_hd(vol_p, vol_t)
-            if hd is not None:
-                hd_sum += hd
-                n_hd += 1
-            rows.append({"case_day": day, "class": "all (merged)", "slices": len(ids), "hd": hd})
+            rows.append({"case_day": day, "class": "all (merged)", "slices": len(ids),
+                         "hd": float(day_total[2]) if day_total[3] else None})
         if progress:
             progress(d_i + 1, len(days))
-    score, mean_dice, mean_hd = combine(dice_sum, n_dice, hd_sum, n_hd)
-    return UWMGIResult(score=score, dice=mean_dice, hd=mean_hd,
-                       n_dice=n_dice, n_hd=n_hd, per_case_day=rows)
+    r = scorer.result(total)
+    return UWMGIResult(score=r["score"], dice=r["dice"], hd=r["hd"], n_dice=r["n_dice"], n_hd=r["n_hd"],
+                       per_case_day=rows)
