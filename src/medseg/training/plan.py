@@ -95,9 +95,10 @@ def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, in
     if c < 2:
         return 0, 0, 0
     shared = np.zeros(c, int)
-    n = 0
+    n = seen = 0
     step = max(1, len(ds.cases) // max_cases)
     for i in range(0, len(ds.cases), step):
+        seen += 1
         img = ds.image(i)
         sl = np.asarray(img[img.shape[0] // 2])
         pairs = [(a, b) for a in range(c) for b in range(a + 1, c)
@@ -106,7 +107,7 @@ def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, in
             shared[a] += 1
             shared[b] += 1
         n += bool(pairs)
-    return n * step, len(range(0, len(ds.cases), step)) * step, int(np.argmax(shared))
+    return n * step, seen * step, int(np.argmax(shared))
 
 
 def _round_to(v: float, d: int) -> int:
