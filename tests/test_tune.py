@@ -276,13 +276,12 @@ def _one_class_dataset(out: Path) -> Path:
     return w.finish(info, make_splits([r.id for r in recs], [r.patient for r in recs], [True] * 4, k=2, seed=0))
 
 
-def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_path):
-    """Planted: the tumour's first row has probability 0.4 (threshold 0.3 needed) and a 0.9 blob sits on
-    slice 4, away from it (only the largest component over the volume removes it; per slice it is the
-    largest on its slice). Softmax probabilities are stored with their background channel."""
+def _one_class_run(tmp_path: Path, postprocess: dict, blob: tuple) -> Path:
+    """A one-class softmax run on ``_one_class_dataset`` whose stored validation probabilities are the
+    truth at 0.8, its first row at 0.4 (threshold 0.3 needed), 0.05 elsewhere and 0.9 on ``blob`` (an
+    index into the case's (slices, rows, cols)), stored with their background channel."""
     from medseg.data.prepared import PreparedDataset, case_filename
-    from medseg.bundle import load_bundle, save_bundle
-    from medseg.inference.segmenter import Segmenter
+    from medseg.bundle import save_bundle
     from medseg.models import create_model
 
     prepared = _one_class_dataset(tmp_path / "one")
@@ -295,7 +294,7 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
                           "kwargs": {"base": 4, "depth": 2}}, "state_dict": m.state_dict(), "classes": ["tumor"],
                  "class_kind": "multiclass", "channels": ["c0"],
                  "input": {"mode": "2d", "context": 0, "stride": 1, "size": None, "resize": False, "divisor": 4},
-                 "normalization": {"mode": "zscore_case"}, "postprocess": {}, "tta": {}, "meta": {}},
+                 "normalization": {"mode": "zscore_case"}, "postprocess": postprocess, "tta": {}, "meta": {}},
                 run / "fold_0" / "model.pt")
     val = ds.fold(0)[1]
     for cid in val:
@@ -303,11 +302,22 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
         fg = np.where(truth, 0.8, 0.05).astype(np.float32)
         r = np.flatnonzero(truth.any((0, 2)))[0]
         fg[:, r][truth[:, r]] = 0.4
-        fg[4, 13:15, 13:15] = 0.9
+        fg[blob] = 0.9
         prob = np.stack([1 - fg, fg], axis=1)
         name = Path(case_filename(cid, "x")).name[: -len(".x.npy")]
         np.savez_compressed(run / "fold_0" / "val_predictions" / f"{name}.npz", prob=prob.astype(np.float16),
                             mask=(fg > 0.5).astype(np.uint8)[:, None])
+    return run
+
+
+def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_path):
+    """Planted: the tumour's first row has probability 0.4 (threshold 0.3 needed) and a 0.9 blob sits on
+    slice 4, away from it (only the largest component over the volume removes it; per slice it is the
+    largest on its slice). Softmax probabilities are stored with their background channel."""
+    from medseg.bundle import load_bundle
+    from medseg.inference.segmenter import Segmenter
+
+    run = _one_class_run(tmp_path, {}, np.s_[4, 13:15, 13:15])
     res = tune(run, presence=[])
     assert res["objective"] == "dice" and res["written"]
     # before: argmax misses the first row (6 of 36 px) on each of the 3 tumour slices, adds the 4-px blob
@@ -326,6 +336,20 @@ def test_tune_one_class_softmax_for_dice_with_the_volume_largest_component(tmp_p
     got = seg.predict(x, postprocess_overrides={"largest_cc": False}).mask[:, 0]
     near = np.abs(p - 0.3) < 1e-3  # fp16 storage of the probabilities
     np.testing.assert_array_equal(got[~near], (p > 0.3)[~near])
+
+
+def test_tune_again_can_drop_the_component_rule_it_chose_before(tmp_path):
+    """A bundle already tuned to keep the largest component is still weighed against no component rule:
+    here a 320-voxel false region (columns 12..15 of every slice) outsizes the 108-voxel tumour, so the
+    rule keeps the wrong object (the LGG patient TCGA_CS_5395 in miniature)."""
+    from medseg.bundle import load_bundle
+
+    run = _one_class_run(tmp_path, {"largest_cc": True, "components": "volume"}, np.s_[:, :, 12:16])
+    res = tune(run, presence=[])
+    assert res["score_before"] == pytest.approx(0.0)  # threshold 0.5 and the largest component: the region alone
+    assert not res["largest_cc"] and res["classes"][0]["threshold"] == 0.3
+    assert res["score"] == pytest.approx(2 * 108 / (108 + 108 + 320))
+    assert not load_bundle(run / "fold_0" / "model.pt")["postprocess"]["largest_cc"]
 
 
 def test_evaluate_run_applies_the_tuned_rules_and_says_so(tmp_path, prepared):

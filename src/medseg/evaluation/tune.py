@@ -169,6 +169,13 @@ def nested_scores(tables: dict, folds: Sequence[int], n_variants: int, objective
 
 
 # ----------------------------------------------------------------------------------------- the command
+def _same_components(a: dict, b: dict) -> bool:
+    """Whether two rule sets apply the same component rule (``components`` matters only with ``largest_cc``)."""
+    if bool(a.get("largest_cc")) != bool(b.get("largest_cc")):
+        return False
+    return not a.get("largest_cc") or a.get("components") == b.get("components")
+
+
 def _fmt(c: Candidate) -> str:
     return f"t {c[0]:.2f}, presence {'off' if c[1] is None else f'{c[1]:.2f}'}"
 
@@ -217,10 +224,14 @@ def tune(
     task_score = score_for(ds.info.get("source_format"), ds.classes)
     objective = task_score.name if task_score is not None else "dice"
     pp = merge_config(b0.get("postprocess"), None)
-    variants = [pp]  # the bundle's clean-up rules, then the largest component over the case's volume
-    lcc = {**pp, "largest_cc": True, "components": "volume" if ds.spatial_dims == 2 else None}
-    if not (pp.get("largest_cc") and pp.get("components") == lcc["components"]):
-        variants.append(lcc)
+    # the bundle's clean-up rules first (its score is the "before"), then no component rule and the largest
+    # component over the case's volume: both weighed again on every tune, so a rule an earlier tune chose
+    # is not kept for good
+    variants = [pp]
+    for cand in ({**pp, "largest_cc": False},
+                 {**pp, "largest_cc": True, "components": "volume" if ds.spatial_dims == 2 else None}):
+        if not any(_same_components(cand, v) for v in variants):
+            variants.append(cand)
     k = len(classes)
     cur_t = thresholds_for(pp, k)
     cur_p = pp.get("presence")
