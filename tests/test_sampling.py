@@ -161,7 +161,7 @@ def test_scanner_augmentations_bias_field_blur_lowres():
     from medseg.data.augment import bias_field, blur, lowres
 
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    x = torch.randn(4, 2, 32, 32)
+    x = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     # off, or a field of magnitude 0: the image as it was
     assert torch.equal(bias_field(x, 0.0, 0.3, g()), x) and torch.allclose(bias_field(x, 1.0, 0.0, g()), x, atol=1e-5)
     y = bias_field(x, 1.0, 0.3, g())
@@ -184,7 +184,9 @@ def test_scanner_augmentations_bias_field_blur_lowres():
     # lower resolution: factor 1 is the identity; a 4x coarser grid removes most pixel noise, keeps the mean
     assert torch.allclose(lowres(x, 1.0, [1.0, 1.0], g()), x, atol=1e-6)
     c = lowres(x, 1.0, [4.0, 4.0], g())
-    assert float(c.var()) < 0.5 * float(x.var()) and abs(float(c.mean() - x.mean())) < 0.15  # 512 nearest picks
+    # linear interpolation between independent picks keeps about (2/3)^2 of their variance, more at the
+    # borders: 0.41-0.59 of it over 200 noise images
+    assert float(c.var()) < 0.65 * float(x.var()) and abs(float(c.mean() - x.mean())) < 0.15  # 512 nearest picks
     # 3D batches: the same transforms, shapes kept
     v = torch.randn(2, 1, 6, 16, 16)
     for f in (lambda a: bias_field(a, 1.0, 0.3, g()), lambda a: blur(a, 1.0, [1.0, 1.0], g()),
