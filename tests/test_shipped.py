@@ -41,7 +41,7 @@ def test_cli_predicts_the_unseen_bundled_patients_well(tmp_path):
         t, p = np.stack(truth), np.stack(pred)
         assert p.shape == t.shape  # every slice, in the input's 256 x 256
         dice.append(1.0 if not t.any() and not p.any() else 2 * (t & p).sum() / (t.sum() + p.sum()))
-    assert np.mean(dice) >= 0.70, dice  # measured 0.738 (per patient 0-0.92), docs/models/lgg-unet.md
+    assert np.mean(dice) >= 0.70, dice  # measured 0.756 (per patient 0-0.94), docs/models/lgg-unet.md
 
 
 def test_python_api_returns_mask_and_probabilities():

@@ -364,3 +364,30 @@ def test_evaluate_run_applies_the_tuned_rules_and_says_so(tmp_path, prepared):
     assert "medseg tune" in after["decision"] and "optimistic" in after["decision"]
     assert after["dataset"]["mean_dice"] == 1.0 > before["dataset"]["mean_dice"]
     assert after["uwmgi"]["score"] == 1.0 > before["uwmgi"]["score"]
+
+
+def test_tuned_rules_read_back_what_tune_wrote_and_name_a_bad_file(tmp_path, prepared):
+    """What `medseg tune` chose is read back (from the run or its tune.json) as the bundle's rules, and a
+    JSON file of the same shape keeps a choice once its run is gone (experiments/lgg/lgg_postprocess*.json)."""
+    from medseg.bundle import load_bundle
+    from medseg.evaluation.tune import tuned_rules
+
+    run = _fake_run(tmp_path, prepared)
+    tune(run)
+    pp = load_bundle(run / "fold_0" / "model.pt")["postprocess"]
+    want = {k: pp.get(k) for k in ("thresholds", "presence", "largest_cc", "components")}
+    assert tuned_rules(run) == tuned_rules(run / "tune.json") == want == {
+        "thresholds": [0.3] * 3, "presence": [0.6] * 3, "largest_cc": False, "components": None}
+    root = Path(__file__).resolve().parents[1] / "experiments" / "lgg"
+    assert tuned_rules(root / "lgg_postprocess_loio_zbody.json") == {
+        "thresholds": [0.3], "presence": [None], "largest_cc": True, "components": "volume"}
+    with pytest.raises(MedsegError, match=r"nowhere/tune.json: no such file \(run `medseg tune"):
+        tuned_rules(tmp_path / "nowhere")
+    bad = tmp_path / "bad.json"
+    for text, why in (('{"classes": [{"threshold": 0.3', "JSONDecodeError"), ('{"classes": []}', "KeyError: 'largest_cc'"),
+                      ('{"classes": [], "largest_cc": true, "components": null}', "no classes"),
+                      ('{"classes": [{"threshold": 0.3, "presence": null}], "largest_cc": true, "components": "3d"}',
+                       "components not slice/volume/null")):
+        bad.write_text(text)
+        with pytest.raises(MedsegError, match=rf"bad.json: not a tune.json written by `medseg tune` \(.*{why}"):
+            tuned_rules(bad)

@@ -40,15 +40,13 @@ def _val_ids(run: Path, fold: int) -> list[str]:
 def tuned_postprocess(where: Path) -> dict:
     """The rules ``medseg tune`` wrote into RUN/tune.json (``where`` is the run or that file), as
     ``Segmenter.predict`` overrides."""
-    f = where if where.is_file() else where / "tune.json"
-    if not f.is_file():
-        sys.exit(f"{f}: no such file (run `medseg tune {where}` first, or give a tune.json)")
+    from medseg.errors import MedsegError
+    from medseg.evaluation.tune import tuned_rules
+
     try:
-        t = json.loads(f.read_text())
-        return {"thresholds": [c["threshold"] for c in t["classes"]], "presence": [c["presence"] for c in t["classes"]],
-                "largest_cc": t["largest_cc"], "components": t["components"]}
-    except (ValueError, KeyError, TypeError) as e:
-        sys.exit(f"{f}: not a tune.json written by `medseg tune` ({type(e).__name__}: {e})")
+        return tuned_rules(where)
+    except MedsegError as e:
+        sys.exit(str(e))
 
 
 def _bundle(run: Path, fold: int, size: int | None, tmp: Path) -> Path:

@@ -331,4 +331,24 @@ def tune(
     return result
 
 
-__all__ = ["tune", "candidates", "class_terms", "best_combination", "nested_scores", "THRESHOLDS", "PRESENCE"]
+def tuned_rules(where: str | Path) -> dict[str, Any]:
+    """The post-processing a tune chose, as bundle ``postprocess`` keys: ``where`` is a tuned run, its
+    ``tune.json``, or any JSON file of the same shape (``classes`` with ``threshold`` and ``presence``,
+    ``largest_cc``, ``components``), which keeps a choice once its run is gone."""
+    where = Path(where)
+    f = where if where.is_file() else where / "tune.json"
+    if not f.is_file():
+        raise MedsegError("no such file", f, hint=f"run `medseg tune {where}` first, or give a tune.json")
+    try:
+        t = json.loads(f.read_text())
+        rules = {"thresholds": [float(c["threshold"]) for c in t["classes"]],
+                 "presence": [None if c["presence"] is None else float(c["presence"]) for c in t["classes"]],
+                 "largest_cc": bool(t["largest_cc"]), "components": t["components"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MedsegError(f"not a tune.json written by `medseg tune` ({type(e).__name__}: {e})", f) from None
+    if not rules["thresholds"] or rules["components"] not in (None, "slice", "volume"):
+        raise MedsegError("not a tune.json written by `medseg tune` (no classes, or components not slice/volume/null)", f)
+    return rules
+
+
+__all__ = ["tune", "tuned_rules", "candidates", "class_terms", "best_combination", "nested_scores", "THRESHOLDS", "PRESENCE"]
