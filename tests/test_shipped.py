@@ -57,3 +57,21 @@ def test_python_api_returns_mask_and_probabilities():
     clear = np.abs(p - t) > 1e-3  # float16 probabilities: pixels at the threshold may round either way
     assert pred.mask.any() and np.array_equal((pred.mask[:, 0] > 0)[clear], (p > t)[clear])
     assert seg.predict(FIXTURES / "lgg_tiny" / "kaggle_3m" / "TCGA_CS_5393_19990606", probabilities=False).prob is None
+
+
+def test_shipped_model_is_the_recipe_with_the_rules_it_names():
+    """The model card's claims: trained by configs/lgg_unet.yaml (its normalisation and network), with the
+    post-processing of the file its meta names (what `medseg tune` chose leaving one hospital out)."""
+    from medseg.bundle import load_bundle
+    from medseg.config import load_config
+    from medseg.evaluation.tune import tuned_rules
+
+    root = WEIGHTS_DIR.parents[2]
+    cfg = load_config(root / "configs" / "lgg_unet.yaml")
+    b = load_bundle(WEIGHTS)
+    assert b["normalization"]["mode"] == cfg.data.normalization == "zscore_body"
+    assert b["arch"]["kwargs"]["features"] == cfg.model.kwargs["features"]
+    assert len(b["meta"]["members"]) == cfg.train.members == 2
+    rules = tuned_rules(root / b["meta"]["postprocess_tuned_on"]["from"])
+    assert {k: b["postprocess"][k] for k in rules} == rules
+    assert rules["largest_cc"] and rules["components"] == "volume" and rules["thresholds"] == [0.3]
