@@ -20,7 +20,7 @@ from pathlib import Path
 from medseg.bundle import load_bundle, save_bundle
 from medseg.bundle import SHIPPED, WEIGHTS_DIR
 from medseg.errors import MedsegError
-from medseg.evaluation.tune import tuned_rules
+from medseg.evaluation.tune import tune_file, tuned_rules
 
 
 def portable(path: str | Path) -> str:
@@ -47,7 +47,7 @@ def main() -> None:
     tuned = None
     if a.postprocess_from is not None:
         b["postprocess"] = {**b.get("postprocess", {}), **tuned_rules(a.postprocess_from)}
-        f = a.postprocess_from if a.postprocess_from.is_file() else a.postprocess_from / "tune.json"
+        f = tune_file(a.postprocess_from)
         t = json.loads(f.read_text())
         # where the rules were chosen, and how they scored there (a kept choice names its run and scores)
         tuned = {"from": portable(f), **{k: (portable(t[k]) if k == "run" else t[k])

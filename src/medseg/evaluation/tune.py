@@ -49,7 +49,7 @@ from medseg.bundle import load_bundle, save_bundle
 from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import case_dice
-from medseg.inference.postprocess import merge_config, postprocess, thresholds_for
+from medseg.inference.postprocess import COMPONENTS, merge_config, postprocess, thresholds_for
 from medseg.inference.segmenter import Segmenter
 from medseg.machine import resolve_device
 from medseg.rundir import RunDir
@@ -331,12 +331,18 @@ def tune(
     return result
 
 
+def tune_file(where: str | Path) -> Path:
+    """``where`` itself when it is a file (a tune.json, or a file that keeps one's choice), else the run's
+    tune.json."""
+    where = Path(where)
+    return where if where.is_file() else RunDir(where).tune_path
+
+
 def tuned_rules(where: str | Path) -> dict[str, Any]:
     """The post-processing a tune chose, as bundle ``postprocess`` keys: ``where`` is a tuned run, its
     ``tune.json``, or any JSON file of the same shape (``classes`` with ``threshold`` and ``presence``,
     ``largest_cc``, ``components``), which keeps a choice once its run is gone."""
-    where = Path(where)
-    f = where if where.is_file() else where / "tune.json"
+    f = tune_file(where)
     if not f.is_file():
         raise MedsegError("no such file", f, hint=f"run `medseg tune {where}` first, or give a tune.json")
     try:
@@ -346,9 +352,9 @@ def tuned_rules(where: str | Path) -> dict[str, Any]:
                  "largest_cc": bool(t["largest_cc"]), "components": t["components"]}
     except (ValueError, KeyError, TypeError) as e:
         raise MedsegError(f"not a tune.json written by `medseg tune` ({type(e).__name__}: {e})", f) from None
-    if not rules["thresholds"] or rules["components"] not in (None, "slice", "volume"):
+    if not rules["thresholds"] or rules["components"] not in (None, *COMPONENTS):
         raise MedsegError("not a tune.json written by `medseg tune` (no classes, or components not slice/volume/null)", f)
     return rules
 
 
-__all__ = ["tune", "tuned_rules", "candidates", "class_terms", "best_combination", "nested_scores", "THRESHOLDS", "PRESENCE"]
+__all__ = ["tune", "tune_file", "tuned_rules", "candidates", "class_terms", "best_combination", "nested_scores", "THRESHOLDS", "PRESENCE"]
