@@ -146,9 +146,13 @@ def test_cli_postprocess_flags_and_errors(tmp_path):
     data = write_lgg(tmp_path / "kaggle_3m", {"TCGA_AA_0001_20000101": 2})
     r = CliRunner().invoke(app, ["predict", str(bp), str(data), str(tmp_path / "out"), "--no-tta",
                                  "--presence", "1.01"])
+    assert r.exit_code == 1 and "--presence must be in [0, 1], got 1.01" in str(r.exception)  # refused, not emptied
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["predict", str(bp), str(data), str(tmp_path / "out"), "--no-tta",
+                                 "--presence", "1"])
     assert r.exit_code == 0, r.output
     for f in (tmp_path / "out").rglob("*_mask.tif"):
-        assert not tifffile.imread(f).any()  # no probability reaches 1.01: every slice zeroed
+        assert not tifffile.imread(f).any()  # no probability exceeds 1: every slice zeroed
     from medseg.cli import main
     import sys
 

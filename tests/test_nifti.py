@@ -166,7 +166,7 @@ def test_missing_folder(tmp_path: Path):
 
 @pytest.mark.parametrize("codes", [(0, 0), (1, 0), (0, 2), (1, 1)])
 def test_write_back_keeps_qform_sform_codes(tmp_path: Path, codes: tuple[int, int]):
-    from medseg.data.formats.nifti import write_label_nifti
+    from medseg.data.formats.nifti_io import write_label_nifti
 
     aff = np.diag([2.0, 3.0, 4.0, 1.0])
     aff[:3, 3] = [1, 2, 3]

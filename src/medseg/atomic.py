@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medseg.errors import with_path
+
 
 def temp_name(path: Path) -> Path:
     """A temporary name beside ``path`` (same folder, so the final rename is atomic), keeping its suffix
@@ -29,6 +31,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # a full disk mid-write: the error names the file, not only the system's reason
+        raise with_path(e, path) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -99,6 +99,12 @@ def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) ->
     if missing:
         raise ValueError(f"bundle lacks {missing}")
     b = dict(bundle, format=BUNDLE_FORMAT)
+    # a diverged network is not a model (NaN only: a running variance past fp16's range is inf in shipped
+    # weights, and the network still computes with it)
+    for sd in [b["state_dict"], *(b.get("members") or [])]:
+        bad = next((k for k, t in sd.items() if t.is_floating_point() and bool(torch.isnan(t).any())), None)
+        if bad is not None:
+            raise MedsegError(f"the network's weights hold NaN ({bad}): training diverged; not written", path)
     if half:
         b["state_dict"] = _cast(b["state_dict"], torch.float16)
         if b.get("members"):
@@ -203,13 +209,17 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED: dict[str, str] = {"lgg-unet": "lgg-unet.pt"}
 
 
-def resolve_model(model: str | Path, folds: str | Sequence[int] = "best") -> tuple[str, list[Path]]:
-    """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file."""
+def resolve_model(model: str | Path, folds: str | Sequence[int] = "best",
+                  unfinished: bool = False) -> tuple[str, list[Path]]:
+    """(display name, files): bundle ``model.pt`` files, or a single ``.onnx`` file. A fold whose training
+    did not finish is refused, or with ``unfinished`` warned about (``RunDir.check_finished``)."""
     text = str(model)
     p = Path(model).expanduser()
     if p.is_dir():
-        return p.name if p.name not in ("", ".") else text, RunDir(p).bundles(folds)
+        return p.name if p.name not in ("", ".") else text, RunDir(p).bundles(folds, unfinished)
     if p.is_file():
+        if p.name == "model.pt":
+            RunDir.check_finished([p], unfinished)
         if p.suffix == ".ckpt":  # RUN/fold_K/checkpoints/last.ckpt -> "fold_K/last"
             fold = p.parent.parent if p.parent.name == "checkpoints" else p.parent
             return f"{fold.name}/{p.stem}", [p]

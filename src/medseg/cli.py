@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medseg.errors import MedsegError, MedsegWarning
+from medseg.errors import MedsegError, naming, os_error_line, warning_lines
 from medseg.text import plural
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.")
@@ -91,11 +91,12 @@ def prepare(
     options = _kv(option, "--option")
     if labels is not None:
         options["labels"] = labels  # a reader without label objects refuses the option by name
-    out = run_prepare(
-        format, input, output, options=options, folds=folds, seed=seed, split=split,
-        overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
-        spacing=spacing, group_regex=group_regex,
-    )
+    with naming(output):
+        out = run_prepare(
+            format, input, output, options=options, folds=folds, seed=seed, split=split,
+            overwrite=overwrite, workers=workers, require_masks=not images_only, progress=sys.stderr.isatty(),
+            spacing=spacing, group_regex=group_regex,
+        )
     ds = PreparedDataset.open(out)
     dt = time.perf_counter() - t0
     target = ds.fingerprint.get("target_spacing")
@@ -164,21 +165,29 @@ def train(
 ) -> None:
     """Train a model on a prepared dataset."""
     from medseg.training.fit import TrainingInterrupted
-    from medseg.training.run import train as run_train
+    from medseg.training.run import remove_unstarted, train as run_train
 
+    made: list[Path] = []  # what --auto creates goes again if training never reaches a checkpoint
     if auto:
         from medseg.training.plan import plan as make_plan, write_plan
 
         out = out or Path("runs") / config.resolve().name
         if not resume:
+            p = make_plan(config, minutes, "auto")  # a bad data set fails before anything is written
+            made = [out] if not out.exists() else []
             out.mkdir(parents=True, exist_ok=True)
-            write_plan(make_plan(config, minutes, "auto"), out / "plan.yaml")
+            write_plan(p, out / "plan.yaml")
         console.print(f"plan: {out / 'plan.yaml'}", highlight=False)
         config = out / "plan.yaml"
     elif config.is_dir():
         raise MedsegError("is a folder: pass an experiment YAML, or add --auto to plan one for this prepared dataset", config)
     try:
-        run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+        try:
+            with naming(out or Path("runs") / config.stem):
+                run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+        except BaseException:
+            remove_unstarted(made)
+            raise
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         raise typer.Exit(130) from None  # the shell's convention for SIGINT
@@ -198,14 +207,18 @@ def evaluate(
     report: bool = typer.Option(True, help="also write report.html (plots and overlays) and view.html (every slice, error components)"),
     uw_score: str = typer.Option("competition", help="UW-Madison score: 'competition' (its written definition) or "
                                  "'mlebench' (the public mle-bench grader's, for its medal thresholds)"),
+    unfinished: bool = typer.Option(False, "--unfinished", help="a run directory whose training did not finish: score "
+                                    "its validation predictions so far instead of refusing"),
 ) -> None:
     """Compare predictions with ground truth: metrics.csv, summary.json, report.html.
 
     PRED is a predictions folder (the input's layout), a UW-Madison submission CSV, a prepared dataset, or a run directory (TRUTH omitted: its validation predictions are scored). TRUTH may also be a plain folder of label maps (<case>.png or <case>.nii.gz), paired with PRED's files by name. Metrics and empty-mask conventions: docs/evaluation.md."""
     from medseg.evaluation.evaluate import evaluate as run_evaluate
 
-    run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance,
-                 console=console, report=report, score_variant=uw_score, options=_kv(option, "--option"))
+    with naming(out or pred):
+        run_evaluate(pred, truth, out=out, fmt=format, images=images, empty=empty, nsd_tolerance=nsd_tolerance,
+                     console=console, report=report, score_variant=uw_score, options=_kv(option, "--option"),
+                     unfinished=unfinished)
 
 
 @app.command()
@@ -232,6 +245,10 @@ def predict(
     device: str = typer.Option("auto", help="auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N"),
     write_as: Optional[str] = typer.Option(None, "--as", help="DICOM input: write each series' masks as nifti (default), "
                                            "seg (a DICOM Segmentation object) or rtstruct (contours for planning systems)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="reader option key=value for INPUT, as in "
+                                               "prepare (e.g. -o nonfinite=zero)"),
+    unfinished: bool = typer.Option(False, "--unfinished", help="use a run whose training did not finish (its best "
+                                    "epoch so far) instead of refusing it"),
 ) -> None:
     """Segment new scans with a trained model; outputs mirror the input's layout."""
     from medseg.inference.predict import parse_flips, parse_probabilities, parse_weights, predict as run_predict
@@ -243,10 +260,11 @@ def predict(
         if tta is False:
             raise MedsegError("--tta-flips and --no-tta contradict each other")
         tta = parse_flips(tta_flips)
-    run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
-                save_probabilities=save_probabilities, overwrite=overwrite, console=console,
-                backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None, device=device,
-                write_as=write_as)
+    with naming(output):
+        run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
+                    save_probabilities=save_probabilities, overwrite=overwrite, console=console,
+                    backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None, device=device,
+                    write_as=write_as, unfinished=unfinished, options=_kv(option, "--option"))
 
 
 @app.command()
@@ -312,48 +330,29 @@ def export(
                                         "dataset; refused unless the masks agree with PyTorch's on 99.9% of pixels"),
     calibration_slices: int = typer.Option(64, help="--int8: slices to calibrate on (as many others check the result)"),
     overwrite: bool = typer.Option(False, help="replace an existing OUTPUT (and its .json)"),
+    unfinished: bool = typer.Option(False, "--unfinished", help="export a run whose training did not finish (its "
+                                    "best epoch so far) instead of refusing it"),
 ) -> None:
     """Export a model to ONNX with its pre- and post-processing description."""
     from medseg.inference.export import export_onnx, parse_size
 
-    export_onnx(model, output, opset=opset, console=console, folds=folds,
-                size=parse_size(size) if size else None, int8=int8, calibration_slices=calibration_slices,
-                overwrite=overwrite)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, MedsegWarning):
-        print(f"warning: {message}", file=sys.stderr)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
-
-
-def _os_error(e: OSError) -> str:
-    """``path: problem`` of an operating-system error (a read-only or full output folder, ...)."""
-    what = e.strerror or type(e).__name__
-    return f"{e.filename}: {what}" if e.filename else what
+    with naming(output):
+        export_onnx(model, output, opset=opset, console=console, folds=folds,
+                    size=parse_size(size) if size else None, int8=int8, calibration_slices=calibration_slices,
+                    overwrite=overwrite, unfinished=unfinished)
 
 
 def main() -> None:
-    import warnings
-
-    global _default_showwarning
-    _default_showwarning = warnings.showwarning
-    warnings.showwarning = _show_warning
     try:
-        app()
+        with warning_lines():
+            app()
     except MedsegError as e:
         # plain stderr, never wrapped: users grep and copy the path from this line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # permissions, a full disk: the file and the system's reason, no traceback
-        print(f"error: {_os_error(e)}", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        warnings.showwarning = _default_showwarning
-
-
-_default_showwarning = None
 
 
 if __name__ == "__main__":

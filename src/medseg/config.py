@@ -285,7 +285,9 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, str] | None, path:
     """``{"train.epochs": "3"}`` -> set doc["train"]["epochs"] = 3 (values parsed as YAML scalars/lists)."""
     for key, raw in (overrides or {}).items():
         try:
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            value = yaml.load(raw, Loader=UniqueKeyLoader) if isinstance(raw, str) else raw
+        except yaml.constructor.ConstructorError as e:  # {a: 1, a: 2} in a --set value
+            raise MedsegError(f"--set {key}: {' '.join(str(e.problem).split())}") from None
         except yaml.YAMLError:
             value = raw
         if isinstance(raw, str) and value is None and raw.strip() not in ("null", "~", ""):
@@ -336,7 +338,7 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
     if not path.is_file():
         raise MedsegError("config file not found", path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise yaml_error(e, path) from None
     except UnicodeDecodeError as e:
@@ -351,6 +353,26 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Ex
             if isinstance(given, str) and isinstance(doc.get(sec), dict) and given.strip() and not _is_shipped(given):
                 doc[sec][name] = str(Path(given).expanduser().resolve())
     return parse_config(doc, path, base=path.resolve().parent)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (by default the second silently
+    replaces the first, and the error, if any, then names the wrong key)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); the second would "
+                        "replace the first", key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader says so
+                continue
+        return super().construct_mapping(node, deep)
 
 
 def yaml_error(e: yaml.YAMLError, path: Path) -> MedsegError:

@@ -161,6 +161,18 @@ def build_loss(loss_cfg: Any, class_kind: str, classes: list[str], fingerprint: 
                 + (" (background first)" if not multilabel else "")
             )
     terms: list[tuple[str, float, nn.Module]] = []
-    for t in loss_cfg.terms:
-        terms += [(name, t.weight, m) for name, m in LOSSES.get(t.name)(multilabel, weight, dict(t.kwargs))]
+    for i, t in enumerate(loss_cfg.terms):
+        where = f"loss.terms[{i}] ({t.name}, kwargs {dict(t.kwargs)})"
+        try:
+            made = LOSSES.get(t.name)(multilabel, weight, dict(t.kwargs))
+            # a wrongly typed kwarg fails only when the loss is computed: compute it once on a tiny batch
+            logits, target = torch.zeros(1, n_out, 4, 4), torch.zeros(1, len(classes), 4, 4, dtype=torch.uint8)
+            for _, m in made:
+                m(logits, target)
+        except MedsegError:
+            raise
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise MedsegError(f"{where}: {text[:300]}") from None
+        terms += [(name, t.weight, m) for name, m in made]
     return CombinedLoss(terms)

@@ -19,6 +19,32 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int:
+    """Bytes this machine can still give without swapping (MemAvailable; the total where that is unknown)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(nbytes: float, what: str, where: str | None = None) -> None:
+    """Refuse, with the figure, an allocation larger than the memory available, before making it (a
+    mistyped spacing asked for tebibytes)."""
+    have = available_memory()
+    if nbytes > have:
+        raise MedsegError(f"{what} needs {_gib(nbytes)} of memory; this machine has {_gib(have)} available", where)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
 def cpu_has_bf16_units() -> bool:
     """True on CPUs with AMX tiles (Intel Xeon 4th generation and later), where oneDNN's bf16 convolutions
     train the LGG U-Net about 1.6x faster than fp32 (``benchmarks/models.py --precision 32,bf16``);
@@ -87,4 +113,33 @@ def loader_workers(workers: int | str, accelerator: str) -> int:
     return 0 if accelerator == "cpu" else max(0, min(12, cpu_cores() - 1))
 
 
-__all__ = ["cpu_cores", "cpu_has_bf16_units", "resolve_device", "check_gpus", "gpu_free_bytes", "to_device", "loader_workers"]
+__all__ = ["available_memory", "check_memory", "cpu_cores", "cpu_has_bf16_units", "resolve_device", "check_gpus",
+           "gpu_free_bytes", "to_device", "loader_workers", "die_with"]
+
+
+def die_with(parent: int) -> None:
+    """End this process as soon as ``parent`` is gone, even killed with SIGKILL (prepare's workers, whose own
+    parent is a forkserver; a training run's member processes): a thread watches it through a pidfd where
+    the kernel has them, else a 1 s poll."""
+    import threading
+
+    def watch() -> None:
+        import select
+        import time
+
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="medseg-parent-watch").start()

@@ -11,7 +11,8 @@ Layout::
     RUN/splits.json                the folds it was trained with
     RUN/cv_summary.json            per-fold best scores (--fold all); picks the "best" fold
     RUN/tune.json                  what `medseg tune` chose
-    RUN/fold_K/ (or RUN/full/)     model.pt (the bundle), checkpoints/{last,best}.ckpt, metrics.csv,
+    RUN/fold_K/ (or RUN/full/)     state.json (training or finished), model.pt (the bundle),
+                                   checkpoints/{last,best}.ckpt, metrics.csv,
                                    progress.png, tb/, val_predictions/<case>.npz (prob, mask)
     RUN/fold_K/member_I/           with train.members > 1: each member trained as a fold of its own
 """
@@ -23,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.atomic import atomic_write_text
 from medseg.data.prepared import case_stem
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 
 _FOLD = re.compile(r"^fold_(\d+)$")
 Folds = str | Sequence[int]
@@ -55,9 +57,15 @@ class RunDir:
 
     @staticmethod
     def is_run(path: str | Path) -> bool:
-        """A run directory: a saved config and at least one fold folder."""
+        """A run directory: a saved config and at least one fold folder (``looks_like_run``: the folders
+        without the config)."""
         p = Path(path)
-        return p.is_dir() and (p / "config.yaml").is_file() and any(p.glob("fold_*"))
+        return RunDir.looks_like_run(p) and (p / "config.yaml").is_file()
+
+    @staticmethod
+    def looks_like_run(path: str | Path) -> bool:
+        p = Path(path)
+        return p.is_dir() and any(p.glob("fold_*"))
 
     def fold_dir(self, fold: int | str) -> Path:
         """RUN/fold_K, or RUN/full for ``--fold full``."""
@@ -70,6 +78,49 @@ class RunDir:
     @staticmethod
     def val_prediction(fold_dir: Path, case_id: str) -> Path:
         return fold_dir / "val_predictions" / f"{case_stem(case_id)}.npz"
+
+    # --- whether a fold's training finished ---------------------------------------------------
+    @staticmethod
+    def mark(fold_dir: Path, finished: bool, **info: Any) -> None:
+        """Record that a fold's training started (``finished=False``) or ended; a fold killed in between
+        keeps saying ``training``, so that later stages know its model.pt is only the best so far."""
+        import os
+        import socket
+        import time
+
+        state = {"state": "finished" if finished else "training", "pid": os.getpid(), "host": socket.gethostname(),
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        atomic_write_text(fold_dir / "state.json", json.dumps(state, indent=1))
+
+    @staticmethod
+    def unfinished(fold_dir: Path) -> str | None:
+        """Why ``fold_dir``'s training is not finished (None when it finished, or was trained before runs
+        recorded their state)."""
+        p = Path(fold_dir) / "state.json"
+        if not p.is_file():
+            return None
+        try:
+            state = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return "its state.json is unreadable"
+        if state.get("state") == "finished":
+            return None
+        last = Path(fold_dir) / "checkpoints" / "last.ckpt"
+        return ("its training did not finish" + (f" (started {state.get('time')})" if state.get("time") else "")
+                + ("; the last checkpoint is " + str(last) if last.is_file() else "; it has no checkpoint yet"))
+
+    @classmethod
+    def check_finished(cls, bundles: list[Path], unfinished: bool = False) -> None:
+        """An error naming the first bundle whose fold did not finish training, or with ``unfinished`` a
+        warning: its model.pt is the best epoch so far, not the run's result."""
+        for b in bundles:
+            why = cls.unfinished(Path(b).parent)
+            if why is None:
+                continue
+            if not unfinished:
+                raise MedsegError(f"{why}: model.pt is only the best epoch so far", Path(b).parent,
+                                  hint="continue it with `medseg train ... --resume`, or pass --unfinished to use it as it is")
+            warn(f"{why}: using its best epoch so far (--unfinished)", Path(b).parent)
 
     # --- trained folds -----------------------------------------------------------------------
     def trained_folds(self) -> dict[int, Path]:
@@ -95,7 +146,13 @@ class RunDir:
                               self.root)
         return [(k, found[k]) for k in ks]
 
-    def bundles(self, folds: Folds = "best") -> list[Path]:
+    def bundles(self, folds: Folds = "best", unfinished: bool = False) -> list[Path]:
+        """``_bundles`` of unfinished folds refused (``check_finished``)."""
+        out = self._bundles(folds)
+        self.check_finished(out, unfinished)
+        return out
+
+    def _bundles(self, folds: Folds = "best") -> list[Path]:
         """The ``model.pt`` files chosen by ``folds``: "best" (by ``cv_summary.json``), "all", "0,2",
         [0, 2], or "full" (the model trained on every case, also taken when it is the only one). A fold
         folder itself gives its own bundle."""
@@ -174,10 +231,13 @@ class RunDir:
         return json.loads(self.splits_path.read_text()) if self.splits_path.is_file() else None
 
     # --- validation predictions ----------------------------------------------------------------
-    def val_predictions(self) -> dict[str, Path]:
-        """{file stem: ``.npz``} of every fold's validation predictions (a case in two folds is an error)."""
+    def val_predictions(self, unfinished: bool = False) -> dict[str, Path]:
+        """{file stem: ``.npz``} of every fold's validation predictions (a case in two folds is an error;
+        a fold whose training did not finish as in ``check_finished``)."""
         files: dict[str, Path] = {}
         for fold in sorted(self.root.glob("fold_*"), key=lambda p: p.name):
+            if any((fold / "val_predictions").glob("*.npz")):
+                self.check_finished([fold / "model.pt"], unfinished)
             for f in sorted((fold / "val_predictions").glob("*.npz")):
                 if f.stem in files:
                     raise MedsegError(f"case {f.stem} has validation predictions in two folds "

@@ -26,6 +26,7 @@ from medseg.data.prepared import CaseRecord, PreparedWriter, case_filename, done
 from medseg.data.resample import needs_resampling, resample, shape_for, target_spacing
 from medseg.data.splits import group_splits, make_splits, own_split, warn_shared_patients
 from medseg.errors import MedsegError, MedsegWarning, warn
+from medseg.machine import die_with
 
 _SAMPLES_PER_CASE = 20_000
 _PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
@@ -72,9 +73,8 @@ def _resumed(root: Path, done: dict[str, Any]) -> _CaseResult:
 
 def _read_case(fmt: str, options: dict[str, Any], spec: DatasetSpec, case: CaseSpec, tmp: str) -> _CaseResult:
     reader = get_reader(fmt, **options)
-    data = reader.load(spec, case)
+    data = reader.read(spec, case)
     where = case.sources.get("image", case.id)
-    data.check(where)
     if data.image.shape[1] != len(spec.channels):
         raise MedsegError(f"case {case.id!r} has {data.image.shape[1]} channels, the data set "
                           f"{len(spec.channels)} ({', '.join(spec.channels)})", where)
@@ -208,7 +208,7 @@ def prepare(
     root = Path(input)
     if not root.exists():
         raise MedsegError("input does not exist", root)
-    spec = reader.scan(root, require_masks=require_masks)
+    spec = reader.survey(root, require_masks=require_masks)
     if not spec.cases:
         raise MedsegError(f"no cases found for format {fmt!r}", root)
     ids = [c.id for c in spec.cases]
@@ -254,7 +254,7 @@ def prepare(
                 from concurrent.futures import as_completed
 
                 with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
-                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                                         initializer=die_with, initargs=(os.getpid(),)) as pool:
                     futs = {pool.submit(_process_case, fmt, options, spec, c, str(writer.tmp)): c.id for c in todo}
                     try:
                         for fut in as_completed(futs):
@@ -354,7 +354,8 @@ def _resample_cases(results: list[_CaseResult], tmp: Path, target: list[float]) 
         if rec.native is not None or not needs_resampling(rec.spacing, target):
             continue
         size = shape_for(rec.shape, rec.spacing, target)
-        img = resample(np.load(tmp / rec.image, mmap_mode="r"), size)
+        where = rec.sources[0] if rec.sources else rec.id
+        img = resample(np.load(tmp / rec.image, mmap_mode="r"), size, where=where)
         old = [rec.image, rec.mask]
         rec.native = {"shape": list(rec.shape), "spacing": list(rec.spacing)}
         rec.image = case_filename(rec.id, "img_resampled")
@@ -376,32 +377,6 @@ def _resample_cases(results: list[_CaseResult], tmp: Path, target: list[float]) 
                 (tmp / rel).unlink(missing_ok=True)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker as soon as ``parent`` (the prepare that asked for it) is gone.
-    A worker's own parent is the forkserver, which lives as long as any worker does, so the worker
-    watches the prepare process itself (a pidfd where the kernel has them, else a 1 s poll)."""
-    import threading
-
-    def watch() -> None:
-        import select
-        import time
-
-        try:
-            fd = os.pidfd_open(parent)
-        except (AttributeError, OSError):
-            fd = None
-        if fd is not None:
-            select.select([fd], [], [])  # readable once the process has exited
-        else:
-            while True:
-                try:
-                    os.kill(parent, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="medseg-parent-watch").start()
 
 
 def _check_names(spec: DatasetSpec, root: Path) -> None:

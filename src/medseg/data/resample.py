@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medseg.machine import check_memory
+
 ANISOTROPY = 3.0  # a coarse axis this many times the finest: resampling it to the median smears it
 TOLERANCE = 0.02  # relative spacing difference below which a case is used as it is
 
@@ -46,7 +48,7 @@ def shape_for(shape: Sequence[int], spacing: Sequence[float], target: Sequence[f
     return tuple(max(1, int(round(n * float(s) / float(t)))) for n, s, t in zip(zyx, spacing, target))
 
 
-def resample(arr: np.ndarray, size: Sequence[int], mask: bool = False) -> np.ndarray:
+def resample(arr: np.ndarray, size: Sequence[int], mask: bool = False, where: str | None = None) -> np.ndarray:
     """``arr`` [z, c, h, w] on the grid ``size`` (z, y, x): linear for images and probabilities (integer
     images rounded back to their dtype), per channel >= 0.5 for ``mask``. One channel at a time in
     float32, so a large CT volume needs one channel's copy, not the whole case's."""
@@ -57,6 +59,10 @@ def resample(arr: np.ndarray, size: Sequence[int], mask: bool = False) -> np.nda
     if tuple(arr.shape[0:1] + arr.shape[2:]) == size:
         return arr
     out_dtype = np.uint8 if mask else arr.dtype
+    voxels = float(np.prod(size))
+    check_memory(voxels * (arr.shape[1] * np.dtype(out_dtype).itemsize + 8) + arr[:, 0].size * 4.0,
+                 f"resampling a {'x'.join(map(str, arr.shape[0:1] + arr.shape[2:]))} volume to "
+                 f"{'x'.join(map(str, size))} voxels", where)
     out = np.empty((size[0], arr.shape[1], size[1], size[2]), out_dtype)
     for c in range(arr.shape[1]):
         x = torch.from_numpy(np.ascontiguousarray(arr[:, c], dtype=np.float32))[None, None]

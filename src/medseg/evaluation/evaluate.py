@@ -10,6 +10,7 @@ the few cases shown in the report are kept. Conventions: docs/evaluation.md and 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.formats.base import prediction_journal
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
 from medseg.evaluation.report import pick_cases, write_report
@@ -79,6 +81,7 @@ def evaluate(
     report: bool = True,
     score_variant: str = "competition",
     options: dict[str, Any] | None = None,
+    unfinished: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``truth`` and write the outputs under ``out``; return the summary.
     ``score_variant`` picks the definition of the data set's own score where it has several."""
@@ -93,12 +96,15 @@ def evaluate(
     pred = Path(pred)
     run = truth is None and RunDir.is_run(pred)
     if run:
-        preds, ds_path = run_predictions(pred)
+        preds, ds_path = run_predictions(pred, unfinished)
         truth_obj = open_truth(ds_path)
     else:
         if truth is None:
             if pred.is_dir() and (pred / "config.yaml").is_file():
                 raise MedsegError("run directory has no fold_K/ folders with validation predictions", pred)
+            if RunDir.looks_like_run(pred):
+                raise MedsegError("run directory without its config.yaml, which names the prepared data set it "
+                                  "was trained on: give TRUTH (the prepared data set)", pred / "config.yaml")
             raise MedsegError("TRUTH is required unless PRED is a run directory", pred)
         truth_obj = open_truth(Path(truth), fmt, Path(images) if images else None, options)
         preds = open_predictions(pred, truth_obj)
@@ -137,6 +143,25 @@ def evaluate(
     return _clean(summary)
 
 
+def _no_truth(folder: Path, read: set[Path]) -> None:
+    """The files of a predictions folder that no truth case read, in the formats it read (probability maps
+    and bookkeeping aside), refused as the extra cases of a submission or a prepared data set are: an extra
+    case usually means the wrong TRUTH."""
+    kinds = {"".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix for p in read}
+    extra = []
+    for f in sorted(Path(folder).rglob("*")):
+        rel = f.relative_to(folder)
+        if (not f.is_file() or f.resolve() in read or any(part.startswith(".") for part in rel.parts)
+                or "probabilities" in rel.parts or "_prob." in f.name):
+            continue
+        if ("".join(f.suffixes[-2:]) if f.name.endswith(".nii.gz") else f.suffix) in kinds:
+            extra.append(str(rel))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise MedsegError(f"{len(extra)} prediction file{'s' if len(extra) > 1 else ''} match no ground-truth case: "
+                          f"{', '.join(extra[:3])}{more} (remove them, or give the TRUTH they belong to)", folder)
+
+
 def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, *, empty: str,
               nsd_tolerance: float, report: bool, t0: float, score_variant: str) -> dict[str, Any]:
     classes = truth_obj.classes
@@ -151,10 +176,12 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
     slice_file = out_dir / "metrics_slices.csv"
     view = ViewWriter(classes, truth_obj.spatial_dims, "mm" if truth_obj.spacing_known else "px") if report else None
     fh = open(slice_file, "w", newline="") if two_d else None
+    stack = contextlib.ExitStack()
     try:
         sw = csv.writer(fh, lineterminator="\n") if fh else None
         if sw:
             sw.writerow(SLICE_COLUMNS)
+        journal = stack.enter_context(prediction_journal())
         for i, case_id in enumerate(ids):
             t = truth_obj.load(case_id)
             p = preds.loader(case_id, t)
@@ -181,8 +208,11 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             if score is not None:
                 terms += score.case_terms(p, t.mask, score_variant)
     finally:
+        stack.close()
         if fh:
             fh.close()
+    if preds.kind == "folder":
+        _no_truth(preds.path, journal)
     if preds.table is not None:
         extra = sorted(preds.table.slice_ids - seen_slices)
         if extra:

@@ -21,7 +21,7 @@ from medseg.bundle import load_bundle
 from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import CaseSpec, DatasetSpec, Reader, binary_mask
 from medseg.data.formats.folder import _is_gray, read_image
-from medseg.data.formats.nifti import load_nifti, nifti_array, nifti_stem, to_zyx
+from medseg.data.formats.nifti_io import load_nifti, nifti_array, nifti_stem, to_zyx
 from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import decide, merge_config
@@ -111,7 +111,7 @@ class NativeTruth(Truth):
     def __init__(self, path: Path, fmt: str, options: dict[str, Any] | None = None, masks: bool = True):
         self.path = Path(path)
         self.reader = get_reader(fmt, **(options or {}))
-        self.spec = self.reader.scan(self.path, require_masks=masks)
+        self.spec = self.reader.survey(self.path, require_masks=masks)
         self.format = fmt
         self.masks = masks
         if masks and not self.spec.has_masks:
@@ -128,8 +128,7 @@ class NativeTruth(Truth):
 
     def _data(self, case_id: str):
         if self._cache is None or self._cache[0] != case_id:
-            data = self.reader.load(self.spec, self.cases[case_id])
-            data.check(case_id)
+            data = self.reader.read(self.spec, self.cases[case_id])
             self._cache = (case_id, data)
         return self._cache[1]
 
@@ -323,11 +322,12 @@ def prepared_predictions(path: Path) -> Predictions:
     return Predictions("prepared", Path(path), load, ids={c.id for c in ds.cases})
 
 
-def run_predictions(run: Path) -> tuple[Predictions, Path]:
-    """(predictions, prepared dataset path) of a run directory's validation predictions."""
+def run_predictions(run: Path, unfinished: bool = False) -> tuple[Predictions, Path]:
+    """(predictions, prepared dataset path) of a run directory's validation predictions (of an unfinished
+    fold: as ``RunDir.check_finished``)."""
     rd = RunDir(run)
     ds_path = rd.dataset()
-    files = rd.val_predictions()
+    files = rd.val_predictions(unfinished)
     if not files:
         raise MedsegError("no validation predictions (fold_K/val_predictions/<case>.npz)", run)
     tuned = _tuned_rules(rd)

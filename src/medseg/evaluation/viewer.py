@@ -212,7 +212,7 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
         if not RunDir.is_run(pred):
             raise MedsegError("give TRUTH, or --image with the images the predictions were made from "
                               "(TRUTH may be left out for a run directory)", pred)
-        preds, ds_path = run_predictions(pred)
+        preds, ds_path = run_predictions(pred, unfinished=True)  # a look at a run in progress: warned
         truth_obj = open_truth(ds_path)
         ids = [i for i in truth_obj.ids if i in (preds.ids or ())]
     else:

@@ -112,8 +112,11 @@ def torch_backend(model: Any, device: str = "cpu") -> Net:
     return TorchNet(model, resolve_device(device))
 
 
-def onnx_backend(path: Path, threads: int | None = None, device: str = "cpu") -> Net:
-    """An ONNX file run by onnxruntime: the CPU provider, or CUDA's when ``device`` asks for a GPU."""
+def onnx_backend(path: Path, threads: int | None = None, device: str = "cpu",
+                 channels: tuple[int, int] | None = None, where: Path | None = None) -> Net:
+    """An ONNX file run by onnxruntime: the CPU provider, or CUDA's when ``device`` asks for a GPU.
+    ``channels`` (in, out), from the sidecar ``where``, are checked against the graph's one input and
+    its output before anything runs."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -131,12 +134,30 @@ def onnx_backend(path: Path, threads: int | None = None, device: str = "cpu") ->
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:
         raise MedsegError(f"cannot load ONNX model ({type(e).__name__}: {e})", path) from None
+    if channels is not None:
+        check_graph(sess, channels, path, where or path)
     in_name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
         return sess.run(None, {in_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     return run
+
+
+def check_graph(sess: Any, channels: tuple[int, int], path: Path, sidecar: Path) -> None:
+    """The graph takes one input ``[b, in, *spatial]`` and gives ``[b, out, *spatial]`` as the sidecar says
+    (a sidecar of another model would decode its outputs as the wrong classes)."""
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1:
+        raise MedsegError(f"the ONNX graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a medseg "
+                          "model takes one image batch", path)
+    for what, arg, want in (("input", inputs[0], channels[0]), ("output", outputs[0], channels[1])):
+        shape = list(arg.shape or [])
+        if len(shape) not in (4, 5):
+            raise MedsegError(f"the ONNX graph's {what} has shape {shape}; expected [batch, channels, *spatial]", path)
+        if isinstance(shape[1], int) and shape[1] != want:
+            raise MedsegError(f"the sidecar says the {what} has {want} channels, the ONNX graph {shape[1]}: the two "
+                              "files belong to different models", sidecar)
 
 
 def activate(logits: np.ndarray, class_kind: str) -> np.ndarray:

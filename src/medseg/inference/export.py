@@ -67,6 +67,15 @@ def logit_difference(module: Any, onnx_path: Path, shape: list[int]) -> float:
     return float(np.abs(ref - got).max() / max(1.0, np.abs(ref).max()))
 
 
+def _newest_opset(dynamo: bool) -> int:
+    try:
+        from torch.onnx import _constants as c
+
+        return int(c.ONNX_MAX_OPSET if dynamo else c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # a private module: the newest opset the exporter has long written
+        return 20
+
+
 def export_onnx(
     model: str | Path,
     output: str | Path,
@@ -79,6 +88,7 @@ def export_onnx(
     calibration_slices: int = 64,
     min_agreement: float = 0.999,
     overwrite: bool = False,
+    unfinished: bool = False,
 ) -> Path:
     """Export ``model`` (run dir, bundle or shipped name) to ``output`` (.onnx) and ``output.json``.
 
@@ -96,12 +106,15 @@ def export_onnx(
         raise MedsegError("the output must be a .onnx file", final)
     if opset < 13:
         raise MedsegError(f"opset {opset} is too old; use 17 or newer")
+    newest = _newest_opset(dynamo)
+    if opset > newest:
+        raise MedsegError(f"opset {opset} is newer than this PyTorch's ONNX exporter writes (at most {newest})")
     for f in (final, final.with_suffix(".json")):
         if f.exists() and not overwrite:
             raise MedsegError("already exists; pass --overwrite to replace it", f)
         if f.is_dir():
             raise MedsegError("is a folder, not a file", f)
-    seg = Segmenter.load(model, folds=folds, backend="torch")
+    seg = Segmenter.load(model, folds=folds, backend="torch", unfinished=unfinished)
     # written under temporary names beside the target and renamed at the end: a failed or interrupted
     # export leaves the previous files as they were
     output = final.with_name(f".{final.stem}.tmp-{os.getpid()}.onnx")

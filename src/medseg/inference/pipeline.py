@@ -31,7 +31,11 @@ def model_channels(model: Any, folds: str | Sequence[int] = "best") -> int | Non
     """How many image channels ``model`` (or an ensemble's first member) takes, from its bundle or ONNX
     sidecar without building the network; None when it cannot be told (loading it will say why)."""
     try:
-        _, files = resolve_model(split_models(model)[0], folds)
+        import warnings
+
+        with warnings.catch_warnings():  # a peek: loading the model warns, once
+            warnings.simplefilter("ignore")
+            _, files = resolve_model(split_models(model)[0], folds, unfinished=True)
         f = files[0]
         if f.suffix == ".onnx":
             return len(json.loads(f.with_suffix(".json").read_text())["channels"])

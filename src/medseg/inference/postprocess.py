@@ -140,6 +140,23 @@ def check_config(cfg: dict[str, Any], classes: Sequence[str], where: Any = None)
         if isinstance(v, (list, tuple)) and len(v) != len(classes):
             raise MedsegError(f"{len(v)} {key} values for {len(classes)} classes ({', '.join(classes)}): "
                               "give one number for every class, or one per class", where)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if x is not None:  # None: no rule for that class
+                check_probability(x, key, where)
+    m = cfg.get("min_size")
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+        raise MedsegError(f"min_size must be a whole number of pixels >= 0, got {m!r}", where)
+
+
+def check_probability(x: Any, what: str, where: Any = None) -> float:
+    """A probability or threshold: a number in [0, 1] (1.5, NaN or -0.1 would empty or fill every mask)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise MedsegError(f"{what} must be a number in [0, 1], got {x!r}", where) from None
+    if not 0.0 <= v <= 1.0:  # also NaN
+        raise MedsegError(f"{what} must be in [0, 1], got {x!r}", where)
+    return v
 
 
 def thresholds_for(cfg: dict[str, Any], k: int) -> list[float]:

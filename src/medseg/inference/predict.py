@@ -10,6 +10,7 @@ from medseg.data.formats import FORMATS, get_reader, guess_format
 from medseg.data.formats.base import case_path
 from medseg.errors import MedsegError, warn
 from medseg.inference.pipeline import model_channels
+from medseg.inference.postprocess import check_probability
 from medseg.inference.segmenter import Segmenter
 from medseg.machine import resolve_device
 
@@ -63,7 +64,57 @@ def parse_probabilities(text: str | None, option: str) -> float | list[float] | 
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         raise MedsegError(f"bad {option} {text!r}: expected a number or one per class separated by commas") from None
+    for v in vals:
+        check_probability(v, option)
     return vals[0] if len(vals) == 1 else vals
+
+
+_LOCK = ".medseg-lock"
+_STAGE = ".partial-"
+
+
+def _ours(p: Path) -> bool:
+    """predict's own bookkeeping in OUT: the lock and staging folders, not results."""
+    return p.name.startswith((_LOCK, _STAGE))
+
+
+class _OutputLock:
+    """One writer per OUT: an exclusive lock on ``OUT/.medseg-lock`` (one per shard of a sharded run), so
+    that a second ``predict`` into the same folder fails at once instead of interleaving its masks. The
+    lock dies with its process; staging folders of a run that died are removed by the next."""
+
+    def __init__(self, output: Path, rank: int, world: int):
+        self.path = output / (_LOCK if world == 1 else f"{_LOCK}-{rank}")
+        self.world = world
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_OutputLock":
+        import fcntl
+        import os
+        import shutil
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(self.fd, 64).decode(errors="replace").strip()
+            os.close(self.fd)
+            self.fd = None
+            raise MedsegError(f"another medseg predict is writing into this folder{f' (process {other})' if other else ''}",
+                              self.path.parent, hint="wait for it, or choose another output folder") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        if self.world == 1:  # no other writer now: every staging folder here is a dead run's
+            for p in self.path.parent.glob(f"{_STAGE}*"):
+                shutil.rmtree(p, ignore_errors=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import os
+
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
 
 
 def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> None:
@@ -74,7 +125,7 @@ def _check_output(output: Path, overwrite: bool, input: Path | None = None) -> N
         if output.resolve() == src:  # masks named like their images would replace them
             raise MedsegError("the output folder is the input folder; predictions could replace the images",
                               output, hint="choose another output folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if output.is_dir() and any(not _ours(p) for p in output.iterdir()) and not overwrite:
         raise MedsegError(
             "output folder already holds files",
             output,
@@ -99,6 +150,8 @@ def predict(
     weights: list[float] | None = None,
     device: str = "auto",
     write_as: str | None = None,
+    unfinished: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
 
@@ -114,14 +167,14 @@ def predict(
     # the input's errors come before the model's: the channel count is peeked, the model loaded later
     loaded = isinstance(model, Segmenter)
     n = (len(model.channels) if loaded else model_channels(model, folds)) if fmt in ("folder", "coco") else None
-    options = FORMATS.get(fmt).options_for_model(n)
+    options = {**FORMATS.get(fmt).options_for_model(n), **(options or {})}
     if write_as is not None:  # how a layout with several output forms writes its masks (DICOM: nifti or seg)
         if "write_as" not in FORMATS.get(fmt).Options.model_fields:
             raise MedsegError(f"--as is for inputs with several output forms (DICOM); {fmt} predictions are written "
                               "in the input's own layout")
         options = {**options, "write_as": write_as, "algorithm": Path(str(model)).name if not loaded else model.name}
     reader = get_reader(fmt, **options)
-    spec = reader.scan(input, require_masks=False)
+    spec = reader.survey(input, require_masks=False)
     _check_output(output, overwrite, input)
     rank, world, local = shard()
     if world > 1:  # one of several processes (torchrun, srun): every world-th case, on this process's GPU
@@ -135,57 +188,54 @@ def predict(
         if device in ("auto", "cuda") and torch.cuda.is_available():
             device = f"cuda:{local % torch.cuda.device_count()}"
     seg = model if loaded else Segmenter.load(model, folds=folds, tta=tta, backend=backend, weights=weights,
-                                              device=resolve_device(device))
+                                              device=resolve_device(device), unfinished=unfinished)
     if write_as is not None and not getattr(reader.options, "classes", None):
         reader.options.classes = list(seg.classes)  # a SEG's segments and an RTSTRUCT's ROIs are named after them
+    import os
+    import shutil
+
     created = not output.exists()
     try:
-        who = f" (process {rank + 1} of {world})" if world > 1 else ""
-        return _run(seg, reader, spec, fmt, output, save_probabilities, console, postprocess, progress, t0, who)
+        output.mkdir(parents=True, exist_ok=True)
+        with _OutputLock(output, rank, world):
+            # every file goes to a hidden staging folder and moves into OUT only when every case is done:
+            # a failure or Ctrl-C leaves OUT as it was
+            stage = output / f"{_STAGE}{os.getpid()}"
+            try:
+                who = f" (process {rank + 1} of {world})" if world > 1 else ""
+                return _run(seg, reader, spec, fmt, output, stage, save_probabilities, console, postprocess, progress,
+                            t0, who)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
-        if created and output.is_dir() and not any(p.is_file() for p in output.rglob("*")):
-            import shutil
-
+        if created and output.is_dir() and not any(not _ours(p) for p in output.iterdir()):
             shutil.rmtree(output, ignore_errors=True)  # nothing true was written: leave nothing behind
         raise
 
 
-def _write(reader: Any, spec: Any, case: Any, mask: Any, output: Path, prob: Any) -> list[Path]:
-    """A case's files written whole or not at all: into a hidden folder of ``output``, then each renamed
-    into place (a killed or sharded run never leaves a half-written mask). A submission's rows go straight
-    to their file, which the reader completes at the end."""
+def _publish(stage: Path, output: Path, files: list[Path]) -> list[Path]:
+    """Move the staged files into ``output`` (same file system: each a rename), keeping their relative
+    paths; files a reader wrote elsewhere stay where they are."""
     import os
-    import shutil
 
-    if reader.aggregate_files:
-        return reader.write_prediction(spec, case, mask, output, prob)
-    stage = output / f".partial-{os.getpid()}-{abs(hash(case.id))}"
-    try:
-        files = reader.write_prediction(spec, case, mask, stage, prob)
-        out = []
-        for f in files:
-            f = Path(f)
-            try:
-                dst = output / f.relative_to(stage)
-            except ValueError:  # written elsewhere by the reader
-                out.append(f)
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, dst)
-            out.append(dst)
-        return out
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    out = []
+    for f in dict.fromkeys(Path(f) for f in files):  # a submission is named once per case
+        try:
+            dst = output / f.relative_to(stage)
+        except ValueError:
+            out.append(f)
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dst)
+        out.append(dst)
+    return out
 
 
-def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabilities: bool, console: Any,
+def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, save_probabilities: bool, console: Any,
          postprocess: dict[str, Any] | None, progress: bool | None, t0: float, who: str = "") -> list[Path]:
     import sys
 
-    output.mkdir(parents=True, exist_ok=True)
-    for name in reader.aggregate_files:
-        if (output / name).is_file():  # medseg's own output from an earlier run (--overwrite given)
-            (output / name).unlink()
+    stage.mkdir()
     written: list[Path] = []
     n_slices = 0
     if seg.spec.input.spacing and not reader.has_spacing:
@@ -211,15 +261,15 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
     with ThreadPoolExecutor(1) as loads, ThreadPoolExecutor(1) as writes:
         pending = []
         try:
-            ahead = loads.submit(reader.load, spec, spec.cases[0]) if spec.cases else None
+            ahead = loads.submit(reader.read, spec, spec.cases[0]) if spec.cases else None
             for i, case in enumerate(spec.cases):
                 data = ahead.result()
                 if i + 1 < len(spec.cases):
-                    ahead = loads.submit(reader.load, spec, spec.cases[i + 1])
+                    ahead = loads.submit(reader.read, spec, spec.cases[i + 1])
                 pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
                                    postprocess_overrides=postprocess, where=case_path(case, spec),
                                    spacing=data.spacing if reader.has_spacing else None)
-                pending.append(writes.submit(_write, reader, spec, case, pred.mask, output,
+                pending.append(writes.submit(reader.write_prediction, spec, case, pred.mask, stage,
                                              pred.prob if save_probabilities else None))
                 n_slices += data.image.shape[0]
                 if bar:
@@ -231,7 +281,9 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, save_probabil
                 bar.stop()
     finish = getattr(reader, "finish_predictions", None)  # e.g. a submission CSV gathered over cases
     if callable(finish):
-        written += list(finish(spec, output) or [])
+        written += list(finish(spec, stage) or [])
+    # a submission built up over the cases replaces an earlier run's whole (--overwrite)
+    written = _publish(stage, output, [Path(f) for f in written])
     dt = time.perf_counter() - t0
     if console is not None:
         console.print(

@@ -116,6 +116,7 @@ class Segmenter:
         batch_size: int = 8,
         weights: Sequence[float] | None = None,
         device: str = "cpu",
+        unfinished: bool = False,
     ) -> "Segmenter":
         """Load ``model``: a shipped name, a run directory, a ``model.pt`` bundle, a training checkpoint
         (``fold_K/checkpoints/*.ckpt``, read with its fold's ``model.pt``) or an ``.onnx`` file.
@@ -128,15 +129,17 @@ class Segmenter:
         False, or a list of axis lists such as ``[[-1], [-2], [-1, -2]]``.
         ``backend``: "auto" (onnxruntime for .onnx files, else PyTorch), "torch" or "onnx".
         ``device``: "cpu", "cuda", "cuda:N" or "auto" (a GPU when PyTorch sees one).
+        ``unfinished``: use a fold whose training did not finish (its best epoch so far), with a warning.
         """
         names = split_models(model)
         if len(names) > 1 or weights is not None:
-            members = [cls.load(m, folds, tta, backend, threads, batch_size, device=device) for m in names]
+            members = [cls.load(m, folds, tta, backend, threads, batch_size, device=device, unfinished=unfinished)
+                       for m in names]
             return cls.ensemble(members, weights, where=names)
         model = names[0]
         if backend not in ("auto", "torch", "onnx"):
             raise MedsegError(f"unknown backend {backend!r} (auto, torch or onnx)")
-        name, files = resolve_model(model, folds)
+        name, files = resolve_model(model, folds, unfinished)
         if files[0].suffix == ".onnx":
             if backend == "torch":
                 raise MedsegError("an .onnx file runs with the onnx backend only", files[0])
@@ -177,7 +180,13 @@ class Segmenter:
             raise MedsegError(f"not a medseg ONNX sidecar (format {doc.get('format') if isinstance(doc, dict) else None!r})",
                               side)
         spec = PipelineSpec.read(doc, side)
-        return cls(spec, [onnx_backend(path, threads, device)], tta, "onnx", batch_size, device=device)
+        want_out = len(spec.classes) + (spec.class_kind == "multiclass")
+        if spec.arch.out_channels != want_out or spec.arch.in_channels != len(spec.channels):
+            raise MedsegError(f"the sidecar is inconsistent: {len(spec.channels)} channels and {len(spec.classes)} "
+                              f"{spec.class_kind} classes need a network of {len(spec.channels)} -> {want_out} "
+                              f"channels, it says {spec.arch.in_channels} -> {spec.arch.out_channels}", side)
+        net = onnx_backend(path, threads, device, channels=(spec.arch.in_channels, spec.arch.out_channels), where=side)
+        return cls(spec, [net], tta, "onnx", batch_size, device=device)
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -229,6 +238,8 @@ class Segmenter:
         if image.ndim != 4:
             raise MedsegError(f"expected an image [z, c, h, w] or [c, h, w], got shape {image.shape}", where)
         self._check_channels(image, where)
+        if image.dtype.kind == "f" and not np.isfinite(image).all():  # arrays given through the Python API
+            raise MedsegError(f"{int((~np.isfinite(image)).sum())} non-finite voxels (NaN or Inf) in the image", where)
         if spatial_dims is None:
             spatial_dims = 3 if any(m.spec.input.mode == "3d" for m in self.members) else 2
         k = len(self.classes)
@@ -239,7 +250,7 @@ class Segmenter:
         pp = merge_config(self.spec.postprocess, postprocess_overrides)
         check_config(pp, self.classes)
         thr = thresholds_for(pp, k)
-        for idx, p in on_grid(self._chunks, image, spacing, self.spec.input.spacing):
+        for idx, p in on_grid(self._chunks, image, spacing, self.spec.input.spacing, where=None if where is None else str(where)):
             decide_slices(p, idx, thr, self.class_kind, mask, prob, slice_max)
         postprocess(mask, slice_max, pp, spatial_dims)
         return Prediction(mask=mask, prob=prob, classes=list(self.classes), class_kind=self.class_kind)
@@ -256,9 +267,9 @@ class Segmenter:
         path = Path(path)
         fmt = fmt or guess_format(path)
         reader = get_reader(fmt, **FORMATS.get(fmt).options_for_model(len(self.channels)))
-        spec = reader.scan(path, require_masks=False)
+        spec = reader.survey(path, require_masks=False)
         for case in spec.cases:
-            data = reader.load(spec, case)
+            data = reader.read(spec, case)
             yield case.id, self.predict(data.image, probabilities, spec.spatial_dims, postprocess_overrides,
                                         where=case_path(case, spec),
                                         spacing=data.spacing if reader.has_spacing else None)

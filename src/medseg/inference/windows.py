@@ -79,7 +79,8 @@ def sliding_windows(x: np.ndarray, roi: list[int], probabilities: Callable[[np.n
 
 
 def on_grid(chunks: Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]], image: np.ndarray,
-            spacing: Sequence[float] | None, target: Sequence[float] | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            spacing: Sequence[float] | None, target: Sequence[float] | None,
+            where: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``chunks(image)`` on the grid a model was trained at: the volume resampled to ``target`` spacing,
     its probabilities resampled back to ``image``'s grid (the decision is made there)."""
     from medseg.data.resample import needs_resampling, resample, shape_for
@@ -89,7 +90,7 @@ def on_grid(chunks: Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray
         return
     size = shape_for(image.shape, spacing, target)
     p = None
-    for idx, q in chunks(resample(image, size)):
+    for idx, q in chunks(resample(image, size, where=where)):
         if p is None:
             p = np.empty((size[0], q.shape[1], size[1], size[2]), np.float32)
         p[idx] = q

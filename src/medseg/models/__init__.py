@@ -38,10 +38,9 @@ def create_model(name: str, in_channels: int, out_channels: int, spatial_dims: i
         )
     try:
         return cls(in_channels, out_channels, spatial_dims=spatial_dims, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" in str(e):
-            raise MedsegError(f"model {name!r}: {e}".replace(f"{cls.__name__}.__init__() ", "")) from None
-        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # a misspelt or wrongly typed model.kwargs entry
+        text = " ".join(str(e).split()).replace(f"{cls.__name__}.__init__() ", "") or type(e).__name__
+        raise MedsegError(f"model {name!r} with kwargs {kwargs}: {text[:300]}") from None
 
 
 def model_info(name: str, spatial_dims: int = 2, **kwargs: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from medseg.bundle import safe_load, save_bundle
 from medseg.config import ExperimentConfig, config_dict
 from medseg.data.resident import resident_bytes
 from medseg.data.sampling import EpochSampler, TrainSamples, ValCases
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, with_path
 from medseg.machine import check_gpus, cpu_has_bf16_units, gpu_free_bytes, loader_workers
 from medseg.rundir import RunDir
 from medseg.scores import score_named
@@ -133,8 +133,16 @@ def _replace_val_predictions(fold_dir: Path, store: dict[str, dict[str, Any]]) -
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for cid, v in store.items():
-        np.savez_compressed(tmp / RunDir.val_prediction(fold_dir, cid).name, prob=v["prob"], mask=v["mask"])
+    try:
+        for cid, v in store.items():
+            f = tmp / RunDir.val_prediction(fold_dir, cid).name
+            try:
+                np.savez_compressed(f, prob=v["prob"], mask=v["mask"])
+            except OSError as e:  # a full disk: name the file, leave no half folder
+                raise with_path(e, f) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = fold_dir / "val_predictions"
     old = fold_dir / f"val_predictions.old-{os.getpid()}"
     if final.exists():

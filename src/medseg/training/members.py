@@ -2,13 +2,15 @@
 bundle that averages their probabilities, with the ensemble's validation predictions and scores."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from medseg.atomic import atomic_write_text
 from medseg.bundle import load_bundle, save_bundle
 from medseg.config import ExperimentConfig, config_dict, dump_config, load_config
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, os_error_line, warning_lines
+from medseg.machine import die_with
 from medseg.rundir import RunDir
 from medseg.scores import score_named
 from medseg.training.fit import TrainingInterrupted, _replace_val_predictions, fit_fold
@@ -84,6 +86,7 @@ def _member_main(argv: list[str]) -> None:
     import torch
 
     config, fold, member_dir, threads, label, resume, show, member = argv
+    die_with(os.getppid())  # a SIGKILLed train must not leave members writing checkpoints a --resume races
     torch.set_num_threads(int(threads))
     console = None
     if show == "1":  # plain lines, no live progress bar: several processes share the terminal
@@ -91,14 +94,18 @@ def _member_main(argv: list[str]) -> None:
 
         console = Console(force_terminal=False, soft_wrap=True)
     try:
-        cfg = load_config(config)
-        ds, task = check_task(cfg, Path(config))
-        fit_fold(cfg, task, ds, fold if fold == "full" else int(fold), Path(member_dir), resume == "1", console, label=label,
-                 member=int(member))
+        with warning_lines():  # as the parent's: one ``warning:`` line each
+            cfg = load_config(config)
+            ds, task = check_task(cfg, Path(config))
+            fit_fold(cfg, task, ds, fold if fold == "full" else int(fold), Path(member_dir), resume == "1", console,
+                     label=label, member=int(member))
     except TrainingInterrupted:
         sys.exit(130)
     except MedsegError as e:
         print(f"error: {label}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {label}: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 def merge_members(cfg: ExperimentConfig, task: Task, ds: Any, fold: int | str, fold_dir: Path) -> dict[str, float]:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from medseg.config import ExperimentConfig
 from medseg.data.augment import augment_batch
-from medseg.errors import warn
+from medseg.errors import MedsegError, warn
 from medseg.losses import build_loss
 from medseg.scores import score_named
 from medseg.training.callbacks import TimeBudget
@@ -172,6 +172,12 @@ class SegModule(pl.LightningModule):
         with torch.no_grad():
             x, y = augment_batch(x, y, self.cfg.augment, self._generator(batch_idx), len(self.task.channels))
         loss = self._loss(self(x), y)
+        # a non-finite loss poisons every weight it reaches: stop at once (a GPU checks when it logs, to
+        # spare a synchronisation per step)
+        if (x.device.type == "cpu" or batch_idx % 50 == 0) and not bool(torch.isfinite(loss)):
+            raise MedsegError(f"the training loss is {float(loss)} at epoch {self.current_epoch + 1}, step "
+                              f"{batch_idx + 1}: training diverged (non-finite inputs, or too high a learning rate "
+                              "optim.lr); nothing from this epoch is kept", self.cfg.data.prepared)
         self._images += x.shape[0]
         dt = max(time.perf_counter() - self._t0, 1e-9)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)

@@ -47,6 +47,28 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
         if busy:
             raise MedsegError(f"fold {busy[0]} of this run directory already has checkpoints; pass --resume to continue it "
                               "or choose another --out", run)
+    created = [p for p in (run, *(rd.fold_dir(k) for k in folds)) if not p.exists()]
+    try:
+        return _train_folds(cfg, task, ds, folds, fold, rd, resume, console)
+    except BaseException:
+        if _rank() == 0:
+            remove_unstarted(created)
+        raise
+
+
+def remove_unstarted(created: list[Path]) -> None:
+    """After a failed or interrupted ``train``: the folders this call created that hold no checkpoint
+    (nothing to resume) go, innermost first; a fold that reached a checkpoint stays for ``--resume``."""
+    import shutil
+
+    for p in reversed(created):
+        if p.is_dir() and not any(p.rglob("last.ckpt")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _train_folds(cfg: Any, task: Any, ds: Any, folds: list[Any], fold: str | int, rd: RunDir, resume: bool,
+                 console: Any) -> dict[str, Any]:
+    run = rd.root
     if _rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rd.config_path, dump_config(cfg))
@@ -54,6 +76,9 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
     results: dict[str, Any] = {}
     for k in folds:
         fold_dir = rd.fold_dir(k)
+        if _rank() == 0:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            RunDir.mark(fold_dir, finished=False, fold=str(k))
         if cfg.train.members > 1:
             results[str(k)] = fit_members(cfg, task, ds, k, fold_dir, resume, console)
             if console is not None and results[str(k)]:
@@ -62,6 +87,8 @@ def train(config_path: str | Path, fold: str | int = "0", overrides: dict[str, s
         else:
             fit_fold(cfg, task, ds, k, fold_dir, resume, console)
             results[str(k)] = _best_scores(fold_dir, selection_metric(task))
+        if _rank() == 0:
+            RunDir.mark(fold_dir, finished=True, fold=str(k))
     if str(fold) == "all" and _rank() == 0:
         summary = _cv_summary(results, task.classes, selection_metric(task), task.score)
         atomic_write_text(rd.cv_summary_path, json.dumps(summary, indent=1))

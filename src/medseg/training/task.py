@@ -98,10 +98,8 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, Ta
     )
     try:
         m = create_model(cfg.model.name, task.in_channels, task.out_channels, spatial_dims=task.spatial_dims, **cfg.model.kwargs)
-    except MedsegError as e:
-        raise MedsegError(f"model: {e.problem}", config_path) from None
-    except TypeError as e:
-        raise MedsegError(f"model.kwargs: {e}", config_path) from None
+    except MedsegError as e:  # a misspelt or wrongly typed model.kwargs entry
+        raise MedsegError(e.problem, config_path) from None
     div = int(getattr(m, "required_divisor", 1))
     if cfg.data.size is not None and any(s % div for s in cfg.data.size[-2:] if cfg.data.mode != "3d") :
         raise MedsegError(f"data.size {cfg.data.size} must be divisible by {div} for model {cfg.model.name!r}", config_path)
@@ -111,10 +109,10 @@ def check_task(cfg: ExperimentConfig, config_path: Path | None) -> tuple[Any, Ta
         raise MedsegError(f"slices are {ds.cases[0].shape[2]}x{ds.cases[0].shape[3]}, not divisible by {div} for model "
                           f"{cfg.model.name!r}: set data.size (a crop, or with data.resize a resize)", config_path)
 
-    try:
+    try:  # builds each term and computes it once: a wrongly typed kwarg fails here, not in the first step
         build_loss(cfg.loss, ds.class_kind, ds.classes, ds.fingerprint)
     except MedsegError as e:
-        raise MedsegError(f"loss: {e.problem}", config_path) from None
+        raise MedsegError(e.problem if e.problem.startswith("loss") else f"loss: {e.problem}", config_path) from None
     return ds, task
 
 def task_score_name(ds: Any) -> str | None:

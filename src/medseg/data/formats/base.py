@@ -7,6 +7,8 @@ Every reader returns arrays in one convention so the later stages never care whe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
@@ -14,7 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
+from medseg.text import plural
 
 ClassKind = Literal["multiclass", "multilabel"]
 
@@ -76,6 +79,76 @@ class CaseData:
             raise MedsegError(f"{len(self.slices)} slice names for {self.image.shape[0]} slices", where)
 
 
+def finite_image(image: np.ndarray, rule: str, case: CaseSpec, where: str | Path) -> np.ndarray:
+    """``image`` when every voxel is finite; else an error naming the slice's file (rule ``error``), or
+    a copy with NaN/Inf replaced by 0 (``zero``) or the channel's finite minimum (``min``) and a warning.
+    One bad voxel would otherwise turn a whole case's normalisation, and so its prediction, into NaN."""
+    if image.dtype.kind not in "fc":
+        return image
+    bad = ~np.isfinite(image)
+    n = int(bad.sum())
+    if n == 0:
+        return image
+    z = int(np.flatnonzero(bad.any(axis=(1, 2, 3)))[0])
+    files = case.sources.get("images") if isinstance(case.sources, dict) else None
+    named = files[z] if isinstance(files, list) and len(files) == image.shape[0] else where
+    what = f"{plural(n, 'non-finite voxel')} (NaN or Inf) in the image" + (f", first in slice {z + 1}"
+                                                                            if named == where and image.shape[0] > 1 else "")
+    if rule == "error":
+        raise MedsegError(what, named, hint="-o nonfinite=zero or nonfinite=min replaces them")
+    out = np.array(image, copy=True)
+    for c in range(out.shape[1]):
+        ch, m = out[:, c], bad[:, c]
+        if m.any():
+            finite = ch[~m]
+            ch[m] = 0 if rule == "zero" or finite.size == 0 else finite.min()
+    warn(f"{what}: replaced by {'0' if rule == 'zero' else 'the channel minimum'} (nonfinite={rule})", named)
+    return out
+
+
+def report_unread(spec: DatasetSpec, companions: tuple[str, ...], limit: int = 200_000) -> list[Path]:
+    """One warning naming the files under the layout's root that no case reads (a stray scan, a file in
+    another format, a mistyped name): a reader that skips a file says so. Hidden files and ``companions``
+    (globs of a file's name or its path under the root) are not counted."""
+    import fnmatch
+    import os
+
+    root = Path(spec.root)
+    if not root.is_dir():
+        return []
+    used: set[str] = set()
+
+    def collect(v: Any) -> None:
+        if isinstance(v, (str, Path)):
+            used.add(os.path.normpath(os.path.abspath(v)))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                collect(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+
+    for c in spec.cases:
+        collect(c.sources)
+    unread: list[Path] = []
+    seen = 0
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            seen += 1
+            if seen > limit or f.startswith("."):
+                continue
+            p = os.path.normpath(os.path.abspath(os.path.join(dirpath, f)))
+            rel = os.path.relpath(p, root)
+            if p in used or any(fnmatch.fnmatch(f, g) or fnmatch.fnmatch(rel, g) for g in companions):
+                continue
+            unread.append(Path(rel))
+    if unread:
+        shown = ", ".join(map(str, unread[:5])) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        warn(f"{plural(len(unread), 'file')} not read (not part of the {spec.format} layout): {shown}", root)
+    return unread
+
+
 def binary_mask(m: np.ndarray, where: str | Path) -> np.ndarray:
     """A binary mask stored as {0, 255} or {0, 1} (copies of a data set differ) as bool; any other set of
     values is an error naming the file and the values found, never a guess."""
@@ -129,11 +202,29 @@ def case_path(case: CaseSpec, spec: DatasetSpec) -> str:
     return str(spec.root)
 
 
+_JOURNALS: list[set[Path]] = []
+
+
 def expect_prediction(path: Path, case_id: str, what: str = "") -> Path:
-    """``path`` if it exists, else the error that the case has no prediction (naming its folder)."""
+    """``path`` if it exists, else the error that the case has no prediction (naming its folder). Every
+    reader finds its prediction files through here, so ``prediction_journal`` knows which files were read."""
     if not path.is_file():
         raise MedsegError(f"no prediction for case {case_id}{what} (expected {path.name})", path.parent)
+    for j in _JOURNALS:
+        j.add(Path(path).resolve())
     return path
+
+
+@contextmanager
+def prediction_journal() -> Iterator[set[Path]]:
+    """The prediction files ``expect_prediction`` hands out within the block (``evaluate`` names the files
+    of a predictions folder that no truth case read)."""
+    seen: set[Path] = set()
+    _JOURNALS.append(seen)
+    try:
+        yield seen
+    finally:
+        _JOURNALS.remove(seen)
 
 
 def check_2d(m: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
@@ -157,8 +248,15 @@ class Reader(ABC):
     # files write_prediction builds up over all cases (appended per case): replaced whole by predict --overwrite
     aggregate_files: ClassVar[tuple[str, ...]] = ()
 
+    # files a layout holds beside its cases (lists, metadata, a data set's README): never reported unread
+    companions: ClassVar[tuple[str, ...]] = ("*.md", "*.txt", "*.json", "*.csv", "*.pdf", "LICENSE*", "Thumbs.db")
+    # label files of the layout (glob of the path under ROOT): not read when predicting, and not reported then
+    label_files: ClassVar[tuple[str, ...]] = ()
+
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
+        # NaN or Inf voxels: refused (error), or replaced by 0 (zero) or the channel's finite minimum (min)
+        nonfinite: Literal["error", "zero", "min"] = "error"
 
     def __init__(self, **options: Any):
         try:
@@ -174,6 +272,24 @@ class Reader(ABC):
     @abstractmethod
     def load(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
         """Read one case's arrays; raise MedsegError naming the file if it cannot be read."""
+
+    # what every stage calls: the reader's own methods, then the checks no reader may skip
+    def survey(self, root: Path, require_masks: bool = True) -> DatasetSpec:
+        """``scan``, then one warning naming the files under ``root`` that no case uses."""
+        spec = self.scan(root, require_masks)
+        report_unread(spec, self.companions + (() if require_masks else self.label_globs()))
+        return spec
+
+    def label_globs(self) -> tuple[str, ...]:
+        return self.label_files
+
+    def read(self, spec: DatasetSpec, case: CaseSpec) -> CaseData:
+        """``load``, then the shape checks and the non-finite rule (option ``nonfinite``)."""
+        data = self.load(spec, case)
+        where = case_path(case, spec)
+        data.check(where)
+        data.image = finite_image(data.image, self.options.nonfinite, case, where)
+        return data
 
     @classmethod
     def sniff(cls, path: Path) -> int:

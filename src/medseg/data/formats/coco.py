@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -234,13 +235,54 @@ def _read_coco(ann_path: Path) -> tuple[dict[int, dict], dict[int, str], dict[in
             raise MedsegError(f"annotation {a.get('id')} points at image id {a.get('image_id')}, which is not in 'images'", ann_path)
         if a.get("category_id") not in cats:
             raise MedsegError(f"annotation {a.get('id')} has unknown category id {a.get('category_id')}", ann_path)
-        seg = a.get("segmentation")
-        if isinstance(seg, list):
-            for poly in seg:
-                if len(poly) < 6:
-                    raise MedsegError(f"annotation {a.get('id')} has a polygon with {len(poly) // 2} points (< 3)", ann_path)
+        _check_geometry(a, images[a["image_id"]], ann_path)
         anns[a["image_id"]].append(a)
     return images, cats, supers, anns
+
+
+def _numbers(values: Any, what: str, where: Path) -> np.ndarray:
+    """Finite coordinates, or an error: a NaN vertex once made the rasteriser allocate without bound."""
+    try:
+        a = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise MedsegError(f"{what} holds values that are not numbers", where) from None
+    if not np.isfinite(a).all():
+        raise MedsegError(f"{what} has a coordinate that is NaN or infinite", where)
+    return a
+
+
+def _check_geometry(a: dict, im: dict, where: Path) -> None:
+    """Polygons of x, y pairs with at least 3 points and a bbox of 4 numbers, finite, and at least
+    partly inside the image (an annotation wholly outside it would become an empty mask)."""
+    aid = a.get("id")
+    seg = a.get("segmentation")
+    boxes = []
+    if isinstance(seg, list) and seg:
+        if not all(isinstance(p, list) for p in seg):
+            raise MedsegError(f"annotation {aid}: segmentation must be a list of polygons, each a list of x, y "
+                              "coordinates ([[x1, y1, x2, y2, ...]]), or an RLE", where)
+        for poly in seg:
+            xy = _numbers(poly, f"annotation {aid}: polygon", where)
+            if xy.size % 2:
+                raise MedsegError(f"annotation {aid} has a polygon with an odd number of coordinates ({xy.size}): "
+                                  "COCO polygons are x, y pairs", where)
+            if xy.size < 6:
+                raise MedsegError(f"annotation {aid} has a polygon with {xy.size // 2} points (< 3)", where)
+            boxes.append((xy[0::2].min(), xy[1::2].min(), xy[0::2].max(), xy[1::2].max()))
+    elif seg is None or seg == []:
+        if a.get("bbox") is not None:
+            b = _numbers(a["bbox"], f"annotation {aid}: bbox", where)
+            if b.size != 4 or b[2] <= 0 or b[3] <= 0:
+                raise MedsegError(f"annotation {aid} has a bbox {a['bbox']!r}: expected [x, y, width, height] "
+                                  "with a positive width and height", where)
+            boxes.append((b[0], b[1], b[0] + b[2], b[1] + b[3]))
+    w, h = im.get("width"), im.get("height")
+    if boxes and isinstance(w, (int, float)) and isinstance(h, (int, float)):
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+            raise MedsegError(f"annotation {aid} lies wholly outside its {w}x{h} image {im.get('file_name')!r} "
+                              f"(x {x0:g}..{x1:g}, y {y0:g}..{y1:g})", where)
 
 
 def _rasterise(a: dict, h: int, w: int, where: Path) -> np.ndarray:

@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, expect_prediction, patient_of
 from medseg.data.formats.folder import EXTENSIONS, _is_gray, _natural, read_image
-from medseg.data.formats.nifti import (labels_to_mask,
+from medseg.data.formats.nifti_io import (labels_to_mask,
     load_nifti,
     nifti_array,
     read_label_prediction,
@@ -73,6 +73,7 @@ class DicomReader(Reader):
     name = "dicom"
     description = "DICOM series in a folder (recursive), one case per SeriesInstanceUID; masks as NIfTI or image folders"
     patients = "the PatientID tag (patient_regex on the case id overrides it)"
+    companions = ("*",)  # every file is opened; the reader names the objects it does not take
 
     class Options(Reader.Options):
         masks: str | None = None  # folder of <case id>.nii.gz or <case id>/ image folders (relative to ROOT or absolute)
@@ -332,10 +333,10 @@ class DicomReader(Reader):
     def read_prediction(self, root, spec, case, shape):
         seg = Path(root) / f"{case.id}.seg.dcm"
         if seg.is_file():  # written with --as seg
-            return read_seg(seg, case.sources["files"], spec.classes)
+            return read_seg(expect_prediction(seg, case.id), case.sources["files"], spec.classes)
         rt = Path(root) / f"{case.id}.rtstruct.dcm"
         if rt.is_file():  # written with --as rtstruct
-            return read_rtstruct(rt, case.sources["files"], spec.classes)
+            return read_rtstruct(expect_prediction(rt, case.id), case.sources["files"], spec.classes)
         return read_label_prediction(Path(root), spec, case, shape)  # written as NIfTI in the series' geometry
 
     def slice_count(self, spec: DatasetSpec, case: CaseSpec) -> int:

@@ -91,6 +91,7 @@ class FolderReader(Reader):
     name = "folder"
     description = "images/ + masks/ of 2D PNG/JPG/TIF/BMP paired by file stem (binary, label or colour masks)"
     has_spacing = False
+    label_files = ("masks/*",)
     patients = "patient_regex on the file stem; else one patient per case (warned when names look shared)"
 
     class Options(Reader.Options):

@@ -33,6 +33,7 @@ class LGGReader(Reader):
     name = "lgg"
     description = "Kaggle LGG kaggle_3m/: patient folders of <case>_<n>.tif + <case>_<n>_mask.tif (masks 0/255 or 0/1)"
     has_spacing = False
+    label_files = ("*_mask.tif", "*_mask.tiff", "*_mask.TIF")
     patients = "TCGA_<inst>_<id> of the folder name (a patient's dates are one patient)"
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
@@ -50,7 +51,11 @@ class LGGReader(Reader):
                 m = _SLICE.match(f.name)
                 if not m:
                     continue
-                (masks if m["mask"] else images)[int(m["n"])] = f
+                found = masks if m["mask"] else images
+                n = int(m["n"])
+                if n in found:  # _9 and _09: keeping either would silently drop the other
+                    raise MedsegError(f"two files for slice {n} ({found[n].name} and {f.name}); keep one", folder)
+                found[n] = f
             if not images and not masks:
                 continue
             for n in sorted(set(masks) - set(images)):

@@ -18,138 +18,13 @@ from typing import Any
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import (CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, expect_prediction,
-                                     patient_of)
+from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, patient_of
+from medseg.data.formats.nifti_io import (_is_nifti, check_same_grid, labels_to_mask, load_nifti, nifti_array,
+                                          nifti_stem, read_label_prediction, to_zyx, write_label_nifti)
 from medseg.errors import MedsegError
 
 _MODALITY = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
-
-def nifti_stem(p: Path | str) -> str:
-    name = Path(p).name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def _is_nifti(p: Path) -> bool:
-    return p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.startswith((".", "._"))
-
-
-def load_nifti(path: Path | str):
-    """``nib.load`` with a MedsegError naming the file on any failure."""
-    import nibabel as nib
-
-    try:
-        return nib.load(str(path))
-    except Exception as e:
-        raise MedsegError(f"cannot read NIfTI ({type(e).__name__}: {e})", path) from None
-
-
-def nifti_array(img, path: Path | str) -> np.ndarray:
-    try:
-        return np.asanyarray(img.dataobj)
-    except Exception as e:  # truncated gzip, short data, ...
-        raise MedsegError(f"cannot read NIfTI data ({type(e).__name__}: {e})", path) from None
-
-
-def to_zyx(a: np.ndarray) -> np.ndarray:
-    """NIfTI (i, j, k[, c]) -> (z, c, y, x)."""
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim == 3:
-        return a.transpose(2, 1, 0)[:, None]
-    if a.ndim == 4:
-        return a.transpose(2, 3, 1, 0)
-    if a.ndim == 5 and a.shape[3] == 1:  # (x, y, z, t=1, c) as some tools write vector images
-        return a[:, :, :, 0].transpose(2, 3, 1, 0)
-    raise ValueError(f"unsupported NIfTI shape {a.shape}")
-
-
-# Two grids are the same when every entry of their affines agrees to this fraction of the smallest voxel
-# size (ITK's default is 1e-6 of the spacing; headers saved in float32 need more, a real shift is far more).
-GRID_TOLERANCE = 1e-3
-
-
-def check_same_grid(affine: np.ndarray, ref: np.ndarray, zooms: Any, where: Path | str, what: str) -> None:
-    """A label map must lie on its image's voxel grid: a shifted or rotated one labels other anatomy."""
-    tol = GRID_TOLERANCE * max(min(float(z) for z in zooms), 1e-6)
-    diff = np.abs(np.asarray(affine, float) - np.asarray(ref, float))
-    if diff.max() > tol:
-        shift = float(np.linalg.norm(np.asarray(affine, float)[:3, 3] - np.asarray(ref, float)[:3, 3]))
-        raise MedsegError(f"affine differs from {what} (origin {shift:.3g} mm apart, largest entry difference "
-                          f"{diff.max():.3g}; tolerance {tol:.2g}): the label is not on the image's voxel grid", where)
-
-
-def labels_to_mask(lab: np.ndarray, values: list[int], where: Path | str) -> np.ndarray:
-    """(z, y, x) label map -> (z, k, y, x) uint8, one channel per label value."""
-    lab = np.asarray(lab)
-    if lab.dtype.kind == "f":
-        r = np.rint(lab)
-        if not np.array_equal(r, lab):
-            raise MedsegError("label map holds non-integer values", where)
-        lab = r
-    lab = lab.astype(np.int64)
-    extra = sorted(set(np.unique(lab).tolist()) - {0, *values})
-    if extra:
-        raise MedsegError(f"label values {extra[:5]} are not among the known labels {values}", where)
-    return np.stack([(lab == v) for v in values], axis=1).astype(np.uint8)
-
-
-def read_label_prediction(root: Path, spec: DatasetSpec, case: CaseSpec, shape: tuple[int, ...]) -> np.ndarray:
-    """``<case>.nii.gz`` (or ``.nii``) under ``root`` -- a label map as ``write_label_nifti`` writes it -- as
-    ``mask[z, k, h, w]`` with the data set's label values."""
-    p = root / f"{case.id}.nii.gz"
-    if not p.is_file() and (root / f"{case.id}.nii").is_file():
-        p = root / f"{case.id}.nii"
-    expect_prediction(p, case.id)
-    lab = nifti_array(load_nifti(p), p)
-    if lab.ndim == 4 and lab.shape[3] == 1:
-        lab = lab[..., 0]
-    if lab.ndim != 3:
-        raise MedsegError(f"expected a 3D label map, got shape {lab.shape}", p)
-    zyx = to_zyx(lab)[:, 0]
-    if zyx.shape != (shape[0], *shape[2:]):
-        raise MedsegError(f"prediction shape {zyx.shape} (z, y, x) differs from the truth's {(shape[0], *shape[2:])}", p)
-    values = spec.meta.get("label_values") or list(range(1, shape[1] + 1))
-    return labels_to_mask(zyx, values, p)
-
-
-def write_label_nifti(
-    mask: np.ndarray, values: list[int], ref_path: Path | str, out: Path, probabilities: np.ndarray | None = None
-) -> list[Path]:
-    """``mask[z, k, h, w]`` -> a uint8 label map (channel j -> ``values[j]``) with the header and affine
-    of the NIfTI image at ``ref_path`` (and float32 probabilities beside it if given)."""
-    import nibabel as nib
-
-    ref = load_nifti(ref_path)
-    lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
-    for j, v in enumerate(values):
-        lab[mask[:, j] > 0] = v
-    return write_volume_nifti(lab, ref.affine, ref.header, out, probabilities, nib)
-
-
-def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(lab.transpose(2, 1, 0), affine, hdr)
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1.0, 0.0)
-    if hdr is not None:  # keep both codes as the input had them (0 included), so nibabel picks the same affine
-        img.set_qform(affine, int(hdr["qform_code"]))
-        img.set_sform(affine, int(hdr["sform_code"]))
-    img.header.set_intent("label")
-    if hdr is not None and img.header.get_data_shape()[:3] != lab.shape[::-1]:
-        raise MedsegError("prediction shape does not match the reference image", out)
-    nib.save(img, str(out))
-    written = [out]
-    if probabilities is not None:
-        p = out.with_name(nifti_stem(out) + "_prob.nii.gz")
-        prob = nib.Nifti1Image(np.asarray(probabilities, np.float32).transpose(3, 2, 0, 1), affine)
-        nib.save(prob, str(p))
-        written.append(p)
-    return written
 
 
 @FORMATS.register("nifti")
@@ -165,6 +40,9 @@ class NiftiReader(Reader):
         pairs: str | None = None  # a .csv/.json list of (image, label) pairs (relative to ROOT or absolute)
         patient_regex: str | None = None  # first group of the case id = patient (time points of one patient)
 
+
+    def label_globs(self) -> tuple[str, ...]:
+        return (f"{self.options.labels}/*",)
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         root = Path(root)
@@ -204,7 +82,8 @@ class NiftiReader(Reader):
         if not files:
             raise MedsegError("no NIfTI files (.nii, .nii.gz) found", img_dir if root.is_dir() else root)
 
-        labels = {nifti_stem(p): p for p in lab_dir.iterdir() if _is_nifti(p)} if lab_dir else {}
+        labels = _by_stem(sorted(p for p in lab_dir.iterdir() if _is_nifti(p))) if lab_dir else {}
+        _by_stem(files)  # x.nii beside x.nii.gz: an error, not a silent choice
         groups: dict[str, dict[int, Path]] = {}
         for p in files:
             stem = nifti_stem(p)
@@ -396,6 +275,16 @@ class NiftiReader(Reader):
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
         return write_label_nifti(mask, values, case.sources["image"], Path(out_dir) / f"{case.id}.nii.gz", probabilities)
+
+
+def _by_stem(files: list[Path]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in files:
+        stem = nifti_stem(p)
+        if stem in out:
+            raise MedsegError(f"two files for case {stem!r} ({out[stem].name} and {p.name}); keep one", p.parent)
+        out[stem] = p
+    return out
 
 
 def _read_pairs(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
