@@ -823,9 +823,11 @@ def _dicom_rtstruct_of_another_series(tmp):
     f = write_rtstruct(spec.cases[0].sources["files"], r.load(spec, spec.cases[0]).mask, spec.classes, study / "rt.dcm")
     ds = pydicom.dcmread(f)
     ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3"
+    for i, c in enumerate(c for rc in ds.ROIContourSequence for c in rc.ContourSequence):
+        c.ContourImageSequence[0].ReferencedSOPInstanceUID = f"1.2.3.{i}"  # drawn on that other series
     ds.save_as(f)
-    return Case(["prepare", "dicom", study, tmp / "out", "--labels", "rtstruct"], f, "references series 1.2.3",
-                absent=[tmp / "out"])
+    return Case(["prepare", "dicom", study, tmp / "out", "--labels", "rtstruct"], f,
+                "references series 1.2.3, which is not among the image series found", absent=[tmp / "out"])
 
 
 def _dicom_series_without_its_seg(tmp):

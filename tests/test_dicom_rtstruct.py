@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES, dciodvfy_errors
 from medseg.data.formats import get_reader
 from medseg.data.formats.dicom_rtstruct import read_rtstruct, slice_contours, write_rtstruct
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, MedsegWarning
 
 DICOM = FIXTURES / "dicom"
 
@@ -25,12 +25,12 @@ def series():
 
 
 def test_self_intersection():
-    from medseg.data.formats.dicom_rtstruct import self_intersects
+    from medseg.data.formats.dicom_rtstruct import crossing_loops
 
     square = np.array([[0, 0], [0, 2], [2, 2], [2, 0]], float)
-    assert not self_intersects(square)
-    assert self_intersects(square[[0, 2, 1, 3]])  # a bow tie
-    assert not any(self_intersects(c) for c in slice_contours(np.pad(np.ones((5, 7), np.uint8), 2)))
+    assert crossing_loops(square) is None
+    assert crossing_loops(square[[0, 2, 1, 3]]) > 0  # a bow tie
+    assert all(crossing_loops(c) is None for c in slice_contours(np.pad(np.ones((5, 7), np.uint8), 2)))
 
 
 def test_contours_of_a_square_run_half_way_between_pixel_centres():
@@ -171,7 +171,13 @@ def test_label_objects_that_fit_no_series_are_named(tmp_path):
     ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     ref.SeriesInstanceUID = "1.2.3.4.5"
     ds.save_as(f)
-    with pytest.raises(MedsegError, match=r"RTSTRUCT references series 1.2.3.4.5, which is not in"):
+    with pytest.warns(MedsegWarning, match=r"names series 1.2.3.4.5, which is not here, but its references point at "
+                                           r"instances of series 'hippo t1': labelled that one"):
+        assert len(get_reader("dicom", labels="rtstruct").scan(study).cases) == 1
+    for i, c in enumerate(c for rc in ds.ROIContourSequence for c in getattr(rc, "ContourSequence", [])):
+        c.ContourImageSequence[0].ReferencedSOPInstanceUID = f"1.2.3.{i}"
+    ds.save_as(f)
+    with pytest.raises(MedsegError, match=r"RTSTRUCT references series 1.2.3.4.5, which is not among the image series"):
         get_reader("dicom", labels="rtstruct").scan(study)
     f.unlink()
     with pytest.raises(MedsegError, match="has no RTSTRUCT file referencing it"):

@@ -307,6 +307,9 @@ def prepare(
                 k=min(folds, n_patients),
                 seed=seed,
             )
+        elif spec.has_masks:  # one patient: nothing to validate on, but --fold full trains on it
+            warn(f"the data set has one patient ({spec.cases[0].patient}): no validation folds; train it with --fold full")
+            splits = {"k": 0, "seed": seed, "grouped_by": "patient", "folds": []}
         return writer.finish(info, splits)
     except KeyboardInterrupt:
         # kept: the next run with the same input resumes from the cases written so far

@@ -127,6 +127,8 @@ def folds_of(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
     except MedsegError:
         raise MedsegError("the prepared dataset has no splits.json (fewer than 2 patients?)", ds.root) from None
     if str(fold) == "all":
+        if n == 0:
+            raise MedsegError("the prepared dataset has no validation folds (one patient): train with --fold full", ds.root)
         return list(range(n))
     if str(fold) == "full":
         return ["full"]
@@ -134,6 +136,8 @@ def folds_of(ds: Any, fold: str | int, config_path: Path | None) -> list[int]:
         k = int(fold)
     except ValueError:
         raise MedsegError(f"--fold must be an index, 'all' or 'full', got {fold!r}", config_path) from None
+    if n == 0:
+        raise MedsegError("the prepared dataset has no validation folds (one patient): train with --fold full", ds.root)
     if not 0 <= k < n:
         raise MedsegError(f"fold {k} is out of range: the prepared dataset has folds 0..{n - 1}", ds.root)
     return [k]

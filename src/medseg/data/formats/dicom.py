@@ -13,11 +13,13 @@ Training masks live in the folder of option ``masks``, one per case (series), ei
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
+from pydantic import Field
 
 from medseg.data.formats import FORMATS
 from medseg.data.formats.base import CaseData, CaseSpec, ClassNames, DatasetSpec, Reader, expect_prediction, patient_of
@@ -28,12 +30,12 @@ from medseg.data.formats.nifti_io import (labels_to_mask,
     read_label_prediction,
     to_zyx,
     write_volume_nifti)
-from medseg.data.formats.dicom_rtstruct import read_rtstruct, write_rtstruct
+from medseg.data.formats.dicom_objects import (LABEL_MODALITIES, check_even, class_map, label_names, not_an_image,
+                                               referenced_series, series_affine, series_info, skipped_line)
+from medseg.data.formats.dicom_rtstruct import CROSSING_TOLERANCE, read_rtstruct, write_rtstruct
 from medseg.data.formats.dicom_seg import read_seg, write_seg
 from medseg.errors import MedsegError, warn
-from medseg.text import plural
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _safe_id(text: str) -> str:
@@ -55,19 +57,6 @@ def is_dicom(f: Path) -> bool:
         return False
 
 
-def series_affine(first_pos: np.ndarray, last_pos: np.ndarray, n: int, row_cos: np.ndarray, col_cos: np.ndarray,
-                  pixel_spacing: tuple[float, float], thickness: float) -> np.ndarray:
-    """RAS affine of the NIfTI array (i = column, j = row, k = slice in sorted order)."""
-    normal = np.cross(row_cos, col_cos)
-    step = (last_pos - first_pos) / (n - 1) if n > 1 else normal * thickness
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * pixel_spacing[1]  # along a row = increasing column index
-    lps[:3, 1] = col_cos * pixel_spacing[0]
-    lps[:3, 2] = step
-    lps[:3, 3] = first_pos
-    return _LPS_TO_RAS @ lps
-
-
 @FORMATS.register("dicom")
 class DicomReader(Reader):
     name = "dicom"
@@ -83,6 +72,11 @@ class DicomReader(Reader):
         rois: Optional[str] = None  # class:Name|Other,class2:Name2 (labels=seg|rtstruct); default: every name is a class
         write_as: Literal["nifti", "seg", "rtstruct"] = "nifti"  # predictions: NIfTI in the series' geometry, DICOM SEG or RTSTRUCT
         algorithm: str = "medseg"  # the model named in a SEG's algorithm identification
+        # labels=rtstruct: a contour crossing itself is filled even-odd when its loops are at most this many
+        # pixels' area (a warning), else refused
+        crossing_tolerance: float = Field(CROSSING_TOLERANCE, ge=0)
+        # labels=seg: a FRACTIONAL segment is foreground where its value is at least this (a warning)
+        seg_threshold: float = Field(0.5, gt=0, le=1)
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
         import pydicom
@@ -94,28 +88,35 @@ class DicomReader(Reader):
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
         series: dict[str, list[tuple[Path, Any]]] = {}
         label_files: list[tuple[Path, Any]] = []
-        skipped: list[Path] = []
+        skipped: list[tuple[Path, str]] = []  # named in one warning at the end
         last_error: Exception | None = None
         for f in files:
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True)
             except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
-                skipped.append(f)
                 last_error = e
+                if not any(fnmatch.fnmatch(f.name, g) for g in Reader.companions):  # a README beside the export
+                    skipped.append((f, "not DICOM"))
                 continue
-            if str(getattr(ds, "Modality", "")) in ("SEG", "RTSTRUCT"):
+            if str(getattr(ds, "Modality", "")) in LABEL_MODALITIES:
                 label_files.append((f, ds))  # labels, not an image series
                 continue
-            uid = getattr(ds, "SeriesInstanceUID", None)
-            if uid is None or "PixelSpacing" not in ds and "ImagePositionPatient" not in ds and "Rows" not in ds:
-                skipped.append(f)  # DICOMDIR, structured reports, ...: not image slices
+            why = not_an_image(ds)  # plans, doses, portal images, scouts, ...: beside the images, not images
+            if why is not None:
+                skipped.append((f, why))
                 continue
-            series.setdefault(str(uid), []).append((f, ds))
+            series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+        for f, why in skipped:  # a slice without a place in space among its series' other slices: a broken series
+            if "slice without" in why:
+                uid = str(getattr(pydicom.dcmread(f, stop_before_pixels=True), "SeriesInstanceUID", ""))
+                if uid in series:
+                    name = str(getattr(series[uid][0][1], "SeriesDescription", "") or uid)
+                    raise MedsegError(f"series {name!r}: {why.split(' slice ', 1)[-1].replace('without', 'slice has no', 1)}", f)
         if not series:
-            if len(skipped) == 1:
-                why = f" ({type(last_error).__name__}: {last_error})" if last_error else ""
-                raise MedsegError(f"not a DICOM image file{why}", skipped[0])
-            raise MedsegError("no DICOM image series found", root)
+            if len(files) == 1:
+                why = f" ({type(last_error).__name__}: {last_error})" if last_error else f" ({skipped[0][1]})" if skipped else ""
+                raise MedsegError(f"not a DICOM image file{why}", files[0])
+            raise MedsegError("no DICOM image series found" + (f"; {skipped_line(root, skipped)}" if skipped else ""), root)
 
         cases: list[CaseSpec] = []
         used: set[str] = set()
@@ -135,7 +136,9 @@ class DicomReader(Reader):
         classes: list[str] = []
         values: list[int] = []
         if require_masks and self.options.labels:
-            return self._scan_label_objects(root, cases, label_files)
+            return self._scan_label_objects(root, cases, label_files, series, skipped)
+        skipped += [(f, f"{ds.Modality}: labels, not read {'when predicting' if not require_masks else 'with masks='}")
+                    for f, ds in label_files]
         if require_masks:
             if not self.options.masks:
                 raise MedsegError(
@@ -157,11 +160,16 @@ class DicomReader(Reader):
                 elif (mdir / c.id).is_dir():
                     c.sources["mask_images"], c.sources["mask_binary"], vals = _mask_images(mdir / c.id, c.sources["files"])
                     found |= vals
-                else:
-                    raise MedsegError(
-                        f"series {c.id!r} has no mask (expected {mdir / (c.id + '.nii.gz')} or a folder {mdir / c.id}/)",
-                        c.sources["files"][0],
-                    )
+                else:  # a scout or a second series of the export: named in the warning, not read
+                    skipped.append((Path(c.sources["files"][0]).parent, f"image series {c.id!r} has no mask "
+                                    f"{mdir.name}/{c.id}.nii.gz or {mdir.name}/{c.id}/"))
+            masked = [c for c in cases if "mask" in c.sources or "mask_images" in c.sources]
+            if not masked:
+                c = cases[0]
+                who = f"series {c.id!r} has" if len(cases) == 1 else f"none of the {len(cases)} image series has"
+                raise MedsegError(f"{who} no mask (expected {mdir / (c.id + '.nii.gz')} or a folder {mdir / c.id}/)",
+                                  c.sources["files"][0])
+            cases = masked
             k = max(found - {0}, default=0)
             if k == 0:
                 raise MedsegError("no foreground label in any mask", mdir)
@@ -172,6 +180,8 @@ class DicomReader(Reader):
                 classes = list(self.options.classes)
             else:
                 classes = [f"label_{v}" for v in values]
+        if skipped:
+            warn(skipped_line(root, skipped), root)
         return DatasetSpec(
             format=self.name,
             root=str(root),
@@ -184,64 +194,49 @@ class DicomReader(Reader):
             meta={"label_values": values},
         )
 
-    def _class_names(self, found: list[str]) -> tuple[list[str], dict[str, str]]:
-        """(classes, ROI or segment name -> class) from option ``rois`` or, without it, every name found."""
-        if not self.options.rois:
-            return sorted(set(found)), {n: n for n in found}
-        classes, names = [], {}
-        for part in self.options.rois.split(","):
-            cls, sep, aliases = part.partition(":")
-            if not cls.strip():
-                raise MedsegError(f"option rois: {part!r} is not class:Name|Other")
-            classes.append(cls.strip())
-            for a in (aliases.split("|") if sep else [cls]):
-                names[a.strip()] = cls.strip()
-        return classes, names
-
-    def _scan_label_objects(self, root: Path, cases: list[CaseSpec], label_files: list[tuple[Path, Any]]) -> DatasetSpec:
-        """Labels as SEG or RTSTRUCT files beside the series: each matched to the series it references."""
+    def _scan_label_objects(self, root: Path, cases: list[CaseSpec], label_files: list[tuple[Path, Any]],
+                            series: dict[str, list[tuple[Path, Any]]], skipped: list[tuple[Path, str]]) -> DatasetSpec:
+        """Labels as SEG or RTSTRUCT files beside the series, each matched to the series it references
+        (``dicom_objects.referenced_series``); image series without one are skipped, named in the warning."""
         kind = "SEG" if self.options.labels == "seg" else "RTSTRUCT"
         by_uid = {c.sources["series_uid"]: c for c in cases}
+        info = {uid: series_info(items) for uid, items in series.items()}
         found: list[str] = []
+        notes: list[str] = []
         for f, ds in label_files:
             if str(ds.Modality) != kind:
+                skipped.append((f, f"{ds.Modality}: labels of the other kind (labels={self.options.labels})"))
                 continue
-            try:
-                if kind == "SEG":
-                    uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-                    found += [str(x.SegmentLabel) for x in ds.SegmentSequence]
-                else:
-                    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-                    uid = str(ref.RTReferencedSeriesSequence[0].SeriesInstanceUID)
-                    found += [str(x.ROIName) for x in ds.StructureSetROISequence]
-            except (AttributeError, IndexError) as e:
-                raise MedsegError(f"{kind} names no referenced series ({e})", f) from None
-            case = by_uid.get(uid)
-            if case is None:
-                raise MedsegError(f"{kind} references series {uid}, which is not in {root}", f)
+            case = by_uid[referenced_series(ds, f, info)]
+            names, more = label_names(ds, f, mapped=bool(self.options.rois))
+            found += names
+            notes += more
             if "labels_file" in case.sources:
                 raise MedsegError(f"two {kind} files for series {case.id!r}: {case.sources['labels_file']} and this one", f)
             case.sources["labels_file"] = str(f)
-        missing = [c for c in cases if "labels_file" not in c.sources]
-        if missing:
-            raise MedsegError(f"series {missing[0].id!r} has no {kind} file referencing it", missing[0].sources["files"][0])
-        classes, names = self._class_names(found)
+        labelled = [c for c in cases if "labels_file" in c.sources]
+        if not labelled and len(cases) == 1:
+            raise MedsegError(f"series {cases[0].id!r} has no {kind} file referencing it", cases[0].sources["files"][0])
+        if not labelled:
+            raise MedsegError(f"no {kind} file references any of the {len(cases)} image series "
+                              f"({', '.join(c.id for c in cases)})", root)
+        skipped += [(Path(c.sources["files"][0]).parent, f"image series {c.id!r} of {len(c.sources['files'])} slices "
+                     f"has no {kind}") for c in cases if "labels_file" not in c.sources]
+        classes, names = class_map(self.options.rois, found, root)
         left = sorted(set(found) - set(names))
         if left:
-            warn(f"{kind} names not in option rois, left out: {', '.join(left)}", root)
+            notes.append(f"{kind} names not in option rois, left out: {', '.join(left)}")
+        if skipped:
+            notes.insert(0, skipped_line(root, skipped))
+        if notes:
+            warn("; ".join(notes), root)
         return DatasetSpec(format=self.name, root=str(root), channels=["image"], classes=classes,
-                           class_kind="multilabel", spatial_dims=3, cases=cases, has_masks=True,
+                           class_kind="multilabel", spatial_dims=3, cases=labelled, has_masks=True,
                            meta={"label_names": names})
 
     def _series_geometry(self, uid: str, items: list[tuple[Path, Any]]) -> dict[str, Any]:
         """Sort a series' slices along the normal; check sizes; compute spacing and the affine."""
         label = str(getattr(items[0][1], "SeriesDescription", "") or uid)
-        for f, ds in items:
-            if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-                raise MedsegError(f"series {label!r}: multi-frame DICOM is not supported", f)
-            for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-                if tag not in ds:
-                    raise MedsegError(f"series {label!r}: slice has no {tag}", f)
         sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
         if len(sizes) > 1:
             raise MedsegError(f"series {label!r} has slices of different sizes {sorted(sizes)}", items[0][0].parent)
@@ -257,7 +252,7 @@ class DicomReader(Reader):
         ps = tuple(float(v) for v in order[0][1].PixelSpacing)
         thick = float(getattr(order[0][1], "SliceThickness", 0) or 0) or 1.0
         z = float(np.median(np.diff(dist))) if len(dist) > 1 else thick
-        _check_even(label, order, dist, z)
+        check_even(label, order, dist, z)
         aff = series_affine(pos[order[0][0]], pos[order[-1][0]], len(order), row_cos, col_cos, ps, thick)
         return {
             "image": str(order[0][0]),
@@ -294,8 +289,11 @@ class DicomReader(Reader):
         affine = np.array(case.sources["affine"])
         mask = None
         if case.sources.get("labels_file"):
-            read = read_seg if self.options.labels == "seg" else read_rtstruct
-            mask = read(case.sources["labels_file"], case.sources["files"], spec.classes, spec.meta.get("label_names"))
+            f, files, names = case.sources["labels_file"], case.sources["files"], spec.meta.get("label_names")
+            if self.options.labels == "seg":
+                mask = read_seg(f, files, spec.classes, names, self.options.seg_threshold)
+            else:
+                mask = read_rtstruct(f, files, spec.classes, names, self.options.crossing_tolerance)
         elif case.sources.get("mask"):
             mp = case.sources["mask"]
             mimg = load_nifti(mp)
@@ -363,31 +361,6 @@ class DicomReader(Reader):
         return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib)
 
 
-# Slice steps may differ from the median by this fraction (rounding in the scanner's positions) before
-# the series counts as uneven: an affine with one step would place the other slices wrongly.
-_STEP_TOLERANCE = 0.1
-
-
-def _check_even(label: str, order: list[tuple[Path, Any]], dist: np.ndarray, step: float) -> None:
-    """A missing slice (a step of about twice the others) or uneven steps are errors naming the series:
-    one affine for the whole series would stretch the volume while ``spacing`` says otherwise."""
-    if len(dist) < 3:
-        return
-    steps = np.diff(dist)
-    off = np.flatnonzero(np.abs(steps - step) > _STEP_TOLERANCE * step)
-    if not off.size:
-        return
-    i = int(off[0])
-    n_missing = int(round(steps[i] / step)) - 1
-    folder = Path(order[0][0]).parent
-    if n_missing >= 1 and abs(steps[i] - (n_missing + 1) * step) <= _STEP_TOLERANCE * step:
-        where = ", ".join(f"{dist[i] + (m + 1) * step:.2f}" for m in range(min(n_missing, 3)))
-        raise MedsegError(f"series {label!r} is missing {plural(n_missing, 'slice')}: "
-                          f"nothing at {where} mm along the slice normal, between {Path(order[i][0]).name} and "
-                          f"{Path(order[i + 1][0]).name} (slice step {step:.3g} mm)", folder)
-    raise MedsegError(f"series {label!r} has uneven slice steps ({steps.min():.3g} to {steps.max():.3g} mm, "
-                      f"first between {Path(order[i][0]).name} and {Path(order[i + 1][0]).name}); "
-                      "medseg reads evenly spaced series only", folder)
 
 
 def _mask_images(folder: Path, dicom_files: list[str]) -> tuple[list[str], bool, set[int]]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from medseg.atomic import atomic_path
 from medseg.errors import MedsegError, warn
+from medseg.text import plural
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired), the referenced-study class used by RTSTRUCTs
@@ -53,23 +54,43 @@ def slice_contours(m: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def self_intersects(pts: np.ndarray) -> bool:
-    """Whether a closed polygon [n, 2] crosses itself: two edges that are not neighbours properly cross
-    (vectorised over all pairs; contours of up to a few thousand points)."""
-    a, b = pts, np.roll(pts, -1, axis=0)
-    n = len(pts)
-    if n < 4:
-        return False
+def crossing_loops(pts: np.ndarray) -> float | None:
+    """None for a closed polygon [n, 2] that does not cross (or touch) itself; else the area (in the
+    points' units squared) of the largest loop its crossings cut off: of every face of its arrangement but
+    the largest (0 for a contour that runs back along itself). GEOS's sweep: O(n log n) time and O(n)
+    memory, for contours of any length."""
+    import shapely
 
-    def orient(p, q, r):
-        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+    ring = np.vstack([pts, pts[:1]])
+    line = shapely.LineString(ring)
+    if shapely.is_simple(line):
+        return None
+    faces = shapely.get_parts(shapely.polygonize(shapely.get_parts(shapely.union_all(line))))
+    areas = sorted((float(f.area) for f in faces), reverse=True)
+    return areas[1] if len(areas) > 1 else 0.0
 
-    i, j = np.triu_indices(n, k=2)
-    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
-    i, j = i[keep], j[keep]
-    o1, o2 = orient(a[i], b[i], a[j]), orient(a[i], b[i], b[j])
-    o3, o4 = orient(a[j], b[j], a[i]), orient(a[j], b[j], b[i])
-    return bool(np.any((o1 * o2 < 0) & (o3 * o4 < 0)))
+
+def fill_contour(pts: np.ndarray, h: int, w: int) -> tuple[slice, slice, np.ndarray] | None:
+    """The pixel centres inside a closed polygon [n, 2] (row, column) by the even-odd rule, on its bounding
+    box: (rows, columns, bool mask), None when no centre is inside. A scan line per pixel row: each edge
+    that crosses it (half-open in the row, so a vertex on the line counts once) toggles every centre to
+    the right of the crossing; the same centres as a point-in-polygon test of each centre."""
+    r, c = pts[:, 0], pts[:, 1]
+    r2, c2 = np.roll(r, -1), np.roll(c, -1)
+    r0, r1 = max(0, int(np.ceil(r.min()))), min(h - 1, int(np.floor(r.max())))
+    c0, c1 = max(0, int(np.ceil(c.min()))), min(w - 1, int(np.floor(c.max())))
+    if r0 > r1 or c0 > c1:
+        return None
+    rows = np.arange(r0, r1 + 1, dtype=np.float64)[:, None]
+    lo, hi = np.minimum(r, r2)[None], np.maximum(r, r2)[None]
+    row_i, edge = np.nonzero((rows >= lo) & (rows < hi))
+    t = (rows[row_i, 0] - r[edge]) / (r2[edge] - r[edge])  # never 0/0: a horizontal edge crosses no row
+    x = c[edge] + t * (c2[edge] - c[edge])
+    start = np.clip(np.floor(x).astype(np.int64) + 1 - c0, 0, c1 - c0 + 1)  # first centre right of the crossing
+    toggles = np.zeros((r1 - r0 + 1, c1 - c0 + 2), np.int32)
+    np.add.at(toggles, (row_i, start), 1)
+    inside = (np.cumsum(toggles, axis=1)[:, :-1] & 1).astype(bool)
+    return slice(r0, r1 + 1), slice(c0, c1 + 1), inside
 
 
 def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes: Sequence[str], out: str | Path,
@@ -162,13 +183,33 @@ def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes
     return out
 
 
+def point_rois(ds) -> dict[int, str]:
+    """{ROI number: name} of the ROIs that mark points (an isocentre, a marker): every contour POINT, or
+    interpreted as MARKER / ISOCENTER / REGISTRATION. They enclose no area, so they are no class."""
+    names = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])}
+    out = {}
+    for o in getattr(ds, "RTROIObservationsSequence", []) or []:
+        if str(getattr(o, "RTROIInterpretedType", "")).upper() in ("MARKER", "ISOCENTER", "REGISTRATION"):
+            n = int(o.ReferencedROINumber)
+            out[n] = names.get(n, str(n))
+    for rc in getattr(ds, "ROIContourSequence", []) or []:
+        items = list(getattr(rc, "ContourSequence", []) or [])
+        if items and all(str(getattr(c, "ContourGeometricType", "")) == "POINT" for c in items):
+            n = int(rc.ReferencedROINumber)
+            out[n] = names.get(n, str(n))
+    return out
+
+
+CROSSING_TOLERANCE = 0.5  # pixels' area: loops of a self-crossing contour up to this are filled even-odd, warned
+
+
 def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str],
-                  names: dict[str, str] | None = None) -> np.ndarray:
+                  names: dict[str, str] | None = None, crossing_tolerance: float = CROSSING_TOLERANCE) -> np.ndarray:
     """The RTSTRUCT's ROIs named like ``classes`` (or mapped through ``names``, ROI name -> class, which
     skips the ROIs it lacks) rasterised onto the series, ``[z, k, h, w]`` uint8; ROIs mapped to one class
-    are merged."""
+    are merged. POINT ROIs are skipped; a contour that crosses itself is filled by the even-odd rule when
+    its loops are at most ``crossing_tolerance`` pixels' area (with a warning), else refused."""
     import pydicom
-    from matplotlib.path import Path as Polygon
 
     path = Path(path)
     try:
@@ -181,8 +222,9 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     if str(sources[0].FrameOfReferenceUID) not in frames:
         raise MedsegError(f"references frame of reference {sorted(frames)[0]}, the series is in "
                           f"{sources[0].FrameOfReferenceUID}", path)
+    points = point_rois(ds)
     index = {c: j for j, c in enumerate(classes)}
-    target = {n: (names.get(r) if names is not None else r) for n, r in rois.items()}
+    target = {n: (names.get(r) if names is not None else r) for n, r in rois.items() if n not in points}
     unknown = [rois[n] for n, c in target.items() if c is not None and c not in index]
     if unknown:
         raise MedsegError(f"ROI {unknown[0]!r} matches no class ({', '.join(classes)})", path)
@@ -190,13 +232,12 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     geo = [_geometry(s) for s in sources]
     uid_z = {str(s.SOPInstanceUID): z for z, s in enumerate(sources)}
     out = np.zeros((len(sources), len(classes), h, w), np.uint8)
-    rr, cc = np.mgrid[:h, :w]
-    centres = np.stack([rr.ravel(), cc.ravel()], 1).astype(np.float64)
+    crossed: list[str] = []
     for rc in ds.ROIContourSequence:
         number = int(rc.ReferencedROINumber)
         name = rois.get(number)
         if target.get(number) is None:
-            continue  # a ROI the class mapping leaves out
+            continue  # a ROI the class mapping leaves out, or a point
         items = list(getattr(rc, "ContourSequence", []) or [])
         if not items:  # an empty structure (a prediction that found none): read as empty, said
             warn(f"ROI {name!r} has no contours: read as empty", path)
@@ -205,11 +246,15 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
         filled = np.zeros((len(sources), h, w), np.uint8)
         for c in items:
             kind = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR"))
+            if kind == "POINT":
+                continue  # a point beside the ROI's areas encloses nothing
             if kind != "CLOSED_PLANAR":
                 raise MedsegError(f"ROI {name!r}: a {kind} contour encloses no area (only CLOSED_PLANAR can be filled)", path)
             xyz = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
             if len(xyz) < 3:
                 raise MedsegError(f"ROI {name!r}: a contour of {len(xyz)} point(s) encloses no area", path)
+            if not np.isfinite(xyz).all():
+                raise MedsegError(f"ROI {name!r}: a contour has a coordinate that is NaN or infinite", path)
             ref = getattr(c, "ContourImageSequence", None)
             if ref:
                 z = uid_z.get(str(ref[0].ReferencedSOPInstanceUID))
@@ -223,17 +268,26 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
             d = xyz - ipp[None]
             off = np.abs(d @ np.cross(xr, yc))
             if off.max() > PLANE_TOLERANCE:
-                raise MedsegError(f"ROI {name!r}: a contour lies {off.max():.2f} mm off slice {z}'s plane", path)
+                raise MedsegError(f"ROI {name!r}: a contour lies {off.max():.2f} mm off slice {z + 1}'s plane", path)
             pts = np.stack([d @ yc / dr, d @ xr / dc], 1)  # (row, column)
-            if len(pts) <= 4000 and self_intersects(pts):
-                raise MedsegError(f"ROI {name!r}: a contour on slice {z} crosses itself", path)
             eps = 0.01  # pixels: the file's 4 decimals of mm; a mask touching the border has contours at -0.5 exactly
             if pts.min() < -0.5 - eps or pts[:, 0].max() > h - 0.5 + eps or pts[:, 1].max() > w - 0.5 + eps:
-                raise MedsegError(f"ROI {name!r}: a contour on slice {z} runs outside the image", path)
-            inside = Polygon(pts).contains_points(centres).reshape(h, w)
-            filled[z] ^= inside.astype(np.uint8)  # even-odd: a contour inside another is a hole
+                raise MedsegError(f"ROI {name!r}: a contour on slice {z + 1} runs outside the image", path)
+            loop = crossing_loops(pts)
+            if loop is not None and loop > crossing_tolerance:
+                raise MedsegError(f"ROI {name!r}: a contour on slice {z + 1} crosses itself, cutting off a loop of "
+                                  f"{loop:.2f} pixels' area (tolerance {crossing_tolerance:g}: option crossing_tolerance)",
+                                  path)
+            if loop is not None:
+                crossed.append(f"{name} slice {z + 1}")
+            f = fill_contour(pts, h, w)
+            if f is not None:
+                filled[z, f[0], f[1]] ^= f[2]  # even-odd: a contour inside another is a hole
         out[:, j] |= filled
+    if crossed:
+        warn(f"{plural(len(crossed), 'contour')} cross themselves in loops under {crossing_tolerance:g} pixels' area, "
+             f"filled by the even-odd rule: {', '.join(crossed[:5])}{' ...' if len(crossed) > 5 else ''}", path)
     return out
 
 
-__all__ = ["write_rtstruct", "read_rtstruct", "slice_contours", "self_intersects"]
+__all__ = ["write_rtstruct", "read_rtstruct", "slice_contours", "crossing_loops", "fill_contour"]

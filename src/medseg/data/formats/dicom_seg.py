@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.atomic import atomic_path
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, warn
 
 _TISSUE = ("85756007", "SCT", "Tissue")
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -72,7 +72,7 @@ def write_seg(source_files: Sequence[str | Path], mask: np.ndarray, classes: Seq
 
 
 def read_seg(path: str | Path, source_files: Sequence[str | Path], classes: Sequence[str],
-             names: dict[str, str] | None = None) -> np.ndarray:
+             names: dict[str, str] | None = None, threshold: float = 0.5) -> np.ndarray:
     """A SEG's segments as ``[z, k, h, w]`` uint8 in the order of ``source_files``, segments matched to
     ``classes`` by label (or through ``names``, label -> class, which skips the labels it lacks); a frame
     that references an instance outside the series, or a label that names no class, is an error naming the file."""
@@ -103,8 +103,13 @@ def read_seg(path: str | Path, source_files: Sequence[str | Path], classes: Sequ
         arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=present, segment_numbers=numbers,
                                                 ignore_spatial_locations=True)
         rows = [uids.index(u) for u in present]
+        fractional = str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL"
+        if fractional:  # probabilities or occupancies in [0, 1]: > 0 would take every faint voxel
+            warn(f"a FRACTIONAL segmentation: foreground where the value is at least {threshold:g} "
+                 "(option seg_threshold)", path)
         for n_i, n in enumerate(numbers):
-            out[rows, index[labels[n]]] |= (arr[..., n_i] > 0).astype(np.uint8)
+            fg = arr[..., n_i] >= threshold if fractional else arr[..., n_i] > 0
+            out[rows, index[labels[n]]] |= fg.astype(np.uint8)
     return out
 
 
