@@ -127,3 +127,11 @@ def test_report_renders_in_chromium(tmp_path: Path):
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert img.shape == (1800, 1280)
     assert img.std() > 20  # not a blank page: text, plots and overlays were drawn
+
+
+def test_the_report_draws_classes_in_the_views_colours():
+    from medseg.evaluation.report import _colours
+    from medseg.evaluation.viewer import COLOURS
+
+    got = _colours(3)
+    assert [tuple(round(v * 255) for v in c) for c in got] == [tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in COLOURS[:3]]

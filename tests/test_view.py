@@ -91,7 +91,9 @@ def _chromium(page: Path, script: str, out: Path) -> dict:
                               "--disable-background-networking", f"--user-data-dir={profile}",
                               "--virtual-time-budget=20000", "--dump-dom", out.as_uri()],
                              capture_output=True, text=True, timeout=180).stdout
-    res = json.loads(dom.split('<pre id="test-out">')[1].split("</pre>")[0].replace("&quot;", '"'))
+    import html
+
+    res = json.loads(html.unescape(dom.split('<pre id="test-out">')[1].split("</pre>")[0]))
     assert "err" not in res, res["err"]
     return res
 
@@ -102,7 +104,7 @@ def test_the_page_in_chromium_sorts_opens_scrolls_and_toggles(planted, tmp_path)
     edge = np.argwhere(PreparedDataset.open(planted / "truth").mask("case01")[1, 0])[0]  # topmost disc pixel: an outline
     res = _chromium(planted / "eval" / "view.html", f"""
       V.sortBy('dice'); out.asc = V.rows(); V.sortBy('dice'); out.desc = V.rows();
-      await V.openCase('case00'); out.z0 = V.state.z; V.setSlice(1);
+      await V.openCase('case00'); out.z0 = V.state.p[2]; V.setSlice(1);
       out.on = V.pixel('axial', 1, 1); V.toggle('pred', false); out.off = V.pixel('axial', 1, 1); V.toggle('pred', true);
       out.comps = document.getElementById('comps').textContent;
       out.worst = document.getElementById('worst').textContent;
@@ -119,7 +121,7 @@ def test_the_page_in_chromium_sorts_opens_scrolls_and_toggles(planted, tmp_path)
     r, g, b, _ = res["on"]
     assert r > g + 50 and r > b  # the island, filled with the class's colour
     assert res["off"][0] == res["off"][1] == res["off"][2]  # the grey image beneath once the prediction is hidden
-    assert "FP disc: 9 voxels, slices 1-1" in res["comps"] and "FP disc: 9 voxels" in res["worst"]
+    assert "FP disc: 9 voxels (9.0 mm\u00b3), slices 2-2" in res["comps"] and "FP disc: 9 voxels" in res["worst"]
     assert "FN disc" in res["worst"] and res["coronal"] == [32, 6]
     assert res["edge"][:3] == RED  # the truth's outline drawn over the prediction's fill
     assert res["edge_off"][:3] != RED
@@ -175,3 +177,84 @@ def test_cli_view_of_predictions_over_their_images_without_truth(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2 and "give TRUTH, or --image" in capsys.readouterr().err
+
+
+def _oriented_view(tmp: Path) -> Path:
+    """One 6 x 32 x 32 volume with an identity (RAS) affine: truth in the superior-anterior-right corner
+    (high z, y and x indices), the prediction finding its left half, plus a false-positive island."""
+    from medseg.evaluation.metrics import case_metrics
+    from medseg.evaluation.viewer import ViewWriter, case_metrics_row
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 1000, (6, 1, 32, 32)).astype(np.int16)
+    truth = np.zeros((6, 1, 32, 32), np.uint8)
+    truth[4:6, 0, 24:28, 24:28] = 1
+    pred = np.zeros_like(truth)
+    pred[4:6, 0, 24:28, 24:26] = 1  # TP on x 24-25; x 26-27 missed (FN)
+    pred[1, 0, 2:5, 2:5] = 1  # FP island, posterior-left-inferior
+    w = ViewWriter(["a <b>"], 3)
+    rows = case_metrics(pred, truth, spacing=(1.0, 1.0, 1.0))
+    w.add_case("<img src=x onerror=document.title=42>", "p'1", image, truth, pred, (1.0, 1.0, 1.0),
+               case_metrics_row(rows), affine=np.eye(4))
+    w.add_case("second", "p2", image, truth, truth, (1.0, 1.0, 1.0), case_metrics_row(case_metrics(truth, truth, spacing=(1, 1, 1))),
+               affine=np.eye(4))
+    return w.write(tmp / "v.html", "orientation <script>")
+
+
+def test_the_view_is_oriented_and_safe_with_crosshair_errors_and_strip(tmp_path):
+    """In Chromium: a name with markup runs nothing; with a RAS affine the truth in the superior-anterior-
+    right corner is drawn top-left in axial (R left, A up), top in coronal and sagittal, with the letters
+    where the anatomy is; the crosshair is drawn on its overlay; TP / FP / FN get their colours where they
+    were planted; the per-slice Dice strip and the opening slice follow the errors; sorting shows the worst
+    first; a slider's arrow keys stay the slider's."""
+    page = _oriented_view(tmp_path)
+    bad = "<img src=x onerror=document.title=42>"
+    res = _chromium(page, f"""
+      out.title = document.title; out.imgs = document.querySelectorAll('#cases img, #legend b').length;
+      out.cell = document.querySelector('#cases td').textContent;
+      await V.openCase({json.dumps(bad)});
+      out.opened = V.state.p.slice(); out.strip = V.strip();
+      V.goTo({{x: 25, y: 25, z: 4}});
+      out.ax = V.pixel('axial', 6, 6); out.ax_far = V.pixel('axial', 28, 28);
+      out.cor = V.pixel('coronal', 6, 1); out.sag = V.pixel('sagittal', 6, 1);
+      out.lax = V.letters('axial'); out.lcor = V.letters('coronal'); out.lsag = V.letters('sagittal');
+      const [ci, cj] = V.screenOf('axial', V.state.p); out.cij = [ci, cj];
+      const ov = document.getElementById('cross-axial'), f = ov.width / 32;
+      out.cross_on = V.crossPixel('axial', Math.floor((ci + 0.5) * f), 3); out.cross_off = V.crossPixel('axial', 2, 2);
+      V.toggle('cross', false); out.cross_hidden = V.crossPixel('axial', Math.floor((ci + 0.5) * f), 3);
+      V.mode('errors');
+      out.tp = V.pixel('axial', 6, 6); out.fn = V.pixel('axial', 4, 6);
+      V.goTo({{x: 3, y: 3, z: 1}}); out.fp = V.pixel('axial', 28, 28);
+      out.read = V.readout('axial', 28, 28);
+      V.sortBy('hd95'); out.hd_first = V.rows()[0];
+      out.arrow = document.querySelector('#cases th[data-k="hd95"] .arrow').textContent;
+      const before = V.state.p.slice(), sl = document.getElementById('slice');
+      sl.dispatchEvent(new KeyboardEvent('keydown', {{key: 'ArrowUp', bubbles: true}}));
+      out.kept = JSON.stringify(V.state.p) === JSON.stringify(before);
+      document.body.dispatchEvent(new KeyboardEvent('keydown', {{key: 'ArrowUp', bubbles: true}}));
+      out.moved = V.state.p[2] - before[2];
+    """, tmp_path / "probe.html")
+    assert res["title"] == "orientation <script>" and res["imgs"] == 0 and res["cell"] == bad
+    # opens at slice 2 (index 1): the FP island's 9 voxels are more errors than either slice's 8 missed voxels
+    assert res["opened"] == [3, 3, 1] and res["strip"][:4] == [None, 0.0, None, None]
+    assert 0 < res["strip"][4] < 1
+    red = [230, 25, 75]
+    for got in (res["ax"], res["cor"], res["sag"]):  # x 25 -> column 6 from the left; y 25 -> row 6; z 4 -> row 1
+        assert got[0] > got[1] + 40, got  # filled with the class colour
+    assert res["ax_far"][0] == res["ax_far"][1] == res["ax_far"][2]  # grey: the opposite corner holds nothing
+    assert (res["lax"]["l"]["text"], res["lax"]["r"]["text"], res["lax"]["t"]["text"], res["lax"]["b"]["text"]) == ("R", "L", "A", "P")
+    assert res["lax"]["l"]["x"] < 0.2 and res["lax"]["r"]["x"] > 0.8 and res["lax"]["t"]["y"] < 0.2
+    assert (res["lcor"]["l"]["text"], res["lcor"]["t"]["text"]) == ("R", "S")
+    assert (res["lsag"]["l"]["text"], res["lsag"]["t"]["text"]) == ("A", "S")
+    assert res["cij"] == [6, 6]
+    r, g, b, a = res["cross_on"]
+    assert a > 150 and r > 200 and g > 180 and b < 80
+    assert res["cross_off"][3] == 0 and res["cross_hidden"][3] == 0
+    assert res["tp"][1] > res["tp"][0] + 40 and res["tp"][1] > res["tp"][2]  # green
+    assert res["fn"][2] > res["fn"][0] + 40  # blue: x 27 of the truth, not predicted
+    assert res["fp"][0] > res["fp"][1] + 60 and res["fp"][0] > res["fp"][2] + 60  # red
+    assert "slice 2, row 4, column 4" in res["read"] and "L 3.0, P 3.0, I 1.0 mm" not in res["read"]
+    assert "R 3.0, A 3.0, S 1.0 mm" in res["read"] and "prediction a <b>" in res["read"] and "truth -" in res["read"]
+    assert res["hd_first"] == bad and res["arrow"] == " \u25bc"
+    assert res["kept"] and res["moved"] == 1
+    assert red  # the class colour of the legend is the report's (test_report checks the palette)

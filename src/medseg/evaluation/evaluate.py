@@ -189,13 +189,14 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             for k, cls in enumerate(classes):
                 rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k]})
             if view is not None:
-                view.add_case(case_id, t.patient, case_image(t)[0], t.mask, p, t.spacing, case_metrics_row(crow))
+                view.add_case(case_id, t.patient, case_image(t)[0], t.mask, p, t.spacing, case_metrics_row(crow),
+                              affine=t.affine, slices=t.slices)
             dices = [r["dice"] for r in crow if math.isfinite(r["dice"])]
             if dices:
                 case_score[case_id] = float(np.mean(dices))
             if two_d:
                 so = slice_overlap(p, t.mask, empty=empty)
-                names = t.slices or [str(z) for z in range(p.shape[0])]
+                names = t.slices or [str(z + 1) for z in range(p.shape[0])]  # counted from 1, as the view does
                 for k, cls in enumerate(classes):
                     for m in SLICE_METRICS:
                         slice_vals[cls][m].append(so[m][:, k])

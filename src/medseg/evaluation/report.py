@@ -64,10 +64,10 @@ def _png(fig: Any) -> str:
 
 
 def _colours(n: int) -> list[tuple[float, float, float]]:
-    import matplotlib
+    """The view's palette (one colour per class, the same in report.html and view.html)."""
+    from medseg.evaluation.viewer import COLOURS
 
-    cmap = matplotlib.colormaps["tab10"]
-    return [tuple(cmap(i % 10)[:3]) for i in range(n)]
+    return [tuple(int(h[i:i + 2], 16) / 255 for i in (1, 3, 5)) for h in (COLOURS[j % len(COLOURS)] for j in range(n))]
 
 
 def pick_cases(case_score: dict[str, float]) -> list[tuple[str, str]]:
@@ -266,7 +266,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     for label, cid, score, image, truth, pred in shown:
         src, z = _overlay(label, cid, score, image, truth, pred, classes)
         parts.append(f"<div class='example' data-case='{e(cid)}'><h3>{e(label)}: {e(cid)}</h3>"
-                     f"<p class='meta'>mean Dice over classes {score:.3f}; slice {z} (the one with the most "
+                     f"<p class='meta'>mean Dice over classes {score:.3f}; slice {z + 1} of {len(truth)}, counted from 1 (the one with the most "
                      "foreground in truth and prediction); contours: one colour per class</p>"
                      f"<img alt='{e(label)} case overlay' src='{src}'></div>")
     parts.append("</section>")

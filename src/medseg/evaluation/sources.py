@@ -37,6 +37,20 @@ class TruthCase:
     slices: list[str] | None
     image: Callable[[], np.ndarray]  # lazy [z, c, h, w], only read for the report's overlays
     has_mask: bool = True  # False: images only (``medseg view`` without truth), ``mask`` is all zeros
+    affine: np.ndarray | None = None  # (column, row, slice) index -> RAS mm, when the layout stores one
+
+
+def _grid_affine(rec: Any) -> np.ndarray | None:
+    """A prepared case's affine on its stored grid: the source's, its columns rescaled when prepare resampled
+    the case (directions and origin kept: the view needs orientation, the readout positions to a voxel)."""
+    if rec.affine is None:
+        return None
+    a = np.asarray(rec.affine, float).copy()
+    if rec.native:
+        src = [float(s) for s in rec.native["spacing"]]
+        for col, axis in ((0, 2), (1, 1), (2, 0)):  # affine columns (column, row, slice) <- spacing (z, y, x)
+            a[:3, col] *= float(rec.spacing[axis]) / src[axis]
+    return a
 
 
 class Truth:
@@ -88,7 +102,7 @@ class PreparedTruth(Truth):
         rec = ds.case(case_id)
         return TruthCase(id=rec.id, patient=rec.patient, mask=np.asarray(ds.mask(case_id)),
                          spacing=tuple(float(s) for s in rec.spacing), slices=rec.slices,
-                         image=lambda: np.asarray(ds.image(case_id)))
+                         image=lambda: np.asarray(ds.image(case_id)), affine=_grid_affine(rec))
 
     def native(self):
         if self._native is False:
@@ -145,7 +159,8 @@ class NativeTruth(Truth):
             mask = np.zeros((z, len(self.classes), h, w), np.uint8)
         return TruthCase(id=case_id, patient=self.cases[case_id].patient, mask=mask,
                          spacing=tuple(float(s) for s in data.spacing), slices=data.slices,
-                         image=lambda: self._data(case_id).image, has_mask=self.masks)
+                         image=lambda: self._data(case_id).image, has_mask=self.masks,
+                         affine=None if data.affine is None else np.asarray(data.affine, float))
 
     def native(self):
         return self.reader, self.spec, self.cases

@@ -67,13 +67,14 @@ def display_channel(image: np.ndarray, truth: np.ndarray) -> int:
     return best
 
 
-def to_bytes(vol: np.ndarray) -> np.ndarray:
-    """A channel [z, h, w] scaled to 0-255 by its 0.5 and 99.5 percentiles."""
+def to_bytes(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A channel [z, h, w] scaled to 0-255 by its 0.5 and 99.5 percentiles, and those two values (the page
+    maps a byte back to the image's own units for its readout)."""
     x = vol.astype(np.float32)
     lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
-    return np.clip((x - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((x - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8), float(lo), float(hi)
 
 
 def bits(mask: np.ndarray) -> np.ndarray:
@@ -139,22 +140,27 @@ class ViewWriter:
 
     def add_case(self, case_id: str, patient: str, image: np.ndarray | None, truth: np.ndarray | None,
                  pred: np.ndarray, spacing: tuple[float, float, float] | None, metrics: dict[str, Any] | None = None,
-                 note: str | None = None) -> None:
+                 note: str | None = None, affine: np.ndarray | None = None, slices: list[str] | None = None) -> None:
+        """``affine``: (column, row, slice) index -> RAS mm, so planes are drawn in the radiological
+        convention with orientation letters; ``slices``: a name per slice (file numbers) for the readout."""
         z, k, h, w = pred.shape
         t = truth if truth is not None else np.zeros_like(pred)
+        lo, hi = 0.0, 255.0
         if image is None or image.shape[0] != z or image.shape[2:] != (h, w):
             grey = np.zeros((z, h, w), np.uint8)
             note = note or ("no image" if image is None else f"image {tuple(image.shape)} does not fit the masks")
         else:
             if self.channel is None or self.channel >= image.shape[1]:
                 self.channel = display_channel(image, t)
-            grey = to_bytes(image[:, self.channel])
+            grey, lo, hi = to_bytes(image[:, self.channel])
         img, cols = mosaic(grey)
         lab = np.stack([mosaic(bits(t))[0], mosaic(bits(pred))[0], np.zeros(img.shape, np.uint8)], axis=-1)
         entry = {"id": case_id, "patient": patient, "z": z, "h": h, "w": w, "cols": cols,
                  "spacing": [float(s) for s in (spacing or (1.0, 1.0, 1.0))], "img": _data_uri(img, "jpeg"),
                  "lab": _data_uri(lab, "png"), "truth": truth is not None, "metrics": metrics or {},
-                 "components": components(t, pred, self.classes) if truth is not None else [], "note": note}
+                 "components": components(t, pred, self.classes) if truth is not None else [], "note": note,
+                 "affine": None if affine is None else np.round(np.asarray(affine, float), 5).tolist(),
+                 "range": [round(lo, 4), round(hi, 4)], "slices": None if slices is None else [str(s) for s in slices]}
         self.cases.append(entry)
 
     def add_missing(self, case_id: str, patient: str, reason: str) -> None:
@@ -234,10 +240,10 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
         if why:
             skipped.append((cid, why))
         if not t.has_mask:
-            w.add_case(cid, t.patient, image, None, p, t.spacing)
+            w.add_case(cid, t.patient, image, None, p, t.spacing, affine=t.affine, slices=t.slices)
             continue
         rows = case_metrics(p, t.mask, spacing=t.spacing)
-        w.add_case(cid, t.patient, image, t.mask, p, t.spacing, case_metrics_row(rows))
+        w.add_case(cid, t.patient, image, t.mask, p, t.spacing, case_metrics_row(rows), affine=t.affine, slices=t.slices)
     if out is None:  # beside the predictions; inside a run directory
         run = truth is None and images is None
         out = pred / "view.html" if run else pred.with_name((pred.stem if pred.is_file() else pred.name) + "_view.html")
