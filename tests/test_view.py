@@ -258,3 +258,61 @@ def test_the_view_is_oriented_and_safe_with_crosshair_errors_and_strip(tmp_path)
     assert res["hd_first"] == bad and res["arrow"] == " \u25bc"
     assert res["kept"] and res["moved"] == 1
     assert red  # the class colour of the legend is the report's (test_report checks the palette)
+
+
+def test_ct_is_windowed_in_hounsfield_units_with_presets(tmp_path):
+    """An int16 CT is stored exactly (two bytes a voxel): the soft-tissue preset (W 400, L 40) draws water
+    (0 HU) mid-grey, air black and bone white, and the readout gives the voxel's HU."""
+    from medseg.evaluation.viewer import ViewWriter
+
+    ct = np.full((3, 1, 16, 16), -1000, np.int16)  # air
+    ct[:, 0, 4:12, 4:12] = 0  # water
+    ct[:, 0, 6:8, 6:8] = 1200  # bone
+    m = np.zeros((3, 1, 16, 16), np.uint8)
+    w = ViewWriter(["organ"], 3)
+    w.add_case("ct", "p", ct, m, m, (2.0, 1.0, 1.0), {}, affine=np.diag([-1.0, -1.0, 2.0, 1.0]))
+    page = w.write(tmp_path / "ct.html", "ct")
+    data = view_data(page.read_text())
+    assert data["cases"][0]["raw"] == {"offset": -1000, "min": -1000, "max": 1200}
+    res = _chromium(page, """
+      await V.openCase('ct'); V.toggle('cross', false); V.goTo({x: 6, y: 6, z: 1});
+      out.disabled = Array.from(document.getElementById('preset').options).filter(o => o.disabled).length;
+      V.preset('400,40');
+      const [bi, bj] = V.screenOf('axial', [6, 6, 1]), [wi, wj] = V.screenOf('axial', [10, 10, 1]);
+      out.bone = V.pixel('axial', bi, bj); out.water = V.pixel('axial', wi, wj); out.air = V.pixel('axial', 0, 0);
+      out.read = V.readout('axial', wi, wj); out.wl = document.getElementById('wl').textContent;
+    """, tmp_path / "probe.html")
+    assert res["disabled"] == 0  # HU: every preset applies
+    assert res["bone"][0] == 255 and res["air"][0] == 0 and abs(res["water"][0] - 102) <= 1  # (0 - (40 - 400 / 2)) / 400 * 255
+    assert "value 0 |" in res["read"] and res["wl"] == "W 400 L 40"
+
+
+def test_every_channel_of_a_three_channel_image_can_be_shown_in_fewer_bytes(tmp_path):
+    """LGG's three channels go into one colour JPEG (no chroma subsampling), no larger than the one grey
+    channel the view stored before; switching channel draws that channel's pixels."""
+    import tifffile
+
+    from conftest import FIXTURES
+    from medseg.evaluation.viewer import JPEG_QUALITY, ViewWriter, _data_uri, mosaic, to_bytes
+
+    folder = FIXTURES / "lgg" / "kaggle_3m" / "TCGA_HT_7860_19960513"
+    files = sorted((f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif")), key=lambda f: int(f.stem.split("_")[-1]))
+    image = np.stack([tifffile.imread(f) for f in files]).transpose(0, 3, 1, 2)
+    masks = np.stack([tifffile.imread(f.with_name(f.stem + "_mask.tif")) > 0 for f in files])[:, None].astype(np.uint8)
+    w = ViewWriter(["tumor"], 2, "px")
+    w.add_case("lgg", "p", image, masks, masks, None, {})
+    case = w.cases[0]
+    assert case["channels"] == ["channel 1", "channel 2", "channel 3"] and case["display"] == w.channel
+    before = _data_uri(mosaic(to_bytes(image[:, w.channel])[0])[0], "jpeg")  # the one grey channel, at 85
+    assert JPEG_QUALITY == 85 and len(case["img"]) <= len(before)
+    page = w.write(tmp_path / "lgg.html", "lgg")
+    z = int(masks.sum(axis=(1, 2, 3)).argmax())
+    res = _chromium(page, f"""
+      await V.openCase('lgg'); V.toggle('cross', false); V.toggle('pred', false); V.toggle('truth', false); V.setSlice({z});
+      out.chan = V.state.chan; const px = [];
+      for (let k = 0; k < 3; k++) {{ V.channel(k); px.push(V.pixel('axial', 128, 128)[0]); }} out.px = px;
+    """, tmp_path / "probe.html")
+    want = [int(to_bytes(image[:, k])[0][z, 128, 128]) for k in range(3)]
+    assert res["chan"] == w.channel
+    assert all(abs(a - b) <= 16 for a, b in zip(res["px"], want)), (res["px"], want)
+    assert len(set(want)) > 1 and len(set(res["px"])) > 1  # the channels differ there, and so does the drawing
