@@ -1143,15 +1143,18 @@ PLAIN = [f for n, f in sorted(globals().items()) if n.startswith("_") and callab
 WITH_PREPARED = [f for n, f in sorted(globals().items()) if n.startswith(("_inspect_", "_train_", "_plan_"))]
 
 
-def _check(case: Case, tmp: Path, monkeypatch, capsys) -> None:
+def _check(case: Case, tmp: Path, monkeypatch, capsys) -> str:
+    """Run the case; one error line naming its file and problem, nothing written, nothing existing changed,
+    no staging or temporary file left behind. Returns stderr."""
     before = snapshot(case.intact)
     code, err = run_cli(monkeypatch, capsys, case.args)
     assert_one_line_error(code, err, case.names, case.says)
     for p in case.absent:
         assert not p.exists(), f"{p} was written"
     assert snapshot(case.intact) == before, "an existing output was changed"
-    leftovers = [p for p in tmp.rglob("*.partial*") if p not in case.intact]
+    leftovers = [p for p in tmp.rglob("*") if (".partial" in p.name or ".tmp-" in p.name) and p not in case.intact]
     assert not leftovers, f"left behind: {leftovers}"
+    return err
 
 
 @pytest.mark.parametrize("make", PLAIN, ids=lambda f: f.__name__[1:])

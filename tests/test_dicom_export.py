@@ -15,7 +15,7 @@ from conftest import FIXTURES
 from medseg.data.formats import get_reader
 from medseg.errors import MedsegError, MedsegWarning
 from test_bad_inputs import Case, run_cli
-from test_outside_inputs import check
+from test_bad_inputs import _check as check
 
 EXPORT = FIXTURES / "dicom_export" / "breast"
 RT_IMAGE = "1.2.840.10008.5.1.4.1.1.481.1"

@@ -29,7 +29,8 @@ import tifffile
 
 
 from test_bad_inputs import (LGG_TINY, PATIENT, Case, assert_one_line_error, coco_set, config_for, copy_lgg,
-                             folder_set, nifti_set, rewrite_nifti, run_cli, save_png, snapshot)
+                             folder_set, nifti_set, rewrite_nifti, run_cli, save_png)
+from test_bad_inputs import _check as check
 
 OTHER = "TCGA_CS_5395_19981004"
 
@@ -110,18 +111,6 @@ def onnx_copy(src: Path, tmp: Path, edit=None) -> Path:
     return dst
 
 
-def check(case: Case, tmp: Path, monkeypatch, capsys) -> str:
-    before = snapshot(case.intact)
-    code, err = run_cli(monkeypatch, capsys, case.args)
-    assert_one_line_error(code, err, case.names, case.says)
-    for p in case.absent:
-        assert not p.exists(), f"{p} was written"
-    assert snapshot(case.intact) == before, "an existing output was changed"
-    leftovers = [p for p in tmp.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
-    assert not leftovers, f"left behind: {leftovers}"
-    return err
-
-
 # ------------------------------------------------------------------ values checked where they enter
 def _nonfinite_nifti_nan(tmp):
     root = nifti_set(tmp)
@@ -198,74 +187,38 @@ def _nonfinite_predict_bad_rule(tmp):
                 "bad option for format 'lgg'", absent=[tmp / "out"])
 
 
-def _probability_threshold_above_one(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--threshold", "1.5"], "--threshold",
-                "--threshold must be in [0, 1], got 1.5", absent=[tmp / "out"])
+# probabilities and thresholds: numbers in [0, 1] (predict's flags; the config's and bundles' rules likewise)
+PROBABILITIES = [
+    (["--threshold", "1.5"], "--threshold", "--threshold must be in [0, 1], got 1.5"),
+    (["--threshold", "nan"], "--threshold", "must be in [0, 1], got nan"),
+    (["--threshold=-0.1"], "--threshold", "must be in [0, 1], got -0.1"),
+    (["--threshold", "inf"], "--threshold", "must be in [0, 1], got inf"),
+    (["--presence", "0.5,2"], "--presence", "--presence must be in [0, 1], got 2.0"),
+    (["--presence", "2"], "--presence", "must be in [0, 1], got 2.0"),
+    (["--presence", "NaN"], "--presence", "must be in [0, 1]"),
+    (["--min-size=-3"], "min_size", "min_size must be a whole number of pixels >= 0, got -3"),
+]
+# target spacings: three positive finite numbers
+SPACINGS = ["nan,1,1", "-1,1,1", "0,1,1", "1,inf,1"]
 
 
-def _probability_threshold_nan(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--threshold", "nan"], "--threshold",
-                "must be in [0, 1], got nan", absent=[tmp / "out"])
+@pytest.mark.parametrize("flags,names,says", PROBABILITIES, ids=lambda v: v if isinstance(v, str) else "_".join(v))
+def test_outside_probability(flags, names, says, tmp_path, monkeypatch, capsys):
+    check(Case(["predict", "lgg-unet", one_patient(tmp_path), tmp_path / "out", *flags], names, says,
+               absent=[tmp_path / "out"]), tmp_path, monkeypatch, capsys)
 
 
-def _probability_threshold_negative(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--threshold=-0.1"], "--threshold",
-                "must be in [0, 1], got -0.1", absent=[tmp / "out"])
-
-
-def _probability_threshold_inf(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--threshold", "inf"], "--threshold",
-                "must be in [0, 1], got inf", absent=[tmp / "out"])
-
-
-def _probability_per_class_one_bad(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--presence", "0.5,2"], "--presence",
-                "--presence must be in [0, 1], got 2.0", absent=[tmp / "out"])
-
-
-def _probability_presence_two(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--presence", "2"], "--presence",
-                "must be in [0, 1], got 2.0", absent=[tmp / "out"])
-
-
-def _probability_presence_nan(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--presence", "NaN"], "--presence",
-                "must be in [0, 1]", absent=[tmp / "out"])
-
-
-def _probability_min_size_negative(tmp):
-    return Case(["predict", "lgg-unet", one_patient(tmp), tmp / "out", "--min-size=-3"], "min_size",
-                "min_size must be a whole number of pixels >= 0, got -3", absent=[tmp / "out"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_outside_spacing(spacing, tmp_path, monkeypatch, capsys):
+    root = nifti_set(tmp_path)
+    check(Case(["prepare", "nifti", root, tmp_path / "out", f"--spacing={spacing}"], root,
+               "three positive numbers Z,Y,X in mm", absent=[tmp_path / "out"]), tmp_path, monkeypatch, capsys)
 
 
 def _spacing_tiny_needs_tebibytes(tmp):
     root = nifti_set(tmp)
     return Case(["prepare", "nifti", root, tmp / "out", "--spacing", "0.001,0.001,0.001"], "hippocampus_001.nii.gz",
                 "to 35000x51000x35000 voxels needs 511.4 TiB of memory; this machine has", absent=[tmp / "out"])
-
-
-def _spacing_nan(tmp):
-    root = nifti_set(tmp)
-    return Case(["prepare", "nifti", root, tmp / "out", "--spacing", "nan,1,1"], root,
-                "three positive numbers Z,Y,X in mm", absent=[tmp / "out"])
-
-
-def _spacing_negative(tmp):
-    root = nifti_set(tmp)
-    return Case(["prepare", "nifti", root, tmp / "out", "--spacing=-1,1,1"], root,
-                "three positive numbers Z,Y,X in mm", absent=[tmp / "out"])
-
-
-def _spacing_zero(tmp):
-    root = nifti_set(tmp)
-    return Case(["prepare", "nifti", root, tmp / "out", "--spacing", "0,1,1"], root,
-                "three positive numbers Z,Y,X in mm", absent=[tmp / "out"])
-
-
-def _spacing_inf(tmp):
-    root = nifti_set(tmp)
-    return Case(["prepare", "nifti", root, tmp / "out", "--spacing", "1,inf,1"], root,
-                "three positive numbers Z,Y,X in mm", absent=[tmp / "out"])
 
 
 # configs: checked before a run directory exists
@@ -282,50 +235,26 @@ def _config_nested_key_twice(tmp, prepared):
     return Case(["train", cfg, "--out", tmp / "run"], cfg, "key 'batch_size' is given twice", absent=[tmp / "run"])
 
 
-def _config_set_value_with_key_twice(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set",
-                 "loss.terms=[{name: dice, kwargs: {smooth_nr: 1, smooth_nr: 2}}]"], "--set loss.terms",
-                "key 'smooth_nr' is given twice", absent=[tmp / "run"])
+# --set values checked before a run directory exists: (value, what the error names, its problem); the
+# network and every loss term are built, and each term computed once on a tiny batch
+CONFIG_SETS = [
+    ("loss.terms=[{name: dice, kwargs: {smooth_nr: 1, smooth_nr: 2}}]", "--set loss.terms", "key 'smooth_nr' is given twice"),
+    ("loss.terms=[{name: dice_ce, kwargs: {smoth: 1e-5}}]", "loss.terms[0] (dice_ce", "unexpected keyword argument 'smoth'"),
+    ("loss.terms=[{name: dice, kwargs: {smooth_nr: abc}}]", "loss.terms[0] (dice", "could not convert string to float: 'abc'"),
+    ("loss.terms=[{name: focal, kwargs: {gamma: [1, 2]}}]", "loss.terms[0] (focal", "kwargs {'gamma': [1, 2]}"),
+    ("loss.terms=[{name: tversky, kwargs: {alpah: 0.3}}]", "loss.terms[0] (tversky", "unexpected keyword argument 'alpah'"),
+    ("model.kwargs.featurs=[4, 8]", "model 'unet'", "unexpected keyword argument 'featurs'"),
+    ("model.kwargs.features=abc", "model 'unet' with kwargs {'features': 'abc'}", "invalid literal for int()"),
+    ("model.kwargs.features=[-4, 8]", "exp.yaml", "U-Net features must be at least two positive widths, got (-4, 8)"),
+    ("postprocess.thresholds=[1.5]", "postprocess.thresholds", "probabilities must be in [0, 1]"),
+    ("postprocess.presence=.nan", "postprocess.presence", "probabilities must be in [0, 1]"),
+]
 
 
-def _config_loss_kwarg_typo(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set",
-                 "loss.terms=[{name: dice_ce, kwargs: {smoth: 1e-5}}]"], "loss.terms[0] (dice_ce",
-                "unexpected keyword argument 'smoth'", absent=[tmp / "run"])
-
-
-def _config_loss_kwarg_wrong_type(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set",
-                 "loss.terms=[{name: dice, kwargs: {smooth_nr: abc}}]"], "loss.terms[0] (dice",
-                "could not convert string to float: 'abc'",
-                absent=[tmp / "run"])
-
-
-def _config_focal_gamma_wrong_type(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set",
-                 "loss.terms=[{name: focal, kwargs: {gamma: [1, 2]}}]"], "loss.terms[0] (focal",
-                "kwargs {'gamma': [1, 2]}",
-                absent=[tmp / "run"])
-
-
-def _config_model_kwarg_typo(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set", "model.kwargs.featurs=[4, 8]"],
-                "model 'unet'", "unexpected keyword argument 'featurs'", absent=[tmp / "run"])
-
-
-def _config_model_kwarg_wrong_type(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set", "model.kwargs.features=abc"],
-                "model 'unet' with kwargs {'features': 'abc'}", "invalid literal for int()", absent=[tmp / "run"])
-
-
-def _config_threshold_above_one(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set", "postprocess.thresholds=[1.5]"],
-                "postprocess.thresholds", "probabilities must be in [0, 1]", absent=[tmp / "run"])
-
-
-def _config_presence_nan(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set", "postprocess.presence=.nan"],
-                "postprocess.presence", "probabilities must be in [0, 1]", absent=[tmp / "run"])
+@pytest.mark.parametrize("value,names,says", CONFIG_SETS, ids=[v.split("=")[0] + str(i) for i, (v, _, _) in enumerate(CONFIG_SETS)])
+def test_outside_config_value(value, names, says, prepared, tmp_path, monkeypatch, capsys):
+    check(Case(["train", config_for(tmp_path, prepared), "--out", tmp_path / "run", "--set", value], names, says,
+               absent=[tmp_path / "run"]), tmp_path, monkeypatch, capsys)
 
 
 def _config_auto_on_bad_data(tmp, prepared):
@@ -586,46 +515,35 @@ def _pairing_missing_prediction(tmp):
                 absent=[tmp / "ev"])
 
 
-def _grid_nifti_prediction_50mm_off(tmp):
+def _off_grid(tmp: Path, case: str, edit) -> tuple[Path, Path, Path]:
+    """(truth root, predictions folder, the prediction whose affine ``edit`` changed in place)."""
     root = nifti_set(tmp)
     pred = tmp / "pred"
     shutil.copytree(root / "labelsTr", pred)
 
-    def shift(d, a):
-        a[1, 3] += 50.0
+    def change(d, a):
+        edit(a)
         return d, a
 
-    rewrite_nifti(pred / "hippocampus_003.nii.gz", shift)
-    return Case(["evaluate", pred, root, "--out", tmp / "ev"], pred / "hippocampus_003.nii.gz",
+    rewrite_nifti(pred / f"{case}.nii.gz", change)
+    return root, pred, pred / f"{case}.nii.gz"
+
+
+def _grid_nifti_prediction_50mm_off(tmp):
+    root, pred, f = _off_grid(tmp, "hippocampus_003", lambda a: a.__setitem__((1, 3), a[1, 3] + 50.0))
+    return Case(["evaluate", pred, root, "--out", tmp / "ev"], f,
                 "affine differs from the truth image's (origin 50 mm apart", absent=[tmp / "ev"])
 
 
 def _grid_nifti_prediction_flipped(tmp):
-    root = nifti_set(tmp)
-    pred = tmp / "pred"
-    shutil.copytree(root / "labelsTr", pred)
-
-    def flip(d, a):
-        a[0, 0] = -a[0, 0]
-        return d, a
-
-    rewrite_nifti(pred / "hippocampus_001.nii.gz", flip)
-    return Case(["evaluate", pred, root, "--out", tmp / "ev"], pred / "hippocampus_001.nii.gz",
-                "the label is not on the image's voxel grid", absent=[tmp / "ev"])
+    root, pred, f = _off_grid(tmp, "hippocampus_001", lambda a: a.__setitem__((0, 0), -a[0, 0]))
+    return Case(["evaluate", pred, root, "--out", tmp / "ev"], f, "the label is not on the image's voxel grid",
+                absent=[tmp / "ev"])
 
 
 def _grid_nifti_prediction_other_voxel_size(tmp):
-    root = nifti_set(tmp)
-    pred = tmp / "pred"
-    shutil.copytree(root / "labelsTr", pred)
-
-    def scale(d, a):
-        a[2, 2] *= 1.5
-        return d, a
-
-    rewrite_nifti(pred / "hippocampus_004.nii.gz", scale)
-    return Case(["evaluate", pred, root, "--out", tmp / "ev"], pred / "hippocampus_004.nii.gz", "affine differs",
-                absent=[tmp / "ev"])
+    root, pred, f = _off_grid(tmp, "hippocampus_004", lambda a: a.__setitem__((2, 2), a[2, 2] * 1.5))
+    return Case(["evaluate", pred, root, "--out", tmp / "ev"], f, "affine differs", absent=[tmp / "ev"])
 
 
 def _pairing_run_without_config(tmp, run):
@@ -687,7 +605,7 @@ def _writer_predict_second_case_fails(tmp):
 
 
 BASIC = [f for n, f in sorted(globals().items()) if n.startswith("_") and callable(f)
-         and n.split("_")[1] in ("nonfinite", "probability", "spacing", "reader", "coco", "pairing", "grid", "writer")
+         and n.split("_")[1] in ("nonfinite", "spacing", "reader", "coco", "pairing", "grid", "writer")
          and f.__code__.co_argcount == 1]
 WITH_PREPARED = [f for n, f in sorted(globals().items()) if n.startswith("_config_")]
 WITH_ONNX = [f for n, f in sorted(globals().items()) if n.startswith("_onnx_")]
@@ -773,20 +691,8 @@ def _writer_predict_option_without_equals(tmp):
                 "--option must be key=value, got 'nonfinite'", absent=[tmp / "out"])
 
 
-def _config_tversky_kwarg_typo(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set",
-                 "loss.terms=[{name: tversky, kwargs: {alpah: 0.3}}]"], "loss.terms[0] (tversky",
-                "unexpected keyword argument 'alpah'", absent=[tmp / "run"])
-
-
-def _config_model_negative_width(tmp, prepared):
-    return Case(["train", config_for(tmp, prepared), "--out", tmp / "run", "--set", "model.kwargs.features=[-4, 8]"],
-                tmp / "exp.yaml", "U-Net features must be at least two positive widths, got (-4, 8)", absent=[tmp / "run"])
-
-
 MORE = [_reader_folder_png_and_jpg_of_one_stem, _coco_flat_segmentation, _pairing_extra_coco_mask,
         _writer_output_locked_by_another_predict, _writer_predict_option_unknown, _writer_predict_option_without_equals]
-MORE_PREPARED = [_config_tversky_kwarg_typo, _config_model_negative_width]
 
 
 @pytest.mark.parametrize("make", MORE, ids=lambda f: f.__name__[1:])
@@ -798,14 +704,9 @@ def test_outside_input_more(make, tmp_path, monkeypatch, capsys):
             os.close(_HELD.pop())
 
 
-@pytest.mark.parametrize("make", MORE_PREPARED, ids=lambda f: f.__name__[1:])
-def test_outside_config_more(make, prepared, tmp_path, monkeypatch, capsys):
-    check(make(tmp_path, prepared), tmp_path, monkeypatch, capsys)
-
-
 def test_at_least_80_new_cases():
-    cases = BASIC + WITH_PREPARED + WITH_ONNX + WITH_RUN + MORE + MORE_PREPARED
-    assert len(set(cases)) == len(cases) >= 80
+    cases = BASIC + WITH_PREPARED + WITH_ONNX + WITH_RUN + MORE
+    assert len(set(cases)) == len(cases) and len(cases) + len(PROBABILITIES) + len(SPACINGS) + len(CONFIG_SETS) >= 80
 
 
 # ------------------------------------------------------------ handled in a stated way: the right result
