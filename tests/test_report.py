@@ -135,3 +135,20 @@ def test_the_report_draws_classes_in_the_views_colours():
 
     got = _colours(3)
     assert [tuple(round(v * 255) for v in c) for c in got] == [tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in COLOURS[:3]]
+
+
+def test_names_from_files_are_text_in_the_report(tmp_path: Path):
+    """A case id, patient and class name holding markup (a NIfTI named so, a DICOM PatientName) are
+    escaped in report.html: no element of theirs is created."""
+    bad = "<img src=x onerror=document.title=42>"
+    truth = np.zeros((2, 1, 16, 16), np.uint8)
+    truth[:, 0, 4:9, 4:9] = 1
+    rows = [{"case_id": bad, "patient": "p'<b>", "class": "<i>c</i>", **r}
+            for r in case_metrics(truth, truth, spacing=(1.0, 1.0, 1.0))]
+    summary = build_summary(rows, ["<i>c</i>"], empty="skip", nsd_tolerance=1.0)
+    summary.update(pred=bad, truth="t")
+    image = np.zeros((2, 1, 16, 16), np.int16)
+    page = write_report(tmp_path / "report.html", summary, rows, ["<i>c</i>"], [("best", bad, 1.0, image, truth, truth)]).read_text()
+    parsed = Parsed(page)
+    assert not any(src == "x" for src in parsed.imgs) and "<i>c</i>" not in page and "p'<b>" not in page
+    assert "&lt;img src=x onerror=document.title=42&gt;" in page

@@ -316,3 +316,16 @@ def test_every_channel_of_a_three_channel_image_can_be_shown_in_fewer_bytes(tmp_
     assert res["chan"] == w.channel
     assert all(abs(a - b) <= 16 for a, b in zip(res["px"], want)), (res["px"], want)
     assert len(set(want)) > 1 and len(set(res["px"])) > 1  # the channels differ there, and so does the drawing
+
+
+def test_a_zoomed_plane_scrolls_inside_its_box(tmp_path):
+    """At the largest zoom the planes overflow their box, which scrolls (pans) instead of pushing the table
+    off the page."""
+    page = _oriented_view(tmp_path)
+    res = _chromium(page, """
+      await V.openCase('second'); document.getElementById('zoom').value = 12; V.setSlice(4);
+      const box = document.getElementById('planes-box'), st = getComputedStyle(box);
+      out.overflow = st.overflow; out.scrolls = box.scrollWidth > box.clientWidth || box.scrollHeight > box.clientHeight;
+      out.fits = box.getBoundingClientRect().width <= window.innerWidth;
+    """, tmp_path / "probe.html")
+    assert res["overflow"] == "auto" and res["scrolls"] and res["fits"]
