@@ -900,3 +900,19 @@ def test_members_of_a_killed_train_die_with_it(tmp_path, prepared):
     while any(running(m) for m in members) and time.time() < deadline:
         time.sleep(0.2)
     assert not [m for m in members if running(m)], "member processes outlived the killed train"
+
+
+def test_a_voxel_spacing_that_is_not_positive_is_refused_by_every_reader():
+    from medseg.data.formats.base import CaseData
+    from medseg.errors import MedsegError
+
+    image = np.zeros((2, 1, 4, 4), np.float32)
+    CaseData(image=image, mask=None, spacing=(1.0, 0.5, 0.5)).check("x")
+    for bad in ((0.0, 1.0, 1.0), (float("nan"), 1.0, 1.0), (1.0, -1.0, 1.0), (1.0, float("inf"), 1.0)):
+        with pytest.raises(MedsegError, match="each must be a positive finite number"):
+            CaseData(image=image, mask=None, spacing=bad).check("case.nii.gz")
+
+
+def test_workers_below_one_are_refused(tmp_path, monkeypatch, capsys):
+    check(Case(["prepare", "lgg", LGG_TINY, tmp_path / "out", "--workers", "0"], "--workers",
+               "--workers must be 1 or more, got 0", absent=[tmp_path / "out"]), tmp_path, monkeypatch, capsys)

@@ -225,6 +225,8 @@ def prepare(
     key = {"format": fmt, "input": str(root.resolve()), "options": options, "masks": require_masks,
            "cases": len(spec.cases), "version": 1, "spacing": spacing}
     writer = PreparedWriter(output, overwrite=overwrite, key=key)
+    if workers is not None and workers < 1:
+        raise MedsegError(f"--workers must be 1 or more, got {workers}")
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     t0 = time.perf_counter()
     results: dict[str, _CaseResult] = {}

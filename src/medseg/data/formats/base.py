@@ -77,6 +77,10 @@ class CaseData:
                 )
         if self.slices is not None and len(self.slices) != self.image.shape[0]:
             raise MedsegError(f"{len(self.slices)} slice names for {self.image.shape[0]} slices", where)
+        sp = np.asarray(self.spacing, dtype=np.float64)
+        if sp.shape != (3,) or not (np.isfinite(sp).all() and (sp > 0).all()):
+            raise MedsegError(f"voxel spacing {tuple(self.spacing)} (z, y, x) mm: each must be a positive finite "
+                              "number (a damaged header?)", where)
 
 
 def finite_image(image: np.ndarray, rule: str, case: CaseSpec, where: str | Path) -> np.ndarray:
