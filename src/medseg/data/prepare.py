@@ -199,6 +199,8 @@ def prepare(
     makes one fold per group of patients, the first capture group of ``group_regex`` in the patient id.
     ``spacing`` (volumes only): "auto" resamples the cases whose spacing differs from the target spacing
     (``resample.target_spacing``) to it, "native" keeps every case as read, "Z,Y,X" sets the target (mm)."""
+    if workers is not None and workers < 1:
+        raise MedsegError(f"--workers must be 1 or more, got {workers}")
     if split not in ("auto", "kfold", "group"):
         raise MedsegError(f"--split must be 'auto', 'kfold' or 'group', got {split!r}")
     if (split == "group") != (group_regex is not None):
@@ -225,8 +227,6 @@ def prepare(
     key = {"format": fmt, "input": str(root.resolve()), "options": options, "masks": require_masks,
            "cases": len(spec.cases), "version": 1, "spacing": spacing}
     writer = PreparedWriter(output, overwrite=overwrite, key=key)
-    if workers is not None and workers < 1:
-        raise MedsegError(f"--workers must be 1 or more, got {workers}")
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
     t0 = time.perf_counter()
     results: dict[str, _CaseResult] = {}
