@@ -11,8 +11,35 @@ from rich.console import Console
 from medseg.errors import MedsegError, naming, os_error_line, warning_lines
 from medseg.text import plural
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Medical image segmentation, fast on a CPU.",
+                  epilog="Example: medseg prepare nifti my_nifti/ prepared/mine  (run `medseg` alone for the four-command route)")
 console = Console()
+# the last line of each command's --help: one command a user can adapt
+EXAMPLES = {
+    "formats": "medseg formats",
+    "prepare": "medseg prepare nifti my_nifti/ prepared/mine",
+    "inspect": "medseg inspect prepared/mine --overlay overlay.png",
+    "models": "medseg models --benchmark",
+    "plan": "medseg plan prepared/mine --minutes 60 --out plan.yaml",
+    "train": "medseg train prepared/mine --auto --minutes 30 --fold full --out runs/mine",
+    "evaluate": "medseg evaluate masks/ my_nifti/ --out eval/",
+    "predict": "medseg predict runs/mine new_scans/ masks/",
+    "tune": "medseg tune runs/mine --tta",
+    "view": "medseg view masks/ my_nifti/ --out view.html",
+    "export": "medseg export runs/mine model.onnx",
+}
+ROUTE = """From a folder of scans to masks, in four commands (docs: README.md, "Your own data"):
+
+  medseg prepare nifti my_nifti/ prepared/mine                               read your layout, split by patient
+  medseg train prepared/mine --auto --minutes 30 --fold full --out runs/mine plan a network for it, train it
+  medseg predict runs/mine new_scans/ masks/                                 masks in the input's own layout
+  medseg evaluate masks/ my_nifti/ --out eval/                               metrics, report.html, view.html
+
+Layouts: `medseg formats` (nifti, dicom, folder, lgg, uwmgi, coco). Every command: `medseg --help`."""
+
+
+def _example(name: str) -> str:
+    return f"Example: {EXAMPLES[name]}"
 
 
 def _version(value: bool) -> None:
@@ -27,11 +54,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     """Medical image segmentation, fast on a CPU."""
+    if ctx.invoked_subcommand is None:  # `medseg` alone: the route, not a wall of options
+        print(ROUTE)
+        raise typer.Exit()
 
 
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -44,7 +75,7 @@ def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-@app.command()
+@app.command(epilog=_example("formats"))
 def formats() -> None:
     """List the dataset formats medseg reads."""
     from rich.table import Table
@@ -63,7 +94,7 @@ def formats() -> None:
     console.print(t)
 
 
-@app.command()
+@app.command(epilog=_example("prepare"))
 def prepare(
     format: str = typer.Argument(..., help="reader name (see `medseg formats`)"),
     input: Path = typer.Argument(..., help="the dataset in its native layout"),
@@ -110,7 +141,7 @@ def prepare(
     )
 
 
-@app.command()
+@app.command(epilog=_example("inspect"))
 def inspect(
     prepared: Path = typer.Argument(..., help="a prepared dataset"),
     overlay: Optional[Path] = typer.Option(None, help="write a sample overlay PNG here"),
@@ -121,7 +152,7 @@ def inspect(
     inspect_dataset(prepared, overlay=overlay, console=console)
 
 
-@app.command()
+@app.command(epilog=_example("models"))
 def models(
     benchmark: bool = typer.Option(False, "--benchmark", help="also build and time each model: parameters, GFLOPs, "
                                    "forward images/s on this machine (takes a minute or two)"),
@@ -132,7 +163,7 @@ def models(
     print_model_table(console, benchmark=benchmark)
 
 
-@app.command()
+@app.command(epilog=_example("plan"))
 def plan(
     prepared: Path = typer.Argument(..., help="prepared dataset (medseg prepare)"),
     minutes: float = typer.Option(30.0, help="wall-clock training budget per fold"),
@@ -153,7 +184,7 @@ def plan(
                   f"{minutes:g} min on {p.fingerprint['device']} -> {out}", highlight=False)
 
 
-@app.command()
+@app.command(epilog=_example("train"))
 def train(
     config: Path = typer.Argument(..., help="experiment YAML, or a prepared dataset with --auto"),
     fold: str = typer.Option("0", help="fold index, 'all' for k-fold cross-validation, or 'full' to train on every case (no validation)"),
@@ -193,7 +224,7 @@ def train(
         raise typer.Exit(130) from None  # the shell's convention for SIGINT
 
 
-@app.command()
+@app.command(epilog=_example("evaluate"))
 def evaluate(
     pred: Path = typer.Argument(..., help="predictions folder, submission CSV, or a run directory"),
     truth: Optional[Path] = typer.Argument(None, help="prepared dataset or native layout with masks"),
@@ -221,7 +252,7 @@ def evaluate(
                      unfinished=unfinished)
 
 
-@app.command()
+@app.command(epilog=_example("predict"))
 def predict(
     model: str = typer.Argument(..., help="run directory, checkpoint, .onnx file or shipped model name; "
                                 "several separated by commas average their probabilities (see --weights)"),
@@ -267,7 +298,7 @@ def predict(
                     write_as=write_as, unfinished=unfinished, options=_kv(option, "--option"))
 
 
-@app.command()
+@app.command(epilog=_example("tune"))
 def tune(
     run: Path = typer.Argument(..., help="run directory of a multilabel or one-class model (UW-Madison, LGG)"),
     folds: str = typer.Option("all", help="'all' or fold indices '0,2': whose validation cases to tune on"),
@@ -294,7 +325,7 @@ def tune(
              presence=floats(presence, "presence"), write=not dry_run, console=console, device=device)
 
 
-@app.command()
+@app.command(epilog=_example("view"))
 def view(
     pred: Path = typer.Argument(..., help="predictions folder (the input's layout), submission, prepared dataset, or run directory"),
     truth: Optional[Path] = typer.Argument(None, help="ground truth, as for evaluate (omit for a run directory)"),
@@ -318,7 +349,7 @@ def view(
         webbrowser.open(path.resolve().as_uri())
 
 
-@app.command()
+@app.command(epilog=_example("export"))
 def export(
     model: str = typer.Argument(..., help="run directory, checkpoint or shipped model name"),
     output: Path = typer.Argument(..., help="the .onnx file to write (a .json of pre/post-processing beside it)"),
