@@ -325,3 +325,24 @@ def test_flat_folder_and_single_file_without_masks(tmp_path):
     spec = reader.scan(tmp_path / "flat", require_masks=False)
     assert [c.id for c in spec.cases] == ["x"] and spec.meta["layout"] == "images"
     assert reader.write_prediction(spec, spec.cases[0], np.zeros((1, 1, 6, 5), np.uint8), out) == [out / "masks" / "x.png"]
+
+
+def test_a_palette_truth_reads_predictions_written_as_label_maps(tmp_path):
+    """`medseg predict` on images/ alone does not know the truth's palette and writes label maps (0..K);
+    evaluating them against the colour-coded truth reads them as such (values beyond K refused)."""
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[1:3, 1:3] = (255, 0, 0)
+    mask[5:7, 5:7] = (255, 255, 0)
+    _save(tmp_path / "images" / "s.png", _gray(np.random.default_rng(0), 8, 8))
+    _save(tmp_path / "masks" / "s.png", mask)
+    reader = get_reader("folder", palette=UW_PALETTE)
+    spec = reader.scan(tmp_path)
+    truth = reader.load(spec, spec.cases[0]).mask
+    labels = np.zeros((8, 8), np.uint8)
+    labels[1:3, 1:3], labels[5:7, 5:7] = 1, 3
+    _save(tmp_path / "pred" / "s.png", labels)
+    np.testing.assert_array_equal(reader.read_prediction(tmp_path / "pred", spec, spec.cases[0], truth.shape), truth)
+    labels[0, 0] = 7
+    _save(tmp_path / "pred" / "s.png", labels)
+    with pytest.raises(MedsegError, match="label 7 in a prediction but only 3 classes"):
+        reader.read_prediction(tmp_path / "pred", spec, spec.cases[0], truth.shape)

@@ -350,8 +350,10 @@ class FolderReader(Reader):
         for z, stem in enumerate(case.sources["stems"]):
             p = expect_prediction(folder / f"{stem}.png", case.id, f" ({stem})")
             m = read_image(p)
-            if palette:
+            if palette and m.ndim == 3:
                 lab = map_palette(m, [tuple(c) for c in palette], p)
+            elif palette:  # a label map: what predict writes when its input's layout named no palette
+                lab = m
             else:
                 lab = m if m.ndim == 2 else m[..., 0]
                 if k == 1:
