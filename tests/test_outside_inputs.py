@@ -916,3 +916,11 @@ def test_a_voxel_spacing_that_is_not_positive_is_refused_by_every_reader():
 def test_workers_below_one_are_refused(tmp_path, monkeypatch, capsys):
     check(Case(["prepare", "lgg", LGG_TINY, tmp_path / "out", "--workers", "0"], "--workers",
                "--workers must be 1 or more, got 0", absent=[tmp_path / "out"]), tmp_path, monkeypatch, capsys)
+
+
+def test_a_truth_folder_evaluated_against_itself_has_no_extra_predictions(tmp_path, monkeypatch, capsys):
+    """The images beside the masks in an LGG folder are not predictions: only the layout's prediction names
+    (``Reader.prediction_files``) count as extras."""
+    code, err = run_cli(monkeypatch, capsys, ["evaluate", LGG_TINY, LGG_TINY, "--out", tmp_path / "ev", "--no-report"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["dataset"]["mean_dice"] == 1.0

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.formats import FORMATS
 from medseg.data.formats.base import prediction_journal
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
@@ -143,10 +144,12 @@ def evaluate(
     return _clean(summary)
 
 
-def _no_truth(folder: Path, read: set[Path]) -> None:
-    """The files of a predictions folder that no truth case read, in the formats it read (probability maps
-    and bookkeeping aside), refused as the extra cases of a submission or a prepared data set are: an extra
-    case usually means the wrong TRUTH."""
+def _no_truth(folder: Path, read: set[Path], names: tuple[str, ...] | None = None) -> None:
+    """The prediction files of a folder (``names``, the layout's globs; else any file of a kind that was
+    read) that no truth case read, probability maps and bookkeeping aside: refused as the extra cases of a
+    submission or a prepared data set are, since an extra case usually means the wrong TRUTH."""
+    import fnmatch
+
     kinds = {"".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix for p in read}
     extra = []
     for f in sorted(Path(folder).rglob("*")):
@@ -154,7 +157,8 @@ def _no_truth(folder: Path, read: set[Path]) -> None:
         if (not f.is_file() or f.resolve() in read or any(part.startswith(".") for part in rel.parts)
                 or "probabilities" in rel.parts or "_prob." in f.name):
             continue
-        if ("".join(f.suffixes[-2:]) if f.name.endswith(".nii.gz") else f.suffix) in kinds:
+        kind = "".join(f.suffixes[-2:]) if f.name.endswith(".nii.gz") else f.suffix
+        if any(fnmatch.fnmatch(f.name, g) for g in names) if names is not None else kind in kinds:
             extra.append(str(rel))
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
@@ -213,7 +217,8 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
         if fh:
             fh.close()
     if preds.kind == "folder":
-        _no_truth(preds.path, journal)
+        fmt = getattr(truth_obj, "format", None)
+        _no_truth(preds.path, journal, FORMATS.get(fmt).prediction_files if fmt in FORMATS else None)
     if preds.table is not None:
         extra = sorted(preds.table.slice_ids - seen_slices)
         if extra:

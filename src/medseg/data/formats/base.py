@@ -256,6 +256,9 @@ class Reader(ABC):
     companions: ClassVar[tuple[str, ...]] = ("*.md", "*.txt", "*.json", "*.csv", "*.pdf", "LICENSE*", "Thumbs.db")
     # label files of the layout (glob of the path under ROOT): not read when predicting, and not reported then
     label_files: ClassVar[tuple[str, ...]] = ()
+    # names of the prediction files write_prediction writes (globs); None: any file of a kind it wrote.
+    # evaluate names the ones no truth case reads
+    prediction_files: ClassVar[tuple[str, ...] | None] = None
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -36,6 +36,7 @@ class COCOReader(Reader):
 
     has_spacing = False
     patients = "patient_regex on the image stem; else one patient per image (warned when names look shared)"
+    prediction_files = ("*_mask.png",)
 
     class Options(Reader.Options):
         annotations: str | None = None  # JSON path (relative to ROOT or absolute)

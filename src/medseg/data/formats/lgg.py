@@ -34,6 +34,7 @@ class LGGReader(Reader):
     description = "Kaggle LGG kaggle_3m/: patient folders of <case>_<n>.tif + <case>_<n>_mask.tif (masks 0/255 or 0/1)"
     has_spacing = False
     label_files = ("*_mask.tif", "*_mask.tiff", "*_mask.TIF")
+    prediction_files = label_files
     patients = "TCGA_<inst>_<id> of the folder name (a patient's dates are one patient)"
 
     def scan(self, root: Path, require_masks: bool = True) -> DatasetSpec:
