@@ -212,7 +212,7 @@ def test_a_point_roi_is_skipped_with_a_warning(tmp_path):
     obs.ObservationNumber, obs.ReferencedROINumber, obs.RTROIInterpretedType = 99, 99, "ISOCENTER"
     ds.RTROIObservationsSequence.append(obs)
     ds.save_as(f)
-    with pytest.warns(MedsegWarning, match="point ROI 'Iso' \\(no area\\)"):
+    with pytest.warns(MedsegWarning, match="point or line ROI 'Iso' \\(no area\\)"):
         spec = get_reader("dicom", labels="rtstruct").scan(root)
     assert "Iso" not in spec.classes and "Heart" in spec.classes
 
@@ -336,3 +336,26 @@ def test_dicom_export_cases_are_errors_that_name_the_file(tmp_path, monkeypatch,
           tmp_path, monkeypatch, capsys)
     with pytest.raises(MedsegError, match="not a DICOM image file \\(RTPLAN, a treatment plan\\)"):
         get_reader("dicom").scan(only / "rtplan.dcm", require_masks=False)
+
+
+def test_an_open_contour_beside_areas_is_skipped_with_a_warning(tmp_path):
+    """A line drawn in a ROI (OPEN_PLANAR) encloses nothing: the ROI's closed contours are read, the line
+    named in a warning; a ROI made only of lines is no class."""
+    root = export(tmp_path)
+    f, ds = rtss(root)
+    line = contour(ds, "Heart", 1)
+    line.ContourGeometricType = "OPEN_PLANAR"
+    borders = contour(ds, "Borders")
+    number = next(int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName == "Borders")
+    for rc in ds.ROIContourSequence:
+        if int(rc.ReferencedROINumber) == number:
+            for c in rc.ContourSequence:
+                c.ContourGeometricType = "OPEN_PLANAR"
+    ds.save_as(f)
+    with pytest.warns(MedsegWarning, match="point or line ROI 'Borders'"):
+        spec = get_reader("dicom", labels="rtstruct").scan(root)
+    assert "Borders" not in spec.classes and borders.ContourGeometricType == "OPEN_PLANAR"
+    reader = get_reader("dicom", labels="rtstruct", rois="heart:Heart")
+    spec = reader.scan(root)
+    with pytest.warns(MedsegWarning, match=r"1 contour that enclose no area skipped: Heart \(OPEN_PLANAR\)"):
+        assert reader.read(spec, spec.cases[0]).mask.sum() > 10_000

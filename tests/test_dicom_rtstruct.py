@@ -120,9 +120,9 @@ def test_rtstruct_errors_name_the_file_and_the_roi(series, tmp_path):
 
     with pytest.raises(MedsegError, match="ROI 'label_1': a contour on slice .* crosses itself"):
         read_rtstruct(moved("g.dcm", bowtie), files, spec.classes)
-    with pytest.raises(MedsegError, match="ROI 'label_1': a OPEN_PLANAR contour encloses no area"):
+    with pytest.raises(MedsegError, match="ROI 'label_1': a contour of type 'CURVE' is not one DICOM defines"):
         read_rtstruct(edited("f.dcm", lambda ds: setattr(ds.ROIContourSequence[0].ContourSequence[0], "ContourGeometricType",
-                                                          "OPEN_PLANAR")), files, spec.classes)
+                                                          "CURVE")), files, spec.classes)
     with pytest.raises(MedsegError, match=r"references instance .* not in the series"):
         read_rtstruct(f, files[:17] + files[18:], spec.classes)  # the middle slice, which holds contours, left out
 

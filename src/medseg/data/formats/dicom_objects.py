@@ -138,7 +138,7 @@ def label_names(ds: Any, path: Path, mapped: bool) -> tuple[list[str], list[str]
     points = point_rois(ds)
     rois = [(int(r.ROINumber), str(r.ROIName)) for r in getattr(ds, "StructureSetROISequence", None) or []
             if int(r.ROINumber) not in points]
-    notes = [f"{path.name}: point ROI {n!r} (no area)" for n in points.values()]
+    notes = [f"{path.name}: point or line ROI {n!r} (no area)" for n in points.values()]
     for name, k in Counter(n for _, n in rois).items():
         if k > 1:
             numbers = " and ".join(str(i) for i, n in rois if n == name)

@@ -184,8 +184,9 @@ def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes
 
 
 def point_rois(ds) -> dict[int, str]:
-    """{ROI number: name} of the ROIs that mark points (an isocentre, a marker): every contour POINT, or
-    interpreted as MARKER / ISOCENTER / REGISTRATION. They enclose no area, so they are no class."""
+    """{ROI number: name} of the ROIs that enclose no area: points (an isocentre, a marker) and lines, i.e.
+    every contour POINT or OPEN_PLANAR / OPEN_NONPLANAR, or interpreted as MARKER / ISOCENTER /
+    REGISTRATION. They are no class."""
     names = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])}
     out = {}
     for o in getattr(ds, "RTROIObservationsSequence", []) or []:
@@ -194,12 +195,13 @@ def point_rois(ds) -> dict[int, str]:
             out[n] = names.get(n, str(n))
     for rc in getattr(ds, "ROIContourSequence", []) or []:
         items = list(getattr(rc, "ContourSequence", []) or [])
-        if items and all(str(getattr(c, "ContourGeometricType", "")) == "POINT" for c in items):
+        if items and all(str(getattr(c, "ContourGeometricType", "")) in NO_AREA for c in items):
             n = int(rc.ReferencedROINumber)
             out[n] = names.get(n, str(n))
     return out
 
 
+NO_AREA = ("POINT", "OPEN_PLANAR", "OPEN_NONPLANAR")  # contour types that enclose nothing
 CROSSING_TOLERANCE = 0.5  # pixels' area: loops of a self-crossing contour up to this are filled even-odd, warned
 
 
@@ -233,6 +235,7 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
     uid_z = {str(s.SOPInstanceUID): z for z, s in enumerate(sources)}
     out = np.zeros((len(sources), len(classes), h, w), np.uint8)
     crossed: list[str] = []
+    open_lines: list[str] = []
     for rc in ds.ROIContourSequence:
         number = int(rc.ReferencedROINumber)
         name = rois.get(number)
@@ -246,10 +249,11 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
         filled = np.zeros((len(sources), h, w), np.uint8)
         for c in items:
             kind = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR"))
-            if kind == "POINT":
-                continue  # a point beside the ROI's areas encloses nothing
+            if kind in NO_AREA:  # a point or a line beside the ROI's areas encloses nothing
+                open_lines.append(f"{name} ({kind})")
+                continue
             if kind != "CLOSED_PLANAR":
-                raise MedsegError(f"ROI {name!r}: a {kind} contour encloses no area (only CLOSED_PLANAR can be filled)", path)
+                raise MedsegError(f"ROI {name!r}: a contour of type {kind!r} is not one DICOM defines", path)
             xyz = np.array([float(v) for v in c.ContourData]).reshape(-1, 3)
             if len(xyz) < 3:
                 raise MedsegError(f"ROI {name!r}: a contour of {len(xyz)} point(s) encloses no area", path)
@@ -284,6 +288,8 @@ def read_rtstruct(path: str | Path, source_files: Sequence[str | Path], classes:
             if f is not None:
                 filled[z, f[0], f[1]] ^= f[2]  # even-odd: a contour inside another is a hole
         out[:, j] |= filled
+    if open_lines:
+        warn(f"{plural(len(open_lines), 'contour')} that enclose no area skipped: {', '.join(sorted(set(open_lines)))}", path)
     if crossed:
         warn(f"{plural(len(crossed), 'contour')} cross themselves in loops under {crossing_tolerance:g} pixels' area, "
              f"filled by the even-odd rule: {', '.join(crossed[:5])}{' ...' if len(crossed) > 5 else ''}", path)
