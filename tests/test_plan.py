@@ -161,11 +161,12 @@ def test_gpu_batch_from_two_measured_steps(tmp_path, syn, monkeypatch):
     # on a GPU the plan asks the measurement, with this data set's channels, outputs and size
     seen = {}
 
-    def fake(kwargs, nd, in_ch, out_ch, size, start):
+    def fake(kwargs, nd, in_ch, out_ch, size, start, memory=None):
         seen.update(nd=nd, in_ch=in_ch, out_ch=out_ch, size=size, start=start)
         return 24, "24: measured"
 
     monkeypatch.setattr(planmod, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(planmod, "_cuda_visible", lambda: True)
     monkeypatch.setattr(planmod, "gpu_batch", fake)
     p = plan(syn, device="cuda")
     assert p.config["data"]["batch_size"] == 24 and p.why["data.batch_size"] == "24: measured"
@@ -217,3 +218,34 @@ def test_3d_patch_rounds_down_and_spends_the_budget_on_the_batch():
     assert scale == pytest.approx(48 / 128) and patch == [48, 48, 48] and depth == 3 and batch == 2
     # tiny volumes: one pooling, even sizes, the batch capped at 8
     assert patch_3d([10, 12, 9], 48**3) == ([10, 12, 8], 1, 8, 1.0)
+
+
+def test_a_gpu_plan_is_written_without_a_gpu_from_the_cards_memory(tmp_path, syn, monkeypatch):
+    """`medseg plan --device cuda --gpu-memory N` on a machine without a GPU: the batch comes from an
+    estimate of the step's memory (saved activations counted on the meta device), smaller cards get smaller
+    batches, and without --gpu-memory the plan says what it needs."""
+    import medseg.training.plan as plan_mod
+    from medseg.training.plan import step_bytes_estimate
+
+    monkeypatch.setattr(plan_mod, "_cuda_visible", lambda: False)
+    with pytest.raises(MedsegError, match="needs the card's memory: --gpu-memory GiB"):
+        plan(syn, device="cuda")
+    with pytest.raises(MedsegError, match="--gpu-memory must be the card's memory in GiB"):
+        plan(syn, device="cuda", gpu_memory=-1)
+    big = plan(syn, device="cuda", gpu_memory=80)
+    assert big.fingerprint["device"] == "cuda (80 GiB, planned without it)"
+    assert "estimated without a GPU" in big.why["data.batch_size"] and "60% of 80 GiB" in big.why["data.batch_size"]
+    from medseg.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.open(syn)
+    d = big.config["data"]
+    kw, size, nd = big.config["model"]["kwargs"], d["size"], 3 if d["mode"] == "3d" else 2
+    in_ch = len(ds.channels) * ((2 * d["context"] + 1) if d["mode"] == "2.5d" else 1)
+    out_ch = len(ds.classes) + (0 if ds.class_kind == "multilabel" else 1)
+    a, b, c = (step_bytes_estimate(kw, nd, in_ch, out_ch, size, n) for n in (2, 4, 6))
+    assert a < b < c and abs((c - b) - (b - a)) <= 0.01 * (c - a)  # linear in the batch: fixed + per sample
+    per = (b - a) / 2
+    tiny = plan(syn, device="cuda", gpu_memory=(a + 1.5 * per) / 0.6 / 2**30)  # room for 3.5 samples: 3
+    assert tiny.config["data"]["batch_size"] == min(3, big.config["data"]["batch_size"])
+    write_plan(big, tmp_path / "gpu.yaml")
+    assert load_config(tmp_path / "gpu.yaml").data.batch_size == big.config["data"]["batch_size"]

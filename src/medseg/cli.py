@@ -168,6 +168,8 @@ def plan(
     prepared: Path = typer.Argument(..., help="prepared dataset (medseg prepare)"),
     minutes: float = typer.Option(30.0, help="wall-clock training budget per fold"),
     device: str = typer.Option("auto", help="plan for: auto (a GPU when PyTorch sees one), cpu, cuda"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="with --device cuda: the card's memory in GiB; "
+                                               "plans for a GPU this machine need not have (write here, train on a cluster)"),
     out: Path = typer.Option(Path("plan.yaml"), help="where to write the plan (a config `medseg train` runs)"),
 ) -> None:
     """Write a complete training config for a prepared dataset, each choice commented with the fingerprint
@@ -176,7 +178,7 @@ def plan(
 
     if out.exists():
         raise MedsegError("already exists; choose another --out or remove it", out)
-    p = make_plan(prepared, minutes, device)
+    p = make_plan(prepared, minutes, device, gpu_memory)
     write_plan(p, out)
     d = p.config["data"]
     console.print(f"[green]planned[/] {d['mode']}, size {'x'.join(map(str, d['size']))}, batch {d['batch_size']}, "

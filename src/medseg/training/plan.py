@@ -127,13 +127,21 @@ def patch_3d(size: list[float], budget: int) -> tuple[list[int], int, int, float
     return patch, depth, batch, scale
 
 
-def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> Plan:
-    """A complete training config for the prepared data set at ``prepared`` (see the module docstring)."""
+def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto", gpu_memory: float | None = None) -> Plan:
+    """A complete training config for the prepared data set at ``prepared`` (see the module docstring).
+    ``device="cuda"`` with ``gpu_memory`` (GiB) plans for a GPU this machine need not have (a plan written
+    on a laptop, trained on a cluster): the batch then comes from an estimate instead of a measurement."""
     root = Path(prepared)
     ds = PreparedDataset.open(root)
     _check(ds, root)
     fp = ds.fingerprint
-    dev = "cuda" if resolve_device(device).startswith("cuda") else "cpu"
+    if gpu_memory is not None and not (gpu_memory > 0 and np.isfinite(gpu_memory)):
+        raise MedsegError(f"--gpu-memory must be the card's memory in GiB (e.g. 80), got {gpu_memory}")
+    elsewhere = device == "cuda" and gpu_memory is not None and not _cuda_visible()
+    if device == "cuda" and gpu_memory is None and not _cuda_visible():
+        raise MedsegError("planning for a GPU on a machine without one needs the card's memory: --gpu-memory GiB "
+                          "(e.g. 80 for an H100)")
+    dev = "cuda" if elsewhere or resolve_device(device).startswith("cuda") else "cpu"
     why: dict[str, str] = {}
     sp = [float(v) for v in np.median([c.spacing for c in ds.cases], axis=0)]  # (z, y, x)
     shape = [float(v) for v in np.median([c.shape for c in ds.cases], axis=0)]  # (z, c, h, w)
@@ -216,7 +224,10 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
     if dev == "cuda":
         in_ch = len(ds.channels) * ((2 * data["context"] + 1) if mode == "2.5d" else 1)
         out_ch = len(ds.classes) + (0 if ds.class_kind == "multilabel" else 1)
-        bs, note = gpu_batch(model["kwargs"], 3 if mode == "3d" else 2, in_ch, out_ch, data["size"], data["batch_size"])
+        bs, note = (gpu_batch_estimate(model["kwargs"], 3 if mode == "3d" else 2, in_ch, out_ch, data["size"],
+                                       data["batch_size"], gpu_memory) if elsewhere else
+                    gpu_batch(model["kwargs"], 3 if mode == "3d" else 2, in_ch, out_ch, data["size"], data["batch_size"],
+                              memory=gpu_memory))
         data["batch_size"] = bs
         why["data.batch_size"] = note
     multilabel = ds.class_kind == "multilabel"
@@ -266,7 +277,8 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto") -> P
               "schedule": {"name": "cosine", "warmup_epochs": 1, "by": "time"},
               "train": train, "inference": inference}
     why["optim"] = "AdamW 2e-3 with a 1-epoch warm-up and cosine decay (the shipped recipes)"
-    return Plan(config, why, {"spacing": sp, "shape": shape, "anisotropy": aniso, "device": dev,
+    return Plan(config, why, {"spacing": sp, "shape": shape, "anisotropy": aniso,
+                              "device": f"cuda ({gpu_memory:g} GiB, planned without it)" if elsewhere else dev,
                               "grid": _grid(ds, root)})
 
 
@@ -296,8 +308,49 @@ def fit_batch(peak_a: int, peak_b: int, a: int, b: int, budget: int, cap: int) -
     return int(max(1, min(cap, (budget - fixed) // per)))
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def step_bytes_estimate(kwargs: dict, nd: int, in_ch: int, out_ch: int, size: list[int], batch: int) -> int:
+    """Bytes of a bf16 training step of this U-Net, without a GPU: the tensors autograd saves for the
+    backward pass, counted on PyTorch's meta device (shapes, no data) in fp32 and taken at 0.6 of that
+    (under bf16 autocast convolutions save half-size inputs, normalisations full-size), plus fp32 weights,
+    gradients and AdamW's two moments."""
+    import torch
+
+    from medseg.models import create_model
+
+    model = create_model("unet", in_ch, out_ch, spatial_dims=nd, **kwargs).to("meta")
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.empty(batch, in_ch, *size, device="meta"))
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    return int(0.6 * saved[0] + 4 * weights)
+
+
+def gpu_batch_estimate(kwargs: dict, nd: int, in_ch: int, out_ch: int, size: list[int], start: int,
+                       memory_gib: float, share: float = 0.6) -> tuple[int, str]:
+    """``gpu_batch`` for a GPU this machine does not have: the step's memory estimated
+    (``step_bytes_estimate``) at batches 2 and 4 instead of measured, against ``share`` of ``memory_gib``."""
+    peaks = [step_bytes_estimate(kwargs, nd, in_ch, out_ch, size, b) for b in (2, 4)]
+    cap = max(start, 8) if nd == 3 else start
+    budget = int(share * memory_gib * 2**30)
+    bs = fit_batch(peaks[0], peaks[1], 2, 4, budget, cap)
+    return bs, (f"{bs}: estimated without a GPU, {peaks[0] / 2**20:.0f} / {peaks[1] / 2**20:.0f} MiB for a bf16 step "
+                f"at 2 / 4 (saved activations counted on the meta device); {share:.0%} of {memory_gib:g} GiB fits {bs} "
+                f"(capped at {cap}); on the GPU itself, `medseg plan --device cuda` measures it")
+
+
 def gpu_batch(kwargs: dict, nd: int, in_ch: int, out_ch: int, size: list[int], start: int,
-              share: float = 0.6) -> tuple[int, str]:
+              share: float = 0.6, memory: float | None = None) -> tuple[int, str]:
     """The batch a training step of this U-Net fits in ``share`` of the GPU's free memory, measured:
     two bf16 steps (forward, backward, AdamW) at batches 2 and 4, extrapolated linearly. The rule's
     cap stays the batch the size rule gave (``start``, or 8 patches in 3D): beyond it, steps get longer
@@ -327,6 +380,8 @@ def gpu_batch(kwargs: dict, nd: int, in_ch: int, out_ch: int, size: list[int], s
     del model, opt
     torch.cuda.empty_cache()
     free = gpu_free_bytes("cuda")
+    if memory is not None:  # a smaller card than this one is planned for
+        free = min(free, int(memory * 2**30))
     cap = max(start, 8) if nd == 3 else start
     bs = fit_batch(peaks[0], peaks[1], 2, 4, int(share * free), cap)
     return bs, (f"{bs}: measured {peaks[0] / 2**20:.0f} / {peaks[1] / 2**20:.0f} MiB for a step at 2 / 4, "
@@ -354,4 +409,4 @@ def write_plan(p: Plan, out: str | Path) -> Path:
     return out
 
 
-__all__ = ["Plan", "fit_batch", "gpu_batch", "plan", "render", "write_plan"]
+__all__ = ["Plan", "fit_batch", "gpu_batch", "gpu_batch_estimate", "plan", "render", "step_bytes_estimate", "write_plan"]
