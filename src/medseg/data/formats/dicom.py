@@ -30,8 +30,9 @@ from medseg.data.formats.nifti_io import (labels_to_mask,
     read_label_prediction,
     to_zyx,
     write_volume_nifti)
-from medseg.data.formats.dicom_objects import (LABEL_MODALITIES, check_even, class_map, label_names, not_an_image,
-                                               referenced_series, series_affine, series_info, skipped_line)
+from medseg.data.formats.dicom_objects import (LABEL_MODALITIES, check_even, class_map, label_names, missing_place,
+                                               not_an_image, referenced_series, series_affine, series_info,
+                                               skipped_line)
 from medseg.data.formats.dicom_rtstruct import CROSSING_TOLERANCE, read_rtstruct, write_rtstruct
 from medseg.data.formats.dicom_seg import read_seg, write_seg
 from medseg.errors import MedsegError, warn
@@ -89,6 +90,7 @@ class DicomReader(Reader):
         series: dict[str, list[tuple[Path, Any]]] = {}
         label_files: list[tuple[Path, Any]] = []
         skipped: list[tuple[Path, str]] = []  # named in one warning at the end
+        unplaced: list[tuple[Path, Any]] = []  # slices without a place in space
         last_error: Exception | None = None
         for f in files:
             try:
@@ -104,14 +106,15 @@ class DicomReader(Reader):
             why = not_an_image(ds)  # plans, doses, portal images, scouts, ...: beside the images, not images
             if why is not None:
                 skipped.append((f, why))
+                if missing_place(ds):
+                    unplaced.append((f, ds))
                 continue
             series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
-        for f, why in skipped:  # a slice without a place in space among its series' other slices: a broken series
-            if "slice without" in why:
-                uid = str(getattr(pydicom.dcmread(f, stop_before_pixels=True), "SeriesInstanceUID", ""))
-                if uid in series:
-                    name = str(getattr(series[uid][0][1], "SeriesDescription", "") or uid)
-                    raise MedsegError(f"series {name!r}: {why.split(' slice ', 1)[-1].replace('without', 'slice has no', 1)}", f)
+        for f, ds in unplaced:  # among its series' other slices: a broken series, not an object beside it
+            uid = str(getattr(ds, "SeriesInstanceUID", ""))
+            if uid in series:
+                name = str(getattr(series[uid][0][1], "SeriesDescription", "") or uid)
+                raise MedsegError(f"series {name!r}: slice has no {', '.join(missing_place(ds))}", f)
         if not series:
             if len(files) == 1:
                 why = f" ({type(last_error).__name__}: {last_error})" if last_error else f" ({skipped[0][1]})" if skipped else ""

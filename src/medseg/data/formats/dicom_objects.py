@@ -43,10 +43,15 @@ def not_an_image(ds: Any) -> str | None:
         return f"{modality or 'image'} scout (ImageType LOCALIZER)"
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         return f"{modality or 'image'} multi-frame image (enhanced multi-frame series are not read; export it as single-frame slices)"
-    missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
+    missing = missing_place(ds)
     if missing:
         return f"{modality or 'image'} slice without {', '.join(missing)} (no place in patient space)"
     return None
+
+
+def missing_place(ds: Any) -> list[str]:
+    """The tags a slice lacks to have a place in patient space."""
+    return [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
 
 
 def series_info(items: list[tuple[Path, Any]]) -> dict[str, Any]:
@@ -218,5 +223,6 @@ def check_even(label: str, order: list[tuple[Path, Any]], dist: np.ndarray, step
                       f"first between {Path(order[i][0]).name} and {Path(order[i + 1][0]).name}); "
                       "medseg reads evenly spaced series only", folder)
 
-__all__ = ["LABEL_MODALITIES", "NOT_IMAGES", "check_even", "class_map", "label_names", "not_an_image", "referenced_series",
+__all__ = ["LABEL_MODALITIES", "NOT_IMAGES", "check_even", "class_map", "label_names", "missing_place", "not_an_image",
+           "referenced_series",
            "series_affine", "series_info", "skipped_line"]
