@@ -23,19 +23,16 @@ EXAMPLES = {
     "plan": "medseg plan prepared/mine --minutes 60 --out plan.yaml",
     "train": "medseg train prepared/mine --auto --minutes 30 --fold full --out runs/mine",
     "evaluate": "medseg evaluate masks/ my_nifti/ --out eval/",
-    "predict": "medseg predict runs/mine new_scans/ masks/",
+    "predict": "medseg predict runs/mine my_nifti/imagesTr/ masks/",
     "tune": "medseg tune runs/mine --tta",
     "view": "medseg view masks/ my_nifti/ --out view.html",
     "export": "medseg export runs/mine model.onnx",
 }
-ROUTE = """From a folder of scans to masks, in four commands (docs: README.md, "Your own data"):
-
-  medseg prepare nifti my_nifti/ prepared/mine                               read your layout, split by patient
-  medseg train prepared/mine --auto --minutes 30 --fold full --out runs/mine plan a network for it, train it
-  medseg predict runs/mine new_scans/ masks/                                 masks in the input's own layout
-  medseg evaluate masks/ my_nifti/ --out eval/                               metrics, report.html, view.html
-
-Layouts: `medseg formats` (nifti, dicom, folder, lgg, uwmgi, coco). Every command: `medseg --help`."""
+_STEPS = {"prepare": "read your layout, split by patient", "train": "plan a network for it, train it",
+          "predict": "masks in the input's own layout", "evaluate": "metrics, report.html, view.html"}
+ROUTE = ("From a folder of scans to masks, in four commands (docs: README.md, \"Your own data\"):\n\n"
+         + "\n".join(f"  {EXAMPLES[k]:<75}{what}" for k, what in _STEPS.items())
+         + "\n\nLayouts: `medseg formats` (nifti, dicom, folder, lgg, uwmgi, coco). Every command: `medseg --help`.")
 
 
 def _example(name: str) -> str:
@@ -215,15 +212,14 @@ def train(
     elif config.is_dir():
         raise MedsegError("is a folder: pass an experiment YAML, or add --auto to plan one for this prepared dataset", config)
     try:
-        try:
-            with naming(out or Path("runs") / config.stem):
-                run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
-        except BaseException:
-            remove_unstarted(made)
-            raise
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        raise typer.Exit(130) from None  # the shell's convention for SIGINT
+        with naming(out or Path("runs") / config.stem):
+            run_train(config, fold=fold, overrides=_kv(set, "--set"), out=out, resume=resume, console=console)
+    except BaseException as e:
+        remove_unstarted(made)
+        if isinstance(e, TrainingInterrupted):
+            print(str(e), file=sys.stderr)
+            raise typer.Exit(130) from None  # the shell's convention for SIGINT
+        raise
 
 
 @app.command(epilog=_example("evaluate"))

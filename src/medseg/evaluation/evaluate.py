@@ -150,15 +150,17 @@ def _no_truth(folder: Path, read: set[Path], names: tuple[str, ...] | None = Non
     submission or a prepared data set are, since an extra case usually means the wrong TRUTH."""
     import fnmatch
 
-    kinds = {"".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix for p in read}
+    def kind(p: Path) -> str:
+        return ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
+
+    kinds = {kind(p) for p in read}
     extra = []
     for f in sorted(Path(folder).rglob("*")):
         rel = f.relative_to(folder)
         if (not f.is_file() or f.resolve() in read or any(part.startswith(".") for part in rel.parts)
                 or "probabilities" in rel.parts or "_prob." in f.name):
             continue
-        kind = "".join(f.suffixes[-2:]) if f.name.endswith(".nii.gz") else f.suffix
-        if any(fnmatch.fnmatch(f.name, g) for g in names) if names is not None else kind in kinds:
+        if any(fnmatch.fnmatch(f.name, g) for g in names) if names is not None else kind(f) in kinds:
             extra.append(str(rel))
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""

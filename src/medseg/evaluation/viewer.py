@@ -174,13 +174,15 @@ class ViewWriter:
             if self.channel is None or self.channel >= image.shape[1]:
                 self.channel = display_channel(image, t)
             ch = image[:, self.channel]
-            grey, lo, hi = to_bytes(ch)
             shown = _channels_shown(image.shape[1], self.channel)
             if len(shown) > 1:  # every channel, three to a colour JPEG (4:4:4), in less than one grey JPEG at 85
                 scaled = [to_bytes(image[:, j]) for j in shown]
-                grey = np.stack([s[0] for s in scaled] + [np.zeros_like(grey)] * (3 - len(shown)), -1)
+                _, lo, hi = scaled[shown.index(self.channel)]
+                grey = np.stack([s[0] for s in scaled] + [np.zeros_like(scaled[0][0])] * (3 - len(shown)), -1)
                 ranges = [[round(s[1], 4), round(s[2], 4)] for s in scaled]
-            elif ch.dtype.kind in "iu" and ch.size and 255 < int(ch.max()) - int(ch.min()) < 65536:
+            else:
+                grey, lo, hi = to_bytes(ch)
+            if len(shown) == 1 and ch.dtype.kind in "iu" and ch.size and 255 < int(ch.max()) - int(ch.min()) < 65536:
                 # integers wider than a byte (CT in HU, 12-bit MR): stored exactly, two bytes a voxel in a
                 # lossless PNG, so window/level and the readout work in the image's own units
                 raw = {"offset": int(ch.min()), "min": int(ch.min()), "max": int(ch.max())}
