@@ -362,110 +362,39 @@ def _reader_nifti_label_nii_beside_niigz(tmp):
                 absent=[tmp / "out"])
 
 
-def _coco_odd_number_of_coordinates(tmp):
+# COCO geometry the rasteriser cannot draw: (segmentation of the first polygon annotation, or None to make the
+# first annotation a bbox-only one with the given box; what the error says). NaN once grew to 23 GB.
+NAN, INF = float("nan"), 1e400
+COCO_GEOMETRY = {
+    "odd_number_of_coordinates": ([[10, 10, 60, 10, 60, 60, 10]], None, "a polygon with an odd number of coordinates (7)"),
+    "nan_coordinate": ([[10, 10, 60, 10, NAN, 60, 10, 60]], None, "polygon has a coordinate that is NaN or infinite"),
+    "infinite_coordinate": ([[10, 10, INF, 10, 60, 60, 10, 60]], None, "NaN or infinite"),
+    "text_coordinate": ([[10, 10, "x", 10, 60, 60, 10, 60]], None, "polygon holds values that are not numbers"),
+    "polygon_wholly_outside": ([[1000, 1000, 1100, 1000, 1100, 1100]], None, "lies wholly outside"),
+    "bbox_wholly_outside": (None, "right", "lies wholly outside its"),
+    "bbox_at_negative_coordinates": (None, [-50, -50, 20, 20], "lies wholly outside"),
+    "bbox_zero_width": (None, [10, 10, 0, 20], "expected [x, y, width, height] with a positive width and height"),
+    "bbox_three_numbers": (None, [10, 10, 20], "expected [x, y, width, height]"),
+    "bbox_nan": (None, [10, NAN, 20, 20], "bbox has a coordinate that is NaN or infinite"),
+    "flat_segmentation": ([10, 10, 60, 10, 60, 60], None, "segmentation must be a list of polygons"),
+}
+
+
+@pytest.mark.parametrize("name", COCO_GEOMETRY)
+def test_outside_coco_geometry(name, tmp_path, monkeypatch, capsys):
+    seg, box, says = COCO_GEOMETRY[name]
+
     def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [[10, 10, 60, 10, 60, 60, 10]]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "a polygon with an odd number of coordinates (7)", absent=[tmp / "out"])
-
-
-def _coco_nan_coordinate(tmp):
-    def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [[10, 10, 60, 10, float("nan"), 60, 10, 60]]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "polygon has a coordinate that is NaN or infinite", absent=[tmp / "out"])
-
-
-def _coco_infinite_coordinate(tmp):
-    def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [[10, 10, 1e400, 10, 60, 60, 10, 60]]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json", "NaN or infinite",
-                absent=[tmp / "out"])
-
-
-def _coco_text_coordinate(tmp):
-    def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [[10, 10, "x", 10, 60, 60, 10, 60]]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "polygon holds values that are not numbers", absent=[tmp / "out"])
-
-
-def _coco_bbox_wholly_outside(tmp):
-    def edit(doc):
+        if seg is not None:
+            next(a for a in doc["annotations"] if a.get("segmentation"))["segmentation"] = seg
+            return
         a = doc["annotations"][0]
         im = next(i for i in doc["images"] if i["id"] == a["image_id"])
-        a["segmentation"] = []
-        a["bbox"] = [im["width"] + 5, 10, 20, 20]
+        a["segmentation"], a["bbox"] = [], [im["width"] + 5, 10, 20, 20] if box == "right" else box
 
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json", "lies wholly outside its",
-                absent=[tmp / "out"])
-
-
-def _coco_bbox_at_negative_coordinates(tmp):
-    def edit(doc):
-        a = doc["annotations"][0]
-        a["segmentation"] = []
-        a["bbox"] = [-50, -50, 20, 20]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json", "lies wholly outside",
-                absent=[tmp / "out"])
-
-
-def _coco_polygon_wholly_outside(tmp):
-    def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [[1000, 1000, 1100, 1000, 1100, 1100]]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json", "lies wholly outside",
-                absent=[tmp / "out"])
-
-
-def _coco_bbox_zero_width(tmp):
-    def edit(doc):
-        a = doc["annotations"][0]
-        a["segmentation"] = []
-        a["bbox"] = [10, 10, 0, 20]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "expected [x, y, width, height] with a positive width and height", absent=[tmp / "out"])
-
-
-def _coco_bbox_three_numbers(tmp):
-    def edit(doc):
-        a = doc["annotations"][0]
-        a["segmentation"] = []
-        a["bbox"] = [10, 10, 20]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json", "expected [x, y, width, height]",
-                absent=[tmp / "out"])
-
-
-def _coco_bbox_nan(tmp):
-    def edit(doc):
-        a = doc["annotations"][0]
-        a["segmentation"] = []
-        a["bbox"] = [10, float("nan"), 20, 20]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "bbox has a coordinate that is NaN or infinite", absent=[tmp / "out"])
+    root = coco_set(tmp_path, edit)
+    check(Case(["prepare", "coco", root, tmp_path / "out"], root / "_annotations.coco.json", says,
+               absent=[tmp_path / "out"]), tmp_path, monkeypatch, capsys)
 
 
 # --------------------------------------------------------------------- evaluate pairs both ways
@@ -605,7 +534,7 @@ def _writer_predict_second_case_fails(tmp):
 
 
 BASIC = [f for n, f in sorted(globals().items()) if n.startswith("_") and callable(f)
-         and n.split("_")[1] in ("nonfinite", "spacing", "reader", "coco", "pairing", "grid", "writer")
+         and n.split("_")[1] in ("nonfinite", "spacing", "reader", "pairing", "grid", "writer")
          and f.__code__.co_argcount == 1]
 WITH_PREPARED = [f for n, f in sorted(globals().items()) if n.startswith("_config_")]
 WITH_ONNX = [f for n, f in sorted(globals().items()) if n.startswith("_onnx_")]
@@ -638,16 +567,6 @@ def _reader_folder_png_and_jpg_of_one_stem(tmp):
     save_png(root / "images" / "a.jpg", np.zeros((16, 16), np.uint8))
     return Case(["prepare", "folder", root, tmp / "out"], root / "images", "two files with the stem 'a'",
                 absent=[tmp / "out"])
-
-
-def _coco_flat_segmentation(tmp):
-    def edit(doc):
-        a = next(a for a in doc["annotations"] if a.get("segmentation"))
-        a["segmentation"] = [10, 10, 60, 10, 60, 60]
-
-    root = coco_set(tmp, edit)
-    return Case(["prepare", "coco", root, tmp / "out"], root / "_annotations.coco.json",
-                "segmentation must be a list of polygons", absent=[tmp / "out"])
 
 
 def _pairing_extra_coco_mask(tmp):
@@ -691,7 +610,7 @@ def _writer_predict_option_without_equals(tmp):
                 "--option must be key=value, got 'nonfinite'", absent=[tmp / "out"])
 
 
-MORE = [_reader_folder_png_and_jpg_of_one_stem, _coco_flat_segmentation, _pairing_extra_coco_mask,
+MORE = [_reader_folder_png_and_jpg_of_one_stem, _pairing_extra_coco_mask,
         _writer_output_locked_by_another_predict, _writer_predict_option_unknown, _writer_predict_option_without_equals]
 
 
@@ -706,7 +625,7 @@ def test_outside_input_more(make, tmp_path, monkeypatch, capsys):
 
 def test_at_least_80_new_cases():
     cases = BASIC + WITH_PREPARED + WITH_ONNX + WITH_RUN + MORE
-    assert len(set(cases)) == len(cases) and len(cases) + len(PROBABILITIES) + len(SPACINGS) + len(CONFIG_SETS) >= 80
+    assert len(set(cases)) == len(cases) and len(cases) + len(PROBABILITIES) + len(SPACINGS) + len(CONFIG_SETS) + len(COCO_GEOMETRY) >= 80
 
 
 # ------------------------------------------------------------ handled in a stated way: the right result
