@@ -24,3 +24,6 @@ $MEDSEG train configs/lgg_unet.yaml --fold full --out runs/lgg_unet_ship --set d
 # post-processing: what `medseg tune` chose on a cross-validation of the recipe
 PP=(); if [ -f "$TUNED" ] || [ -f "$TUNED/tune.json" ]; then PP=(--postprocess-from "$TUNED"); else echo "no $TUNED/tune.json: shipping with the config's post-processing" >&2; fi
 .venv/bin/python scripts/ship_model.py runs/lgg_unet_ship/full/model.pt lgg-unet --card docs/models/lgg-unet.md "${PP[@]}"
+# the quality estimate of `predict --quality`, fitted on the LOIO run's out-of-fold predictions of the shipped
+# model's own training patients (docs/quality.md); a tune.json's folder is that run
+if [ -f "$TUNED/tune.json" ]; then $MEDSEG calibrate "$TUNED" --into lgg-unet; else echo "no LOIO run at $TUNED: shipped without a quality calibration" >&2; fi

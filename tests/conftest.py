@@ -10,6 +10,23 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def tiny_run(tmp: Path, *, n_patients: int = 4, steps: int = 1, fold: str = "0", **sections) -> Path:
+    """A tiny one-channel U-Net trained for one epoch on synthetic data (``make_synthetic``): what a command
+    needs, not what it finds. ``sections`` add to the config (e.g. ``inference={"tta": True}``)."""
+    import yaml
+
+    from medseg.training.run import train
+    from medseg.training.synthetic import make_synthetic
+
+    syn = make_synthetic(tmp / "syn", n_patients=n_patients, slices=4, size=32, channels=1)
+    cfg = tmp / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"prepared": str(syn), "batch_size": 4},
+                                   "model": {"name": "unet", "kwargs": {"base": 8, "depth": 3}},
+                                   "train": {"epochs": 1, "steps_per_epoch": steps}, **sections}))
+    train(cfg, fold=fold, out=tmp / "run")
+    return tmp / "run"
+
+
 def shared(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason when it is absent."""
     p = SHARED.joinpath(*parts)

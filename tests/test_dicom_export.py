@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, tiny_run
 from medseg.data.formats import get_reader
 from medseg.errors import MedsegError, MedsegWarning
 from test_bad_inputs import Case, run_cli
@@ -61,19 +61,7 @@ def contour(ds: pydicom.Dataset, roi_name: str, k: int = 0) -> pydicom.Dataset:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A tiny one-channel model (one epoch on synthetic data): what predict needs, not what it finds."""
-    import yaml
-
-    from medseg.training.run import train
-    from medseg.training.synthetic import make_synthetic
-
-    tmp = tmp_path_factory.mktemp("model")
-    syn = make_synthetic(tmp / "syn", n_patients=4, slices=4, size=32, channels=1)
-    cfg = tmp / "exp.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"prepared": str(syn), "batch_size": 4},
-                                   "model": {"name": "unet", "kwargs": {"base": 8, "depth": 3}},
-                                   "train": {"epochs": 1, "steps_per_epoch": 1}}))
-    train(cfg, out=tmp / "run")
-    return tmp / "run"
+    return tiny_run(tmp_path_factory.mktemp("model"))
 
 
 # ----------------------------------------------------------------------------------- the whole export

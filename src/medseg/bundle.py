@@ -15,6 +15,7 @@ are bundles too. It holds no Lightning or pickle of code, only tensors and plain
      "postprocess": {"thresholds": [...], "presence": [...], "min_size": 0, "largest_cc": False,
                      "components": None},
      "tta": {"flips": [[-1], [-2]]},
+     "quality": {"reference": {...}, "calibration": {...}, ...},   # optional: ``medseg calibrate``
      "meta": {...}}                             # fold, scores, config, dataset fingerprint ...
 
 Multiclass heads have ``len(classes) + 1`` outputs (channel 0 = background, softmax); multilabel
@@ -78,6 +79,7 @@ class PipelineSpec(BaseModel):
     postprocess: dict[str, Any] = Field(default_factory=dict)
     tta: dict[str, Any] = Field(default_factory=dict)
     onnx: Optional[dict[str, Any]] = None  # the exported graph (sidecars only)
+    quality: Optional[dict[str, Any]] = None  # training reference and calibration (medseg.inference.quality)
 
     @classmethod
     def read(cls, doc: Any, where: str | Path) -> PipelineSpec:
@@ -114,6 +116,21 @@ def save_bundle(bundle: dict[str, Any], path: str | Path, half: bool = False) ->
     with atomic_path(path) as tmp:
         torch.save(b, tmp)
     return path
+
+
+def set_bundle_field(path: str | Path, key: str, value: Any) -> Path:
+    """Replace one plain-data field of a bundle in place (atomically), its tensors untouched."""
+    import torch
+
+    if key in ("state_dict", "members", "format"):
+        raise ValueError(f"{key} is not a plain-data field")
+    b = safe_load(path, "model bundle: damaged, or not a medseg model.pt")
+    if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
+        raise MedsegError("not a medseg model bundle", path)
+    b[key] = value
+    with atomic_path(Path(path)) as tmp:
+        torch.save(b, tmp)
+    return Path(path)
 
 
 def safe_load(path: str | Path, what: str) -> Any:

@@ -25,6 +25,7 @@ EXAMPLES = {
     "evaluate": "medseg evaluate masks/ my_nifti/ --out eval/",
     "predict": "medseg predict runs/mine my_nifti/imagesTr/ masks/",
     "tune": "medseg tune runs/mine --tta",
+    "calibrate": "medseg calibrate runs/mine",
     "view": "medseg view masks/ my_nifti/ --out view.html",
     "export": "medseg export runs/mine model.onnx",
 }
@@ -278,8 +279,16 @@ def predict(
                                                "prepare (e.g. -o nonfinite=zero)"),
     unfinished: bool = typer.Option(False, "--unfinished", help="use a run whose training did not finish (its best "
                                     "epoch so far) instead of refusing it"),
+    quality: bool = typer.Option(False, "--quality", help="also write quality.csv and quality.json: per case and "
+                                 "structure a predicted Dice, a review flag and the signals they come from; "
+                                 "RTSTRUCT/SEG outputs carry the flag in each structure's description"),
+    save_uncertainty: bool = typer.Option(False, "--save-uncertainty", help="also write per-voxel uncertainty maps (the "
+                                          "share of views that disagree with the mask) where probabilities would go; implies --quality"),
+    review_below: Optional[float] = typer.Option(None, help="flag a structure for review when its predicted Dice is "
+                                                 "below this (default: the model's, else 0.7)"),
 ) -> None:
-    """Segment new scans with a trained model; outputs mirror the input's layout."""
+    """Segment new scans with a trained model; outputs mirror the input's layout. With --quality, the cases to
+    review are listed at the end (docs/quality.md)."""
     from medseg.inference.predict import parse_flips, parse_probabilities, parse_weights, predict as run_predict
 
     pp = {"min_size": min_size, "largest_cc": largest_cc, "components": components,
@@ -293,7 +302,8 @@ def predict(
         run_predict(model, input, output, fmt=format, folds=folds, tta=tta,
                     save_probabilities=save_probabilities, overwrite=overwrite, console=console,
                     backend=backend, postprocess=pp, weights=parse_weights(weights) if weights else None, device=device,
-                    write_as=write_as, unfinished=unfinished, options=_kv(option, "--option"))
+                    write_as=write_as, unfinished=unfinished, options=_kv(option, "--option"), quality=quality,
+                    save_uncertainty=save_uncertainty, review_below=review_below)
 
 
 @app.command(epilog=_example("tune"))
@@ -321,6 +331,27 @@ def tune(
 
     run_tune(run, folds=folds, data=data, tta=tta, thresholds=floats(thresholds, "thresholds"),
              presence=floats(presence, "presence"), write=not dry_run, console=console, device=device)
+
+
+@app.command(epilog=_example("calibrate"))
+def calibrate(
+    run: Path = typer.Argument(..., help="run directory trained with validation folds"),
+    into: Optional[str] = typer.Option(None, help="write the calibration into this bundle (a model.pt or shipped model "
+                                       "trained the same way) instead of the run's folds"),
+    folds: str = typer.Option("all", help="'all' or fold indices '0,2': whose validation cases to fit on"),
+    data: Optional[Path] = typer.Option(None, help="prepared dataset (default: the run's data.prepared)"),
+    review_below: float = typer.Option(0.7, help="a structure under this real Dice is a failure; predict flags "
+                                       "predicted Dice under it"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the figures, change no model.pt"),
+    device: str = typer.Option("auto", help="where the folds re-predict: auto, cpu, cuda or cuda:N"),
+) -> None:
+    """Fit the quality estimate of `predict --quality` on the run's out-of-fold predictions and store it in
+    the bundles; print its nested figures (Spearman, failures caught at 10/20/30 % review). docs/quality.md."""
+    from medseg.evaluation.calibrate import calibrate as run_calibrate
+
+    with naming(run):
+        run_calibrate(run, folds=folds, data=data, into=into, review_below=review_below, write=not dry_run,
+                      device=device, console=console)
 
 
 @app.command(epilog=_example("view"))

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import prediction_journal
+from medseg.data.formats.base import MAP_FOLDERS, prediction_journal
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import METRICS, case_metrics, check_empty, slice_overlap, summarize
 from medseg.evaluation.report import pick_cases, write_report
 from medseg.evaluation.sources import open_predictions, open_truth, run_predictions
 from medseg.evaluation.viewer import ViewWriter, case_image, case_metrics_row
+from medseg.inference.quality_files import QUALITY_FILES
 from medseg.rundir import RunDir
 from medseg.scores import SCORES, score_for
 from medseg.text import plural
@@ -158,7 +159,8 @@ def _no_truth(folder: Path, read: set[Path], names: tuple[str, ...] | None = Non
     for f in sorted(Path(folder).rglob("*")):
         rel = f.relative_to(folder)
         if (not f.is_file() or f.resolve() in read or any(part.startswith(".") for part in rel.parts)
-                or "probabilities" in rel.parts or "_prob." in f.name):
+                or any(m in rel.parts for m in MAP_FOLDERS.values()) or any(f"_{m}." in f.name for m in MAP_FOLDERS)
+                or rel.name in QUALITY_FILES):
             continue
         if any(fnmatch.fnmatch(f.name, g) for g in names) if names is not None else kind(f) in kinds:
             extra.append(str(rel))
@@ -170,9 +172,12 @@ def _no_truth(folder: Path, read: set[Path], names: tuple[str, ...] | None = Non
 
 def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: Path, *, empty: str,
               nsd_tolerance: float, report: bool, t0: float, score_variant: str) -> dict[str, Any]:
+    from medseg.inference.quality_files import case_rows, read_quality
+
     classes = truth_obj.classes
     two_d = truth_obj.spatial_dims == 2
     score = task_score(truth_obj)
+    quality = read_quality(pred) if preds.kind == "folder" else {}  # predict --quality wrote it beside the masks
 
     rows: list[dict[str, Any]] = []
     case_score: dict[str, float] = {}
@@ -192,11 +197,15 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             t = truth_obj.load(case_id)
             p = preds.loader(case_id, t)
             crow = case_metrics(p, t.mask, spacing=t.spacing, tolerance=nsd_tolerance, empty=empty)
+            qrows = case_rows(quality, case_id, classes)
             for k, cls in enumerate(classes):
-                rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k]})
+                q = qrows[k]
+                rows.append({"case_id": case_id, "patient": t.patient, "class": cls, **crow[k],
+                             **({"predicted_dice": q["predicted_dice"], "review": bool(q["review"])} if q else {})})
             if view is not None:
                 view.add_case(case_id, t.patient, case_image(t)[0], t.mask, p, t.spacing, case_metrics_row(crow),
-                              affine=t.affine, slices=t.slices)
+                              affine=t.affine, slices=t.slices,
+                              quality={c: q for c, q in zip(classes, qrows) if q is not None} or None)
             dices = [r["dice"] for r in crow if math.isfinite(r["dice"])]
             if dices:
                 case_score[case_id] = float(np.mean(dices))
@@ -227,11 +236,13 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
             raise MedsegError(f"{len(extra)} ids of the submission are not in the ground truth, e.g. {extra[0]}",
                               preds.path)
 
+    columns = CASE_COLUMNS + (["predicted_dice", "review"] if quality else [])
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(CASE_COLUMNS)
+        w.writerow(columns)
         for r in rows:
-            w.writerow([_num(r[c]) for c in CASE_COLUMNS])
+            w.writerow(["" if r.get(c) is None else str(r[c]).lower() if isinstance(r[c], bool) else _num(r[c])
+                        for c in columns])
 
     summary = build_summary(rows, classes, empty=empty, nsd_tolerance=nsd_tolerance,
                             spacing_known=truth_obj.spacing_known)
@@ -239,6 +250,8 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
                    class_kind=truth_obj.class_kind)
     if preds.rules:
         summary["decision"] = preds.rules
+    if quality:
+        summary["quality"] = quality_summary(rows, classes)
     if two_d:
         summary["slices"] = {
             cls: {m: summarize(np.concatenate(v) if v else []) for m, v in slice_vals[cls].items()}
@@ -265,6 +278,29 @@ def _evaluate(pred: Path, truth_obj: Any, preds: Any, ids: list[str], out_dir: P
     summary["seconds"] = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
     return summary
+
+
+def quality_summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The quality estimate against the real Dice, per structure: Spearman correlation and the review curve
+    (failures: real Dice < the review threshold 0.7; a case with neither truth nor prediction scores 1)."""
+    from medseg.inference.quality import REVIEW_BELOW, review_curve, spearman
+
+    out: dict[str, Any] = {}
+    for cls in classes:
+        rs = [r for r in rows if r["class"] == cls and r.get("predicted_dice") is not None]
+        real = [1.0 if r["truth_voxels"] == 0 and r["pred_voxels"] == 0 else float(r["dice"]) for r in rs]
+        real_ok = [(r, d) for r, d in zip(rs, real) if math.isfinite(d)]
+        pred = [float(r["predicted_dice"]) for r, _ in real_ok]
+        dice = [d for _, d in real_ok]
+        order = sorted(range(len(real_ok)), key=lambda i: pred[i])
+        out[cls] = {"cases": len(real_ok), "spearman": spearman(pred, dice),
+                    "flagged": sum(bool(r["review"]) for r, _ in real_ok),
+                    "flagged_failures": sum(bool(r["review"]) and d < REVIEW_BELOW for r, d in real_ok),
+                    "review": review_curve(pred, dice, REVIEW_BELOW),
+                    # riskiest first: what a reviewer opens, with what it really scored
+                    "by_risk": [{"case": real_ok[i][0]["case_id"], "predicted_dice": pred[i], "dice": dice[i],
+                                 "review": bool(real_ok[i][0]["review"])} for i in order]}
+    return out
 
 
 def build_summary(rows: list[dict[str, Any]], classes: list[str], *, empty: str, nsd_tolerance: float,
@@ -372,4 +408,13 @@ def print_summary(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
     console.print(line, highlight=False)
     if summary.get("decision"):
         console.print(f"masks: {summary['decision']}", highlight=False)
+    for cls, q in (summary.get("quality") or {}).items():
+        rv = q["review"]
+        worst = ", ".join(f"{r['case']} {r['predicted_dice']:.2f}/{r['dice']:.2f}{' (review)' if r['review'] else ''}"
+                          for r in q["by_risk"][:5])
+        console.print(f"riskiest {cls} (predicted/real Dice): {worst}", highlight=False)
+        caught = "" if rv["caught_at_20"] is None else f", {100 * rv['caught_at_20']:.0f}% of them in the riskiest 20%"
+        console.print(f"quality estimate, {cls}: Spearman {f(q['spearman'], 2)} with the real Dice over {q['cases']} cases; "
+                      f"{q['flagged']} flagged, {q['flagged_failures']} of them failures; {rv['failures']} failures "
+                      f"(Dice < {rv['below']:g}){caught}", highlight=False)
     console.print(f"[green]wrote[/] {', '.join(summary['files'].values())} in {summary['seconds']:.1f} s -> {out_dir}")

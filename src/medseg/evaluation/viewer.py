@@ -161,8 +161,10 @@ class ViewWriter:
 
     def add_case(self, case_id: str, patient: str, image: np.ndarray | None, truth: np.ndarray | None,
                  pred: np.ndarray, spacing: tuple[float, float, float] | None, metrics: dict[str, Any] | None = None,
-                 note: str | None = None, affine: np.ndarray | None = None, slices: list[str] | None = None) -> None:
-        """``affine``: (column, row, slice) index -> RAS mm, so planes are drawn in the radiological
+                 note: str | None = None, affine: np.ndarray | None = None, slices: list[str] | None = None,
+                 quality: dict[str, Any] | None = None) -> None:
+        """``quality``: ``{structure: row}`` of ``predict --quality`` (the table shows the lowest predicted
+        Dice and the review flag, riskiest first); ``affine``: (column, row, slice) index -> RAS mm, so planes are drawn in the radiological
         convention with orientation letters; ``slices``: a name per slice (file numbers) for the readout."""
         z, k, h, w = pred.shape
         t = truth if truth is not None else np.zeros_like(pred)
@@ -198,7 +200,8 @@ class ViewWriter:
                  "lab": _data_uri(lab, "png"), "truth": truth is not None, "metrics": metrics or {},
                  "components": components(t, pred, self.classes) if truth is not None else [], "note": note,
                  "affine": None if affine is None else np.round(np.asarray(affine, float), 5).tolist(),
-                 "range": [round(lo, 4), round(hi, 4)], "slices": None if slices is None else [str(s) for s in slices]}
+                 "range": [round(lo, 4), round(hi, 4)], "slices": None if slices is None else [str(s) for s in slices],
+                 "quality": quality_entry(quality)}
         self.cases.append(entry)
 
     def add_missing(self, case_id: str, patient: str, reason: str) -> None:
@@ -212,6 +215,23 @@ class ViewWriter:
         path = Path(path)
         atomic_write_text(path, page.replace("/*DATA*/null", blob).replace("{{title}}", _escape(title)))
         return path
+
+
+def quality_entry(rows: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The view's summary of a case's quality rows: its lowest predicted Dice and whether any is flagged."""
+    if not rows:
+        return None
+    return {"predicted": round(min(float(r["predicted_dice"]) for r in rows.values()), 4),
+            "review": any(bool(r["review"]) for r in rows.values()),
+            "per_structure": {c: round(float(r["predicted_dice"]), 4) for c, r in rows.items()}}
+
+
+def case_quality(quality: dict[tuple[str, str], dict[str, Any]], case_id: str,
+                 classes: list[str]) -> dict[str, Any] | None:
+    """``{class: row}`` of one case from ``read_quality``'s table (None when it has none)."""
+    from medseg.inference.quality_files import case_rows
+
+    return {c: r for c, r in zip(classes, case_rows(quality, case_id, classes)) if r is not None} or None
 
 
 def case_image(t: Any) -> tuple[np.ndarray | None, str | None]:
@@ -263,7 +283,10 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
         truth_obj = open_truth(Path(truth), fmt, Path(images) if images else None, options)
         preds = open_predictions(pred, truth_obj)
         ids = list(truth_obj.ids)
+    from medseg.inference.quality_files import read_quality
+
     unit = "mm" if truth_obj.spacing_known else "px"
+    quality = read_quality(pred) if pred.is_dir() else {}
     w = ViewWriter(truth_obj.classes, truth_obj.spatial_dims, unit)
     skipped: list[tuple[str, str]] = []
     for cid in ids:
@@ -278,10 +301,12 @@ def view(pred: str | Path, truth: str | Path | None = None, *, out: str | Path |
         if why:
             skipped.append((cid, why))
         if not t.has_mask:
-            w.add_case(cid, t.patient, image, None, p, t.spacing, affine=t.affine, slices=t.slices)
+            w.add_case(cid, t.patient, image, None, p, t.spacing, affine=t.affine, slices=t.slices,
+                       quality=case_quality(quality, cid, truth_obj.classes))
             continue
         rows = case_metrics(p, t.mask, spacing=t.spacing)
-        w.add_case(cid, t.patient, image, t.mask, p, t.spacing, case_metrics_row(rows), affine=t.affine, slices=t.slices)
+        w.add_case(cid, t.patient, image, t.mask, p, t.spacing, case_metrics_row(rows), affine=t.affine, slices=t.slices,
+                   quality=case_quality(quality, cid, truth_obj.classes))
     if out is None:  # beside the predictions; inside a run directory
         run = truth is None and images is None
         out = pred / "view.html" if run else pred.with_name((pred.stem if pred.is_file() else pred.name) + "_view.html")

@@ -54,7 +54,7 @@ def pipeline_spec(bundle: dict[str, Any], divisor: int, name: str) -> PipelineSp
                               "class_kind": bundle["class_kind"], "channels": list(bundle["channels"]),
                               "input": inp, "normalization": bundle["normalization"],
                               "postprocess": merge_config(bundle.get("postprocess"), None),
-                              "tta": dict(bundle.get("tta") or {})}, name)
+                              "tta": dict(bundle.get("tta") or {}), "quality": bundle.get("quality")}, name)
 
 
 def model_divisor(model: Any, arch: dict[str, Any]) -> int:

@@ -152,17 +152,28 @@ def predict(
     write_as: str | None = None,
     unfinished: bool = False,
     options: dict[str, Any] | None = None,
+    quality: bool = False,
+    save_uncertainty: bool = False,
+    review_below: float | None = None,
 ) -> list[Path]:
     """Segment every case of ``input`` with ``model`` and write the masks under ``output``; return the files.
 
     ``model`` may name several models (``"runs/a,runs/b"`` or a list): the ``weights``-weighted mean of
     their probabilities (``Segmenter.load``), or be a loaded ``Segmenter`` (then ``folds``, ``tta``, ``backend``,
     ``weights`` and ``device`` are its own), reused across calls. ``write_as``: the output form where a
-    layout has several (DICOM: ``nifti``, ``seg`` or ``rtstruct``)."""
+    layout has several (DICOM: ``nifti``, ``seg`` or ``rtstruct``). ``quality``: also write ``quality.csv``
+    and ``quality.json`` (``medseg.inference.quality``: signals, predicted Dice and a review flag per case and
+    structure, flagged below ``review_below``, default the model's or 0.7); ``save_uncertainty``: each
+    voxel's share of views that disagree with the mask, written as the layout writes probabilities."""
     import sys
 
     input, output = Path(input), Path(output)
     t0 = time.perf_counter()
+    if save_uncertainty and save_probabilities:
+        raise MedsegError("--save-uncertainty and --save-probabilities write the same files: choose one")
+    if review_below is not None:
+        check_probability(review_below, "--review-below")
+    quality = quality or save_uncertainty
     fmt = fmt or guess_format(input)
     # the input's errors come before the model's: the channel count is peeked, the model loaded later
     loaded = isinstance(model, Segmenter)
@@ -203,8 +214,9 @@ def predict(
             stage = output / f"{_STAGE}{os.getpid()}"
             try:
                 who = f" (process {rank + 1} of {world})" if world > 1 else ""
+                q = {"on": quality, "uncertainty": save_uncertainty, "below": review_below} if quality else None
                 return _run(seg, reader, spec, fmt, output, stage, save_probabilities, console, postprocess, progress,
-                            t0, who)
+                            t0, who, q)
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
@@ -232,8 +244,12 @@ def _publish(stage: Path, output: Path, files: list[Path]) -> list[Path]:
 
 
 def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, save_probabilities: bool, console: Any,
-         postprocess: dict[str, Any] | None, progress: bool | None, t0: float, who: str = "") -> list[Path]:
+         postprocess: dict[str, Any] | None, progress: bool | None, t0: float, who: str = "",
+         quality: dict[str, Any] | None = None) -> list[Path]:
     import sys
+
+    from medseg.inference import quality as qm
+    from medseg.inference import quality_files as qf
 
     stage.mkdir()
     written: list[Path] = []
@@ -258,6 +274,22 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, 
     # each: a reader's writes stay in case order, as a submission that appends needs)
     from concurrent.futures import ThreadPoolExecutor
 
+    qrows: list[dict[str, Any]] = []
+    if quality:
+        _, cal = qm.quality_of(seg)
+        below = quality["below"]
+        if below is None:
+            below = next((float(m.spec.quality["review_below"]) for m in seg.members
+                          if (m.spec.quality or {}).get("review_below") is not None), qm.REVIEW_BELOW)
+        if qm.ensure_views(seg):
+            warn(f"{seg.name} is one network without TTA: --quality compares flip TTA views "
+                 f"({', '.join(str(f) for f in seg.flips)}), so the masks are TTA's")
+        if cal is None:
+            warn(f"{seg.name} carries no quality calibration (fit one with `medseg calibrate RUN`): predicted_dice is "
+                 "the views' agreement with the mask, not a calibrated Dice")
+        if quality["uncertainty"]:
+            reader.map_name = "uncertainty"  # the maps are named for what they hold
+        reader.notes = {}  # per case, a line per structure for the layouts that can carry one (RTSTRUCT, SEG)
     with ThreadPoolExecutor(1) as loads, ThreadPoolExecutor(1) as writes:
         pending = []
         try:
@@ -266,11 +298,19 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, 
                 data = ahead.result()
                 if i + 1 < len(spec.cases):
                     ahead = loads.submit(reader.read, spec, spec.cases[i + 1])
-                pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
-                                   postprocess_overrides=postprocess, where=case_path(case, spec),
-                                   spacing=data.spacing if reader.has_spacing else None)
-                pending.append(writes.submit(reader.write_prediction, spec, case, pred.mask, stage,
-                                             pred.prob if save_probabilities else None))
+                where, spacing = case_path(case, spec), data.spacing if reader.has_spacing else None
+                maps = None
+                if quality:
+                    pred, rows, unc = qm.predict_quality(seg, data.image, spec.spatial_dims, postprocess, where, spacing,
+                                                         below, uncertainty=quality["uncertainty"])
+                    qrows += [{"case": case.id, **r} for r in rows]
+                    reader.notes[case.id] = [qf.note(r) for r in rows]
+                    maps = unc if quality["uncertainty"] else (pred.prob if save_probabilities else None)
+                else:
+                    pred = seg.predict(data.image, probabilities=save_probabilities, spatial_dims=spec.spatial_dims,
+                                       postprocess_overrides=postprocess, where=where, spacing=spacing)
+                    maps = pred.prob if save_probabilities else None
+                pending.append(writes.submit(reader.write_prediction, spec, case, pred.mask, stage, maps))
                 n_slices += data.image.shape[0]
                 if bar:
                     bar.update(task, advance=data.image.shape[0], description=case.id)
@@ -282,6 +322,9 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, 
     finish = getattr(reader, "finish_predictions", None)  # e.g. a submission CSV gathered over cases
     if callable(finish):
         written += list(finish(spec, stage) or [])
+    if quality:
+        written += qf.write_quality(qrows, stage, {"model": seg.name, "calibrated": cal is not None,
+                                                   "review_below": below})
     # a submission built up over the cases replaces an earlier run's whole (--overwrite)
     written = _publish(stage, output, [Path(f) for f in written])
     dt = time.perf_counter() - t0
@@ -293,4 +336,6 @@ def _run(seg: Any, reader: Any, spec: Any, fmt: str, output: Path, stage: Path, 
             f"tta {'x' + str(1 + len(seg.flips)) if seg.flips else 'off'}) in {dt:.1f} s "
             f"({n_slices / max(dt, 1e-9):.1f} slices/s) -> {output}"
         )
+        if quality:
+            qf.print_review(qrows, below, console, output / "quality.csv")
     return written

@@ -280,8 +280,7 @@ class Segmenter:
         if self.is_ensemble:
             raise MedsegError("an ensemble's members take differently shaped inputs: call probabilities() on "
                               "each of seg.members")
-        kind = self.class_kind
-        flips = [None, *self.flips]
+        kind, flips = self.class_kind, self._views_flips()
         if self._on_gpu():  # flips and folds as one batch, activations and the mean computed there
             return self.nets[0].mean_probs(self.nets, x, flips, kind)
         acc = None
@@ -294,6 +293,10 @@ class Segmenter:
                 acc = p.copy() if acc is None else np.add(acc, p, out=acc)
                 n += 1
         return acc / n
+
+    def _views_flips(self) -> list[Any]:  # None: no flip; a single view (``quality.views``) has one
+        only = getattr(self, "_only_flip", None)
+        return list(only) if only is not None else [None, *self.flips]
 
     def _on_gpu(self) -> bool:
         return self.device != "cpu" and all(isinstance(n, TorchNet) for n in self.nets)
@@ -353,7 +356,7 @@ class Segmenter:
             size = tuple(int(s) for s in inp.size[-2:])
             if self._on_gpu() and not inp.fixed_size:  # both resizes on the GPU too
                 same = (h, w) == size
-                return self.nets[0].mean_probs(self.nets, x, [None, *self.flips], self.class_kind,
+                return self.nets[0].mean_probs(self.nets, x, self._views_flips(), self.class_kind,
                                                None if same else size, None if same else (h, w))
             p = self._net2d(resize(x, size)) if (h, w) != size else self._net2d(x)
             return resize(p, (h, w)) if (h, w) != size else p

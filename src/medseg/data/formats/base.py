@@ -194,6 +194,9 @@ class PredictionTable(ABC):
         """``mask[z, k, h, w]`` of the slices ``slices``; a MedsegError naming the file for a missing row."""
 
 
+MAP_FOLDERS = {"prob": "probabilities", "uncertainty": "uncertainty"}  # the folder layouts' map folders
+
+
 def case_path(case: CaseSpec, spec: DatasetSpec) -> str:
     """A file (or folder) that names ``case`` in error messages."""
     s = case.sources or {}
@@ -249,6 +252,9 @@ class Reader(ABC):
     # False where the layout stores no voxel size (TIFF/PNG/JPEG slices): spacing is a 1 mm placeholder,
     # so distances are in pixels
     has_spacing: ClassVar[bool] = True
+    # what a map beside the masks holds (write_prediction's ``probabilities``): "prob", or "uncertainty"
+    # for predict --save-uncertainty; it names the files (``_prob``) or folders (``probabilities/``)
+    map_name: str = "prob"
     # files write_prediction builds up over all cases (appended per case): replaced whole by predict --overwrite
     aggregate_files: ClassVar[tuple[str, ...]] = ()
 

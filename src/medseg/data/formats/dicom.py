@@ -348,12 +348,14 @@ class DicomReader(Reader):
 
         if self.options.write_as != "nifti":
             if probabilities is not None:
-                raise MedsegError(f"--save-probabilities writes NIfTI maps; a {self.options.write_as.upper()} holds "
+                flag = "--save-probabilities" if self.map_name == "prob" else "--save-uncertainty"
+                raise MedsegError(f"{flag} writes NIfTI maps; a {self.options.write_as.upper()} holds "
                                   "binary structures (use --as nifti)")
             write = write_seg if self.options.write_as == "seg" else write_rtstruct
             names = list(spec.classes or self.options.classes or [f"label_{j + 1}" for j in range(mask.shape[1])])
+            notes = getattr(self, "notes", {}).get(case.id)  # predict --quality: a review line per structure
             return [write(case.sources["files"], mask, names,
-                          Path(out_dir) / f"{case.id}.{self.options.write_as}.dcm", self.options.algorithm)]
+                          Path(out_dir) / f"{case.id}.{self.options.write_as}.dcm", self.options.algorithm, notes)]
 
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
         lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
@@ -361,7 +363,8 @@ class DicomReader(Reader):
             lab[mask[:, j] > 0] = v
         hdr = nib.Nifti1Header()
         hdr["qform_code"] = hdr["sform_code"] = 1  # scanner coordinates
-        return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib)
+        return write_volume_nifti(lab, np.array(case.sources["affine"]), hdr, Path(out_dir) / f"{case.id}.nii.gz", probabilities, nib,
+                                  self.map_name)
 
 
 

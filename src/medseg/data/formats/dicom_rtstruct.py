@@ -94,8 +94,10 @@ def fill_contour(pts: np.ndarray, h: int, w: int) -> tuple[slice, slice, np.ndar
 
 
 def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes: Sequence[str], out: str | Path,
-                   algorithm: str = "medseg") -> Path:
-    """``mask[z, k, h, w]`` (z in the order of ``source_files``) as one RTSTRUCT at ``out``: one ROI per class."""
+                   algorithm: str = "medseg", notes: Sequence[str] | None = None) -> Path:
+    """``mask[z, k, h, w]`` (z in the order of ``source_files``) as one RTSTRUCT at ``out``: one ROI per class;
+    ``notes`` (one per class, e.g. the quality estimate's review line) go into each ROI's description and
+    observation description."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as Seq
@@ -149,6 +151,8 @@ def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = j + 1, frame, str(name)[:64]
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        if notes:
+            roi.ROIDescription = str(notes[j])[:64]
         rois.append(roi)
         rc = Dataset()
         rc.ReferencedROINumber = j + 1
@@ -172,6 +176,8 @@ def write_rtstruct(source_files: Sequence[str | Path], mask: np.ndarray, classes
         obs = Dataset()
         obs.ObservationNumber, obs.ReferencedROINumber = j + 1, j + 1
         obs.RTROIInterpretedType, obs.ROIInterpreter = "ORGAN", ""
+        if notes:
+            obs.ROIObservationDescription = str(notes[j])[:64]
         observations.append(obs)
     ds.StructureSetROISequence = Seq(rois)
     ds.ROIContourSequence = Seq(contours)

@@ -33,8 +33,9 @@ def _version() -> str:
 
 
 def write_seg(source_files: Sequence[str | Path], mask: np.ndarray, classes: Sequence[str], out: str | Path,
-              algorithm: str = "medseg") -> Path:
-    """``mask[z, k, h, w]`` (z in the order of ``source_files``) as one binary SEG file at ``out``."""
+              algorithm: str = "medseg", notes: Sequence[str] | None = None) -> Path:
+    """``mask[z, k, h, w]`` (z in the order of ``source_files``) as one binary SEG file at ``out``; ``notes``
+    (one per class, e.g. the quality estimate's review line) in each segment's SegmentDescription."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -54,6 +55,8 @@ def write_seg(source_files: Sequence[str | Path], mask: np.ndarray, classes: Seq
                                               algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                                               algorithm_identification=algo)
                     for j, c in enumerate(classes)]
+    for d, text in zip(descriptions, notes or []):
+        d.SegmentDescription = str(text)[:64]
     pixels = np.ascontiguousarray(mask.transpose(0, 2, 3, 1) > 0)  # [frames, rows, columns, segments]
     try:
         seg = hd.seg.Segmentation(

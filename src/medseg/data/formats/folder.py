@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import (CaseData,
+from medseg.data.formats.base import (MAP_FOLDERS, CaseData,
     CaseSpec,
     ClassNames,
     DatasetSpec,
@@ -394,7 +394,7 @@ class FolderReader(Reader):
             Image.fromarray(out).save(path)
             written.append(path)
             if probabilities is not None:
-                pp = Path(out_dir) / "probabilities" / f"{stem}.npy"
+                pp = Path(out_dir) / MAP_FOLDERS[self.map_name] / f"{stem}.npy"
                 pp.parent.mkdir(exist_ok=True)
                 np.save(pp, np.asarray(probabilities[z], np.float16))
                 written.append(pp)

@@ -164,7 +164,7 @@ class LGGReader(Reader):
             tifffile.imwrite(path, (mask[z, 0] > 0).astype(np.uint8) * 255)
             written.append(path)
             if probabilities is not None:
-                p = folder / f"{case.id}_{n}_prob.tif"
+                p = folder / f"{case.id}_{n}_{self.map_name}.tif"
                 tifffile.imwrite(p, probabilities[z].astype(np.float16 if probabilities.dtype != np.uint8 else np.uint8))
                 written.append(p)
         return written

@@ -274,7 +274,8 @@ class NiftiReader(Reader):
 
     def write_prediction(self, spec, case, mask, out_dir, probabilities=None):
         values = spec.meta.get("label_values") or list(range(1, mask.shape[1] + 1))
-        return write_label_nifti(mask, values, case.sources["image"], Path(out_dir) / f"{case.id}.nii.gz", probabilities)
+        return write_label_nifti(mask, values, case.sources["image"], Path(out_dir) / f"{case.id}.nii.gz", probabilities,
+                                 self.map_name)
 
 
 def _by_stem(files: list[Path]) -> dict[str, Path]:

@@ -112,7 +112,8 @@ def read_label_prediction(root: Path, spec: DatasetSpec, case: CaseSpec, shape: 
 
 
 def write_label_nifti(
-    mask: np.ndarray, values: list[int], ref_path: Path | str, out: Path, probabilities: np.ndarray | None = None
+    mask: np.ndarray, values: list[int], ref_path: Path | str, out: Path, probabilities: np.ndarray | None = None,
+    map_name: str = "prob",
 ) -> list[Path]:
     """``mask[z, k, h, w]`` -> a uint8 label map (channel j -> ``values[j]``) with the header and affine
     of the NIfTI image at ``ref_path`` (and float32 probabilities beside it if given)."""
@@ -122,10 +123,10 @@ def write_label_nifti(
     lab = np.zeros((mask.shape[0], *mask.shape[2:]), np.uint8)
     for j, v in enumerate(values):
         lab[mask[:, j] > 0] = v
-    return write_volume_nifti(lab, ref.affine, ref.header, out, probabilities, nib)
+    return write_volume_nifti(lab, ref.affine, ref.header, out, probabilities, nib, map_name)
 
 
-def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib) -> list[Path]:
+def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib, map_name: str = "prob") -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(lab.transpose(2, 1, 0), affine, hdr)
@@ -140,7 +141,7 @@ def write_volume_nifti(lab, affine, header, out: Path, probabilities, nib) -> li
     nib.save(img, str(out))
     written = [out]
     if probabilities is not None:
-        p = out.with_name(nifti_stem(out) + "_prob.nii.gz")
+        p = out.with_name(nifti_stem(out) + f"_{map_name}.nii.gz")
         prob = nib.Nifti1Image(np.asarray(probabilities, np.float32).transpose(3, 2, 0, 1), affine)
         nib.save(prob, str(p))
         written.append(p)

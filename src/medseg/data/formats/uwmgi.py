@@ -27,7 +27,7 @@ import numpy as np
 from medseg.atomic import atomic_path
 from medseg.data import rle as rlelib
 from medseg.data.formats import FORMATS
-from medseg.data.formats.base import CaseData, CaseSpec, DatasetSpec, PredictionTable, Reader
+from medseg.data.formats.base import MAP_FOLDERS, CaseData, CaseSpec, DatasetSpec, PredictionTable, Reader
 from medseg.errors import MedsegError
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]  # competition order
@@ -322,7 +322,7 @@ class UWMGIReader(Reader):
             w.writerows(rows)
         written = [path]
         if probabilities is not None:
-            p = out / "probabilities" / f"{case.id}.npy"
+            p = out / MAP_FOLDERS[self.map_name] / f"{case.id}.npy"
             p.parent.mkdir(exist_ok=True)
             np.save(p, np.asarray(probabilities, np.float16))
             written.append(p)
