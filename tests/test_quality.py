@@ -17,7 +17,8 @@ from medseg.errors import MedsegError
 from medseg.inference.quality import (Calibration, binary_entropy, build_reference, case_intensity_z, count_components,
                                       dice, intensity_percentiles, predict_quality, predict_views, review_curve,
                                       spearman, structure_signals, views)
-from test_bad_inputs import run_cli
+from test_bad_inputs import Case, run_cli
+from test_bad_inputs import _check
 
 
 # ------------------------------------------------------------------------------ planted cases
@@ -364,3 +365,67 @@ def test_rtstruct_and_seg_carry_the_review_flag(run, tmp_path, monkeypatch, caps
         assert text == f"REVIEW: predicted Dice {float(row['predicted_dice']):.2f} (medseg quality)"
         if form == "rtstruct":
             assert ds.RTROIObservationsSequence[0].ROIObservationDescription == text
+
+
+# ------------------------------------------------------------------------------ bad input: one line, nothing written
+def _calibrate_no_run(tmp, run):
+    return Case(["calibrate", tmp / "nope"], tmp / "nope", "run directory not found")
+
+
+def _calibrate_bad_review_threshold(tmp, run):
+    return Case(["calibrate", run, "--review-below", "1.5"], "--review-below", "must be in [0, 1], got 1.5",
+                intact=[run])
+
+
+def _calibrate_into_a_damaged_bundle(tmp, run):
+    bad = tmp / "model.pt"
+    bad.write_bytes(b"not a bundle")
+    return Case(["calibrate", run, "--into", bad], bad, "cannot read model bundle", intact=[run, bad])
+
+
+def _calibrate_without_the_prepared_data(tmp, run):
+    return Case(["calibrate", run, "--data", tmp / "gone"], tmp / "gone", "prepared dataset of the run not found",
+                intact=[run])
+
+
+def _calibrate_an_unfinished_run(tmp, run):
+    import shutil
+
+    dst = tmp / "killed"
+    shutil.copytree(run, dst)
+    state = dst / "fold_1" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "state": "training"}))
+    return Case(["calibrate", dst], dst / "fold_1", "did not finish", intact=[dst])
+
+
+def _evaluate_a_damaged_quality_file(tmp, run):
+    import shutil
+
+    src = FIXTURES / "nifti"
+    out = tmp / "pred"
+    out.mkdir()
+    for f in (src / "labelsTr").glob("*.nii.gz"):
+        shutil.copy(f, out / f.name)
+    (out / "quality.json").write_text("{")
+    return Case(["evaluate", out, src, "--out", tmp / "eval"], out / "quality.json", "not a medseg quality file",
+                absent=[tmp / "eval"], intact=[out])
+
+
+def _predict_uncertainty_into_an_rtstruct(tmp, run):
+    return Case(["predict", run, FIXTURES / "dicom" / "series", tmp / "out", "--as", "rtstruct", "--save-uncertainty"],
+                "--save-uncertainty", "writes NIfTI maps; a RTSTRUCT holds binary structures", absent=[tmp / "out"])
+
+
+def _predict_negative_review_threshold(tmp, run):
+    return Case(["predict", run, FIXTURES / "nifti", tmp / "out", "--quality", "--review-below", "-0.1"],
+                "--review-below", "must be in [0, 1], got -0.1", absent=[tmp / "out"])
+
+
+BAD = [_calibrate_no_run, _calibrate_bad_review_threshold, _calibrate_into_a_damaged_bundle,
+       _calibrate_without_the_prepared_data, _calibrate_an_unfinished_run, _evaluate_a_damaged_quality_file,
+       _predict_uncertainty_into_an_rtstruct, _predict_negative_review_threshold]
+
+
+@pytest.mark.parametrize("make", BAD, ids=lambda f: f.__name__[1:])
+def test_bad_input(make, run, tmp_path, monkeypatch, capsys):
+    _check(make(tmp_path, run), tmp_path, monkeypatch, capsys)
