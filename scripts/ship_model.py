@@ -21,18 +21,7 @@ from medseg.bundle import load_bundle, save_bundle
 from medseg.bundle import SHIPPED, WEIGHTS_DIR
 from medseg.errors import MedsegError
 from medseg.evaluation.tune import tune_file, tuned_rules
-
-
-def portable(path: str | Path) -> str:
-    """A path as recorded in a shipped model: relative to the working directory, or its last two parts
-    (a shipped file names no machine's folders)."""
-    p = Path(path)
-    if not p.is_absolute():
-        return str(p)
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(Path(*p.parts[-2:]))
+from medseg.text import portable
 
 
 def main() -> None:

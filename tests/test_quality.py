@@ -14,6 +14,7 @@ import pytest
 
 from conftest import FIXTURES, tiny_run
 from medseg.errors import MedsegError
+from medseg.text import portable
 from medseg.inference.quality import (Calibration, binary_entropy, build_reference, case_intensity_z, count_components,
                                       dice, intensity_percentiles, predict_quality, predict_views, review_curve,
                                       spearman, structure_signals, views)
@@ -234,6 +235,7 @@ def test_calibrate_fits_out_of_fold_and_writes_every_bundle(run, monkeypatch, ca
     assert code == 0, err
     res = json.loads((run / "calibration.json").read_text())
     assert res["written"] and res["fitted_on"]["cases"] == 8 and res["fitted_on"]["folds"] == [0, 1]
+    assert not Path(res["dataset"]).is_absolute() and not Path(res["run"]).is_absolute()  # names no machine's folders
     cases = list(csv.DictReader((run / "calibration_cases.csv").open()))
     # one row per case and structure (the synthetic set has two: disc and square)
     assert len(cases) == 16 and {c["fold"] for c in cases} == {"0", "1"} and {c["structure"] for c in cases} == {"disc", "square"}
@@ -263,7 +265,7 @@ def test_calibrate_into_a_bundle_fits_on_its_training_patients_only(run, tmp_pat
     shutil.copy(run / "fold_0" / "model.pt", b)
     set_bundle_field(b, "meta", {"training_patients": ["p00", "p01", "p02", "p03", "p04"]})
     res = calibrate(run, into=b)
-    assert res["fitted_on"]["cases"] == 5 and res["into"] == str(b)
+    assert res["fitted_on"]["cases"] == 5 and res["into"] == portable(b) == f"{b.parent.name}/model.pt"
     used = [c["used_for_fit"] for c in csv.DictReader((run / "calibration_cases.csv").open())]
     assert used.count("true") == 10 and used.count("false") == 6
     assert load_bundle(b)["quality"]["reference"]["cases"] == 5

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.text import portable
 
 FIELDS = ("fold", "case", "patient", "structure", "dice", "agreement", "nested_predicted_dice")
 
@@ -148,7 +149,7 @@ def calibrate(
              "fitted_on": {"run": run.name, "folds": [fk for fk, _ in fold_dirs], "cases": len({r["case"] for r in fit_rows}),
                            "postprocess": overrides, "tta": tta},
              "nested": {"per_structure": per_structure, "review": review_all}}
-    result = {"run": str(run), "dataset": str(ds_path), "into": str(target_path) if target_path else None,
+    result = {"run": portable(run), "dataset": portable(ds_path), "into": portable(target_path) if target_path else None,
               **{k: block[k] for k in ("fitted_on", "nested", "review_below", "calibration")}, "written": False}
     if write:
         for path in ([target_path] if target_path is not None else [d / "model.pt" for _, d in fold_dirs]
