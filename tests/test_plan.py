@@ -249,3 +249,56 @@ def test_a_gpu_plan_is_written_without_a_gpu_from_the_cards_memory(tmp_path, syn
     assert tiny.config["data"]["batch_size"] == min(3, big.config["data"]["batch_size"])
     write_plan(big, tmp_path / "gpu.yaml")
     assert load_config(tmp_path / "gpu.yaml").data.batch_size == big.config["data"]["batch_size"]
+
+
+def _rings(root: Path, width: int) -> Path:
+    """Class 0 (``disc``) on every foreground slice replaced by a ring ``width`` px wide (radius 150),
+    class 1 (``square``) by a disc (radius 60), in 512 x 512 slices."""
+    meta = json.loads((root / "dataset.json").read_text())
+    yy, xx = np.mgrid[:512, :512]
+    r = np.hypot(yy - 256, xx - 256)
+    for c in meta["cases"]:
+        m = np.load(root / c["mask"], mmap_mode="r+")
+        m[:] = 0
+        m[c["fg_slices"][0], 0] = (r >= 150) & (r < 150 + width)
+        m[c["fg_slices"][1], 1] = r < 60
+        m.flush()
+    return root
+
+
+def test_thickness_of_a_band_a_ring_and_a_disc():
+    from medseg.training.plan_sample import thickness
+
+    yy, xx = np.mgrid[:512, :512]
+    r = np.hypot(yy - 256, xx - 256)
+    for w in (2, 6, 14):  # a ring's edges are the staircase of a circle: Crofton's pi/4 makes them true
+        assert thickness((r >= 150) & (r < 150 + w)) == pytest.approx(w, rel=0.03)
+    assert thickness(r < 60) == pytest.approx(60, rel=0.02)  # a disc: half its diameter
+    band = np.zeros((400, 100), bool)
+    band[:, 40:43] = True  # axis-aligned: 2 * 1200 / ((800 + 6) * pi / 4)
+    assert thickness(band) == pytest.approx(2 * 1200 / (806 * np.pi / 4))
+    assert np.isnan(thickness(np.zeros((8, 8))))
+
+
+@pytest.mark.parametrize("width, expect", [(24, "resize128"), (14, "resize160"), (6, "crop")])
+def test_a_thin_class_keeps_its_pixels(tmp_path, width, expect):
+    """512 px slices go to 128 px on a CPU (x 0.25), unless a class would be thinner than 4 px there:
+    a 24 px ring (6 px after) keeps the rule; a 14 px ring (3.5 px) is resized only by 4/14 (146 px, 160
+    for 5 poolings); a 6 px ring needs x 0.67 (341 px, more than 1.5 x 128): 128 px crops at native size."""
+    src = make_synthetic(tmp_path / "syn", n_patients=3, slices=2, size=512)
+    ds = _rings(_edit(src, tmp_path / "rings", spatial_dims=2), width)
+    p = plan(ds, device="cpu")
+    data = p.config["data"]
+    if expect == "crop":
+        assert data["size"] == [128, 128] and not data.get("resize") and data["batch_size"] == 16
+        assert "crops at native resolution" in p.why["data.size"] and "square" not in p.why["data.size"]
+        assert "the thinnest class, disc (6.0 px thick at native size), would be 1.5 px" in p.why["data.size"]
+    elif expect == "resize160":
+        assert data["size"] == [160, 160] and data["resize"] is True
+        assert data["batch_size"] == 16 * 128 * 128 // (160 * 160)  # the pixels per step kept: 10
+        assert "keeps 4 px" in p.why["data.size"]
+    else:
+        assert data["size"] == [128, 128] and data["resize"] is True and data["batch_size"] == 16
+        assert "thinnest" not in p.why["data.size"]
+    gpu = plan(ds, device="cuda", gpu_memory=80).config["data"]  # a GPU takes whole 512 px slices anyway
+    assert gpu["size"] == [512, 512]

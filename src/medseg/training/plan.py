@@ -7,8 +7,9 @@ The rules (each stated in the written plan beside the value it produced):
 - mode: 2D for layouts of independent slices; for volumes, 2.5D when the slices lie at least 3x further
   apart than the pixels within a slice (nnU-Net's anisotropy threshold), else 3D;
 - size: whole slices on a GPU (random 512 crops above that); on a CPU whole slices resized to at most
-  128 px a side (the LGG recipe's measured trade: 4x cheaper than 256, Dice kept); 3D patches the median
-  volume, capped by a voxel budget per device;
+  128 px a side (the LGG recipe's measured trade: 4x cheaper than 256, Dice kept), but never so far that
+  a class is thinner than ``THIN_PX`` (``slices_2d``); 3D patches the median volume, capped by a voxel
+  budget per device;
 - depth: poolings until the coarsest map is 4-8 voxels a side; widths from 8 (CPU 2D), 16 (CPU 3D) or 32
   (GPU), doubling;
 - normalisation: per-case z-score unless a channel looks like CT (0.5th percentile below -200: Hounsfield
@@ -33,10 +34,12 @@ from medseg.atomic import atomic_write_text
 from medseg.data.prepared import PreparedDataset
 from medseg.errors import MedsegError, warn
 from medseg.machine import cpu_cores, resolve_device
+from medseg.training.plan_sample import centres_of, filled_channels, thickness_of
 
 ANISOTROPY = 3.0  # slice distance / pixel size from which 3D kernels see unlike distances (nnU-Net's rule)
 CT_FLOOR = -200.0  # a 0.5th percentile below this: Hounsfield units
 VOXELS_3D = {"cpu": 48**3, "cuda": 128**3}
+THIN_PX = 4.0  # no class thinner than this on the network's grid: a pixel's resize error is 1/4 of it
 CENTRED = 0.1  # a class's mean foreground position within this of the middle: mirror-symmetric
 
 
@@ -66,50 +69,6 @@ def _check(ds: PreparedDataset, root: Path) -> None:
         warn(f"class(es) {', '.join(absent)} appear in no case: the network cannot learn them", root)
 
 
-def _centres(ds: PreparedDataset, max_slices: int = 400) -> np.ndarray:
-    """[classes, 2] mean foreground position (y, x) as a fraction of the slice, over up to ``max_slices``
-    foreground slices per class spread over the cases."""
-    k = len(ds.classes)
-    out = np.full((k, 2), np.nan)
-    for j in range(k):
-        picks = [(i, z) for i, c in enumerate(ds.cases) for z in (c.fg_slices[j] if c.fg_slices else [])]
-        if not picks:
-            continue
-        step = max(1, len(picks) // max_slices)
-        ys, xs = [], []
-        for i, z in picks[::step]:
-            m = np.asarray(ds.mask(i)[z, j])
-            yy, xx = np.nonzero(m)
-            if len(yy):
-                ys.append(yy.mean() / max(1, m.shape[0] - 1))
-                xs.append(xx.mean() / max(1, m.shape[1] - 1))
-        if ys:
-            out[j] = [np.mean(ys), np.mean(xs)]
-    return out
-
-
-def _filled_channels(ds: PreparedDataset, max_cases: int = 200) -> tuple[int, int, int]:
-    """(cases whose middle slice holds two identical channels, cases looked at, the channel most often in
-    such a pair): a data set that fills a missing sequence with another, which the network should see."""
-    c = len(ds.channels)
-    if c < 2:
-        return 0, 0, 0
-    shared = np.zeros(c, int)
-    n = seen = 0
-    step = max(1, len(ds.cases) // max_cases)
-    for i in range(0, len(ds.cases), step):
-        seen += 1
-        img = ds.image(i)
-        sl = np.asarray(img[img.shape[0] // 2])
-        pairs = [(a, b) for a in range(c) for b in range(a + 1, c)
-                 if sl[a].std() > 0 and np.array_equal(sl[a], sl[b])]
-        for a, b in pairs:
-            shared[a] += 1
-            shared[b] += 1
-        n += bool(pairs)
-    return n * step, seen * step, int(np.argmax(shared))
-
-
 def _round_to(v: float, d: int) -> int:
     return max(d, int(math.ceil(v / d)) * d)
 
@@ -125,6 +84,53 @@ def patch_3d(size: list[float], budget: int) -> tuple[list[int], int, int, float
     patch = [max(d, int(s * scale + 1e-6) // d * d) for s in size]  # 47.999... from the cube root is 48
     batch = int(min(8, max(2, 2 * budget // int(np.prod(patch)))))
     return patch, depth, batch, scale
+
+
+def slices_2d(data: dict, why: dict, h: float, w: float, dev: str, classes: list[str], thick: np.ndarray) -> int:
+    """Slice size, resize and batch for 2D / 2.5D (into ``data`` and ``why``); returns the poolings.
+
+    On a CPU slices are resized to at most 128 px a side, unless that leaves a class thinner than
+    ``THIN_PX``: then they are resized only as far as that class allows, and where even that is above 128
+    px (or is native), the network trains on random 128 px crops at native resolution and predicts whole
+    slices. The pixels per step stay those of the LGG recipe (16 slices of 128 x 128)."""
+    cap = 128 if dev == "cpu" else 512
+    scale = base = min(1.0, cap / max(h, w))
+    finite = np.isfinite(thick)
+    j = int(np.nanargmin(np.where(finite, thick, np.inf))) if finite.any() else -1
+    need = min(1.0, THIN_PX / thick[j]) if j >= 0 else 0.0
+    thin = dev == "cpu" and need > scale
+    crop = thin and max(h, w) * need > cap * 1.5  # a resize this large costs more than crops at native size
+    if thin and not crop:
+        scale = need
+    depth = max(1, min(6, int(math.log2(max(4.0, (cap if crop else min(h, w) * scale)) / 4))))
+    d = 2**depth
+    size = [_round_to(h * scale, d), _round_to(w * scale, d)]
+    thin_note = (f"; resized by {base:.2f} the thinnest class, {classes[j]} ({thick[j]:.1f} px thick at native size), "
+                 f"would be {thick[j] * base:.1f} px, below {THIN_PX:g}" if thin else "")
+    if crop:
+        data["size"] = [min(cap, _round_to(h, d)), min(cap, _round_to(w, d))]
+        why["data.size"] = (f"median slice {int(h)}x{int(w)}: random {cap}x{cap} crops at native resolution, whole "
+                            f"slices predicted" + thin_note + f" ({THIN_PX:g} px take scale {THIN_PX / thick[j]:.2f}: "
+                            + ("more than native size)" if need >= 1 else f"{max(h, w) * need:.0f} px, over {cap * 1.5:g})"))
+        size = data["size"]
+    elif dev == "cpu" or max(h, w) <= cap:
+        data["size"], data["resize"] = size, True
+        why["data.size"] = (f"median slice {int(h)}x{int(w)}"
+                            + (f" resized to {size[0]}x{size[1]}" + thin_note + " px, so resized only as far as it "
+                               f"keeps {THIN_PX:g} px" if thin else
+                               f" resized to at most {cap} px a side (on a CPU: 4x cheaper than 256, Dice kept on LGG, "
+                               "docs/lgg.md)" if scale < 1 else " used whole")
+                            + f", a multiple of {d} for {depth} poolings; predictions are resized back")
+    else:
+        data["size"] = [cap, cap]
+        why["data.size"] = f"median slice {int(h)}x{int(w)} above {cap}: random {cap}x{cap} crops"
+    pixels = size[0] * size[1]
+    bs = (int(min(16, max(4, 16 * 128 * 128 // pixels))) if dev == "cpu"
+          else int(min(64, max(8, 64 * 128 * 128 // pixels))))
+    data["batch_size"] = bs
+    why["data.batch_size"] = (f"{bs} slices: the LGG recipe's CPU batch of 16 at 128x128, as pixels per step (4 to 16)"
+                              if dev == "cpu" else f"{bs}: 64 at 128x128, scaled by the pixels per slice, 8 to 64")
+    return depth
 
 
 def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto", gpu_memory: float | None = None) -> Plan:
@@ -175,25 +181,7 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto", gpu_
         why["data.batch_size"] = (f"{data['batch_size']}: twice the {budget}-voxel budget per step, in patches of "
                                   "this size (2 to 8; measured on hippocampus, docs/planning.md)")
     else:
-        cap = 128 if dev == "cpu" else 512
-        scale = min(1.0, cap / max(h, w))
-        depth = max(1, min(6, int(math.log2(max(4.0, min(h, w) * scale) / 4))))
-        d = 2**depth
-        size = [_round_to(h * scale, d), _round_to(w * scale, d)]
-        if dev == "cpu" or max(h, w) <= cap:
-            data["size"], data["resize"] = size, True
-            why["data.size"] = (f"median slice {int(h)}x{int(w)}"
-                                + (f" resized to at most {cap} px a side (on a CPU: 4x cheaper than 256, Dice kept "
-                                   "on LGG, docs/lgg.md)" if scale < 1 else " used whole")
-                                + f", a multiple of {d} for {depth} poolings; predictions are resized back")
-        else:
-            data["size"] = [cap, cap]
-            why["data.size"] = f"median slice {int(h)}x{int(w)} above {cap}: random {cap}x{cap} crops"
-        pixels = size[0] * size[1]
-        bs = 16 if dev == "cpu" else int(min(64, max(8, 64 * 128 * 128 // pixels)))
-        data["batch_size"] = bs
-        why["data.batch_size"] = ("16 slices (the LGG recipe's CPU batch)" if dev == "cpu"
-                                  else f"{bs}: 64 at 128x128, scaled by the pixels per slice, 8 to 64")
+        depth = slices_2d(data, why, h, w, dev, ds.classes, thickness_of(ds))
     channels = ds.channels
     ct = [c for c in channels if float(fp["intensity"][c]["percentiles"]["0.5"]) < CT_FLOOR]
     data["normalization"] = "dataset" if ct else "zscore_case"
@@ -235,7 +223,7 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto", gpu_
     why["loss"] = ("labels overlap: per-class sigmoid, Dice + BCE" if multilabel
                    else "exclusive labels: softmax, Dice + cross-entropy")
 
-    centres = _centres(ds)
+    centres = centres_of(ds)
     axes = []  # spatial axes of a slice: 0 height (y), 1 width (x)
     for a, name in ((0, "height"), (1, "width")):
         c = centres[:, a]
@@ -247,7 +235,7 @@ def plan(prepared: str | Path, minutes: float = 30.0, device: str = "auto", gpu_
                                        ("mirror-symmetric, flipped" if ok else f"off-centre by more than {CENTRED}, not flipped"))
     nd = 3 if mode == "3d" else 2
     aug: dict[str, Any] = {"flip": 0.5 if axes else 0.0}
-    filled, seen, source = _filled_channels(ds)
+    filled, seen, source = filled_channels(ds)
     if filled and filled == seen:
         # every case alike (a grey image stored as RGB): no case-to-case variation for the augmentation to teach
         why["augment.channel_fill"] = (f"every one of the {seen} cases looked at holds a channel identical to "
@@ -405,6 +393,7 @@ def render(p: Plan) -> str:
 
 def write_plan(p: Plan, out: str | Path) -> Path:
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out runs/x/plan.yaml makes runs/x, as train's --out does
     atomic_write_text(out, render(p))
     return out
 
