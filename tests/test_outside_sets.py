@@ -3,7 +3,6 @@ on miniature copies of each source's layout (the real ones, when cut under ../sh
 too); and ``medseg prepare folder`` reading the cut."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cut():
-    spec = importlib.util.spec_from_file_location("fetch_outside", ROOT / "scripts" / "fetch_outside.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import ROOT, shared
 
 
 def _img(path: Path, arr: np.ndarray, fmt: str | None = None) -> None:

@@ -38,7 +38,7 @@ def _edit(src: Path, dst: Path, info=None, spacing=None, spatial_dims=None) -> P
 
 def test_a_plan_is_a_valid_config_with_a_reason_for_each_choice(tmp_path, syn):
     p = plan(syn, minutes=5, device="cpu")
-    out = write_plan(p, tmp_path / "plan.yaml")
+    out = write_plan(p, tmp_path / "new" / "plan.yaml")  # its folder made, as train's --out is
     cfg = load_config(out)  # the plan validates as any hand-written config
     assert cfg.train.max_minutes == 5 and cfg.schedule.by == "time"
     text = out.read_text()
