@@ -122,3 +122,56 @@ def test_prepare_reads_the_cut_as_one_image_per_patient(tmp_path):
     ds = PreparedDataset.open(tmp_path / "prep")
     assert sorted(ds.patients) == ["drive_21", "drive_22", "drive_23"] and ds.classes == ["foreground"]
     assert all(tuple(c.shape) == (1, 3, 24, 20) for c in ds.cases), [c.shape for c in ds.cases]
+
+
+def _split(name: str, src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "planning" / "shared_split.py"), name,
+                           "--src", str(src), "--out", str(out)], capture_output=True, text=True)
+
+
+def test_shared_splits_link_whole_patients_into_train_or_test(tmp_path):
+    """The fixed test splits of the shared sets (experiments/planning/shared_split.py), on miniature
+    layouts: every fifth LGG patient with all its slices, every fifth MSD case with its label, every
+    fourth UW patient with all its days, COCO's own valid/."""
+    lgg = tmp_path / "lgg" / "kaggle_3m"
+    names = [f"TCGA_XX_{i:04d}_20000101" for i in range(10)]
+    for n in names:
+        (lgg / n).mkdir(parents=True)
+        (lgg / n / f"{n}_1.tif").write_bytes(b"x")
+    assert _split("lgg", tmp_path / "lgg", tmp_path / "o_lgg").returncode == 0
+    meta = json.loads((tmp_path / "o_lgg" / "source.json").read_text())
+    assert meta["split"]["test"] == [names[4], names[9]]
+    assert (tmp_path / "o_lgg" / "test" / names[4] / f"{names[4]}_1.tif").exists()
+    assert sorted(p.name for p in (tmp_path / "o_lgg" / "train").iterdir()) == [n for n in names if n not in meta["split"]["test"]]
+
+    msd = tmp_path / "hippo"
+    for i in range(6):
+        for sub in ("imagesTr", "labelsTr"):
+            (msd / sub).mkdir(parents=True, exist_ok=True)
+            (msd / sub / f"hippocampus_{i:03d}.nii.gz").write_bytes(b"x")
+    assert _split("hippocampus", msd, tmp_path / "o_h").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "o_h" / "test" / "labelsTr").iterdir()) == ["hippocampus_004.nii.gz"]
+    assert len(list((tmp_path / "o_h" / "train" / "imagesTr").iterdir())) == 5
+
+    uw = tmp_path / "uw"
+    stems = [f"case{c}_day{d}_slice_0001" for c in (2, 5, 11, 30, 41) for d in (0, 7)]
+    for s in stems:
+        for sub in ("images", "masks"):
+            (uw / sub).mkdir(parents=True, exist_ok=True)
+            (uw / sub / f"{s}.png").write_bytes(b"x")
+    assert _split("uwmgi-derived-sample", uw, tmp_path / "o_uw").returncode == 0
+    meta = json.loads((tmp_path / "o_uw" / "source.json").read_text())
+    assert meta["split"]["test"] == ["case30"]  # case2, case5, case11, case30 (by number): the fourth
+    assert sorted(p.name for p in (tmp_path / "o_uw" / "test" / "masks").iterdir()) == [
+        "case30_day0_slice_0001.png", "case30_day7_slice_0001.png"]
+
+    coco = tmp_path / "coco"
+    for part in ("train", "valid"):
+        (coco / part).mkdir(parents=True)
+        (coco / part / "_annotations.coco.json").write_text(json.dumps({"images": [{"file_name": f"{part}_b.jpg"},
+                                                                                   {"file_name": f"{part}_a.jpg"}]}))
+    assert _split("brain-tumor-coco", coco, tmp_path / "o_c").returncode == 0
+    meta = json.loads((tmp_path / "o_c" / "source.json").read_text())
+    assert meta["split"]["test"] == ["valid_a.jpg", "valid_b.jpg"] and (tmp_path / "o_c" / "test" / "_annotations.coco.json").exists()
+    r = _split("lgg", tmp_path / "nowhere", tmp_path / "o_x")
+    assert r.returncode != 0 and "nowhere: no such folder" in r.stderr

@@ -2,9 +2,10 @@
 
     python experiments/planning/outside.py NAME --minutes 15 [--data ../shared/data/NAME] [--work runs/outside]
 
-NAME's data is the folder layout ``scripts/fetch_outside.py`` cuts (``train/`` and ``test/``, each with
-``images/`` and ``masks/``; its ``source.json`` names the source and the split). The steps are the CLI's:
-``medseg prepare folder DATA/train``, ``medseg plan --minutes M --device cpu``, ``medseg train plan.yaml
+NAME's data is what ``scripts/fetch_outside.py`` cuts under ../shared/data/NAME (``train/`` and ``test/``,
+each with ``images/`` and ``masks/``), or for a shared data set what ``shared_split.py`` links under
+runs/outside/data/NAME (its native layout); ``source.json`` names the source and the split. The steps are
+the CLI's: ``medseg prepare FORMAT DATA/train``, ``medseg plan --minutes M --device cpu``, ``medseg train plan.yaml
 --fold full`` (every training case, nothing chosen on the test cases), ``medseg predict RUN DATA/test/images``,
 ``medseg evaluate PRED DATA/test``. The test set's mean Dice (per image, then averaged) goes into
 ``experiments/planning/results/outside.json`` under ``NAME.plan_dice["M"]``, with the plan's choices.
@@ -39,8 +40,16 @@ REFERENCES = {
 }
 
 
-PREPARE = {"chase": ["-o", r"patient_regex=^Image_(\d+)"]}  # both eyes of a child are one patient
-
+UW = ["-o", "palette=stomach=255,0,0;large_bowel=0,255,0;small_bowel=255,255,0"]
+# per set: reader, prepare / evaluate options, and where the test images and their truth lie in DATA
+SETS: dict[str, dict] = {
+    "chase": {"prepare": ["-o", r"patient_regex=^Image_(\d+)"]},  # both eyes of a child are one patient
+    "lgg": {"format": "lgg", "test_in": "test"},
+    "hippocampus": {"format": "nifti", "test_in": "test/imagesTr"},
+    "brain-tumor-coco": {"format": "coco", "test_in": "test"},
+    "uwmgi-derived-sample": {"prepare": UW + ["-o", r"case_regex=^(case\d+_day\d+)_slice", "-o", r"patient_regex=^(case\d+)"],
+                             "evaluate": UW},
+}
 
 def sh(*args: str) -> None:
     print("+", " ".join(args), flush=True)
@@ -71,11 +80,13 @@ def main() -> None:
     ap.add_argument("--plan", type=Path, default=None, help="train this plan (its data.prepared replaced)")
     ap.add_argument("--tag", default=None, help="with --plan: the ablation's name")
     a = ap.parse_args()
-    data = a.data or Path("..") / "shared" / "data" / a.name
+    fetched = Path("..") / "shared" / "data" / a.name
+    data = a.data or (fetched if (fetched / "source.json").exists() else a.work / "data" / a.name)  # shared_split.py's
     meta = json.loads((data / "source.json").read_text())
+    st = SETS.get(a.name, {})
     prep = a.work / f"prep_{a.name}"
     if not (prep / "dataset.json").exists():
-        sh("prepare", "folder", str(data / "train"), str(prep), *PREPARE.get(a.name, []))
+        sh("prepare", st.get("format", "folder"), str(data / "train"), str(prep), *st.get("prepare", []))
     out = a.work / f"{a.name}_{a.minutes:g}" if a.plan is None else a.work / f"{a.name}_{a.tag}_{a.minutes:g}"
     if a.plan is None:
         sh("plan", str(prep), "--minutes", f"{a.minutes:g}", "--device", "cpu", "--out", str(out / "plan.yaml"))
@@ -88,8 +99,9 @@ def main() -> None:
     t0 = time.time()
     sh("train", str(out / "plan.yaml"), "--fold", "full", "--out", str(out / "run"))
     train_min = (time.time() - t0) / 60
-    sh("predict", str(out / "run"), str(data / "test" / "images"), str(out / "pred"))
-    sh("evaluate", str(out / "pred"), str(data / "test"), "--out", str(out / "eval"), "--no-report")
+    sh("predict", str(out / "run"), str(data / st.get("test_in", "test/images")), str(out / "pred"))
+    sh("evaluate", str(out / "pred"), str(data / "test"), "--out", str(out / "eval"), "--no-report",
+       "--format", st.get("format", "folder"), *st.get("evaluate", []))
     s = json.loads((out / "eval" / "summary.json").read_text())
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     per_class = {c: round(float(v["dice"]["mean"]), 4) for c, v in s["per_class"].items()}
