@@ -1,4 +1,4 @@
-"""docs/planning.md's tables from results/outside.json and results/outside_ablations.json.
+"""docs/planning.md's tables from results/outside.json, shared_budgets.json and outside_ablations.json.
 
     python experiments/planning/outside_table.py
 """
@@ -17,14 +17,16 @@ def _cell(entry: dict | None) -> str:
 
 def main() -> None:
     res = json.loads((HERE / "outside.json").read_text())
+    shared = HERE / "shared_budgets.json"
+    rows = list(res.items()) + (list(json.loads(shared.read_text()).items()) if shared.exists() else [])
     print("| data set | test cases | reference Dice | 0.95 × reference | plan, 15 / 60 / 120 CPU-min |")
     print("|---|---|---|---|---|")
-    for name, r in res.items():
+    for name, r in rows:
         plan = r.get("plan_dice", {})
         cells = " / ".join(_cell(plan.get(b)) for b in BUDGETS)
         ref = r.get("reference_dice")
-        print(f"| {r.get('name', name)} | {len(r.get('test_patients', []))} | {ref:.3f} | {0.95 * ref:.3f} | {cells} |"
-              if ref else f"| {name} | {len(r.get('test_patients', []))} | — | — | {cells} |")
+        refs = f"{ref:.3f} | {0.95 * ref:.3f}" if ref else "none published | —"
+        print(f"| {r.get('name', name)} | {len(r.get('test_patients', []))} | {refs} | {cells} |")
     abl = HERE / "outside_ablations.json"
     if abl.exists():
         print()
