@@ -19,7 +19,7 @@ def main() -> None:
     res = json.loads((HERE / "outside.json").read_text())
     shared = HERE / "shared_budgets.json"
     rows = list(res.items()) + (list(json.loads(shared.read_text()).items()) if shared.exists() else [])
-    print("| data set | test cases | reference Dice | 0.95 × reference | plan, 15 / 60 / 120 CPU-min |")
+    print("| data set | test patients | reference Dice | 0.95 × reference | plan, 15 / 60 / 120 CPU-min |")
     print("|---|---|---|---|---|")
     for name, r in rows:
         plan = r.get("plan_dice", {})
