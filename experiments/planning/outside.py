@@ -7,7 +7,7 @@ each with ``images/`` and ``masks/``), or for a shared data set what ``shared_sp
 runs/outside/data/NAME (its native layout); ``source.json`` names the source and the split. The steps are
 the CLI's: ``medseg prepare FORMAT DATA/train``, ``medseg plan --minutes M --device cpu``, ``medseg train plan.yaml
 --fold full`` (every training case, nothing chosen on the test cases), ``medseg predict RUN DATA/test/images``,
-``medseg evaluate PRED DATA/test``. The test set's mean Dice (per image, then averaged) goes into
+``medseg evaluate PRED DATA/test``. The test set's mean Dice (per case and class, averaged) goes into
 ``experiments/planning/results/outside.json`` under ``NAME.plan_dice["M"]``, with the plan's choices.
 The budget is the whole machine's wall clock: run one at a time.
 
@@ -32,7 +32,8 @@ ABLATIONS = HERE / "results" / "outside_ablations.json"
 BIN = Path(sys.executable).parent / "medseg"
 # published figures beside which each set's plan is read (docs/planning.md says how each compares with ours)
 REFERENCES = {
-    "drive": {"name": "DRIVE retinal vessels (colour fundus photographs, thin and tubular)", "reference_dice": 0.8171, "citation": "Alom et al., R2U-Net, arXiv:1802.06955 (2018): F1 0.8171 on "
+    "drive": {"name": "DRIVE retinal vessels (colour fundus photographs, thin and tubular)", "reference_dice": 0.8171,
+              "citation": "Alom et al., R2U-Net, arXiv:1802.06955 (2018): F1 0.8171 on "
               "the DRIVE test set (U-Net 0.8142 in the same table), pooled over the test pixels"},
     "chase": {"name": "CHASE_DB1 retinal vessels of children (colour fundus, thin and tubular)", "reference_dice": 0.8073,
               "citation": "Li et al., IterNet, WACV 2020: F1 0.8073 on CHASE_DB1 (20 train / 8 test images)"},
@@ -46,10 +47,10 @@ REFERENCES = {
                          "citation": "none published (every mask is its polygon's bounding box)"},
     "uwmgi-derived-sample": {"name": "UW-Madison GI derived sample (36 slices)", "reference_dice": None,
                              "citation": "none for this sample (the competition scores another metric on other data)"},
-    "ph2": {"name": "PH2 dermoscopy (natural-colour 2D images, skin lesions)", "reference_dice": 0.930, "citation": "Hasan et al., DSNet, arXiv:1907.04305 (2020): mIoU 87.0% on PH2, "
+    "ph2": {"name": "PH2 dermoscopy (natural-colour 2D images, skin lesions)", "reference_dice": 0.930,
+            "citation": "Hasan et al., DSNet, arXiv:1907.04305 (2020): mIoU 87.0% on PH2, "
             "as Dice 2 x 0.870 / 1.870 = 0.930; their own split"},
 }
-
 
 SHARED_SETS = ("lgg", "hippocampus", "brain-tumor-coco", "uwmgi-derived-sample")
 UW = ["-o", "palette=stomach=255,0,0;large_bowel=0,255,0;small_bowel=255,255,0"]
@@ -62,6 +63,7 @@ SETS: dict[str, dict] = {
     "uwmgi-derived-sample": {"prepare": UW + ["-o", r"case_regex=^(case\d+_day\d+)_slice", "-o", r"patient_regex=^(case\d+)"],
                              "evaluate": UW},
 }
+
 
 def sh(*args: str) -> None:
     print("+", " ".join(args), flush=True)
